@@ -1,0 +1,138 @@
+"""The one definition of preprocessing, shared by training, export calibration and the runtime.
+
+Two steps, kept apart so that training can cache the expensive one:
+
+1. ``load_gray(source, size)``: decode any Pillow-readable image (8/16-bit, L/RGB/RGBA/CMYK/palette,
+   EXIF orientation applied), convert to 8-bit grayscale and squash it (aspect ratio not kept) to
+   ``size x size`` with Lanczos. Returns ``uint8[size, size]``.
+2. ``to_input(gray, spec)``: scale to the model's input as its model card says,
+   ``x * spec.scale + spec.offset``. Returns ``float32[N, size, size, 1]``.
+
+Large JPEGs are decoded with Pillow's ``draft()`` at a reduced DCT scale (1/2 .. 1/8) that still leaves
+at least ``DRAFT_FACTOR * size`` pixels a side before the Lanczos resize. Against a full decode this
+changes pixels by at most a few gray levels (mean absolute difference under ``DRAFT_TOLERANCE`` gray
+levels; ``tests/test_preprocess.py`` measures it on real scans).
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+Source = Union[str, os.PathLike, bytes, Image.Image]
+
+DEFAULT_SIZE = 224
+DRAFT_FACTOR = 2
+DRAFT_TOLERANCE = 1.0  # mean |draft - full decode| in gray levels, on 0..255
+MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
+
+
+class PreprocessError(ValueError):
+    """The input could not be turned into a model input (not an image, too small, ...)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a model wants its input: square side in pixels, and ``x * scale + offset`` on 0..255."""
+
+    size: int = DEFAULT_SIZE
+    scale: float = 1.0 / 255.0
+    offset: float = 0.0
+
+    @classmethod
+    def from_card(cls, card_input: dict) -> "InputSpec":
+        return cls(size=int(card_input["size"]), scale=float(card_input["scale"]),
+                   offset=float(card_input["offset"]))
+
+    def to_card(self) -> dict:
+        return {"size": self.size, "channels": 1, "layout": "NHWC", "color": "grayscale",
+                "resize": "squash, Pillow LANCZOS", "scale": self.scale, "offset": self.offset,
+                "formula": "x = gray_uint8 * scale + offset"}
+
+
+def _open(source: Source) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(source))
+        else:
+            img = Image.open(source)
+    except UnidentifiedImageError:
+        raise PreprocessError("not an image Pillow can read") from None
+    except FileNotFoundError:
+        raise PreprocessError("no such file") from None
+    except IsADirectoryError:
+        raise PreprocessError("is a directory") from None
+    except Image.DecompressionBombError as exc:
+        raise PreprocessError(f"image too large ({exc})") from None
+    return img
+
+
+def _to_gray8(img: Image.Image) -> Image.Image:
+    """Any mode to 8-bit L. 16-bit data is mapped linearly: 12-bit content (max < 4096) by /4095*255,
+    otherwise by the full 16-bit range; float images by their own min..max."""
+    mode = img.mode
+    if mode == "L":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 4095.0 if arr.max(initial=0) < 4096 else 65535.0
+        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        span = hi - lo if hi > lo else 1.0
+        return Image.fromarray(np.rint((arr - lo) * (255.0 / span)).astype(np.uint8), "L")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        # Transparent pixels become black (the background of an X-ray), not whatever colour they hide.
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L")
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "P", "RGB", "RGBX"):
+        return img.convert("RGB").convert("L") if mode in ("CMYK", "YCbCr", "LAB", "HSV") else img.convert("L")
+    raise PreprocessError(f"unsupported image mode {mode!r}")
+
+
+def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -> np.ndarray:
+    """Decode ``source`` and return it as ``uint8[size, size]`` grayscale (squashed, Lanczos)."""
+    img = _open(source)
+    try:
+        if draft and img.format == "JPEG":
+            want = DRAFT_FACTOR * size
+            img.draft("L", (want, want))
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        w, h = img.size
+        if min(w, h) < MIN_SIDE:
+            raise PreprocessError(f"image is {w}x{h} pixels, smaller than {MIN_SIDE} a side")
+        gray = _to_gray8(img)
+        if gray.size != (size, size):
+            gray = gray.resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(gray, dtype=np.uint8)
+    except PreprocessError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise PreprocessError(f"image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise PreprocessError(f"cannot decode image ({exc})") from None
+
+
+def to_input(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """``uint8[H, W]`` or ``uint8[N, H, W]`` to the model's ``float32[N, H, W, 1]``."""
+    arr = np.asarray(gray)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape[1:] != (spec.size, spec.size):
+        raise ValueError(f"expected {spec.size}x{spec.size} images, got {arr.shape[1:]}")
+    out = arr.astype(np.float32) * np.float32(spec.scale) + np.float32(spec.offset)
+    return out[..., None]
+
+
+def preprocess(source: Source, spec: InputSpec) -> np.ndarray:
+    """Full path from a file (or bytes, or PIL image) to the model input ``float32[1, size, size, 1]``."""
+    return to_input(load_gray(source, spec.size), spec)

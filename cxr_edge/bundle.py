@@ -86,6 +86,9 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     if root.is_file() and root.suffix == ".json":
         root = root.parent
     card_path = root / CARD_NAME
+    if path is None and not card_path.is_file():
+        raise BundleError(f"no default model is installed (expected a bundle in {root}); "
+                          "pass a bundle folder with --model PATH (or Classifier(model=PATH))")
     if not card_path.is_file():
         raise BundleError(f"{root} is not a model bundle (no {CARD_NAME})")
     try:

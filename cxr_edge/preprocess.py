@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Union
 
@@ -54,23 +55,64 @@ class InputSpec:
                 "formula": "x = gray_uint8 * scale + offset"}
 
 
+DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM"
+
+
+def _is_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> bool:
+    if isinstance(source, (bytes, bytearray)):
+        head = bytes(source[:DICOM_MAGIC_OFFSET + 4])
+    else:
+        with open(source, "rb") as f:
+            head = f.read(DICOM_MAGIC_OFFSET + 4)
+    return head[DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def _check_pixels(img: Image.Image) -> None:
+    """Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) as an error, never just a warning."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit:
+        raise PreprocessError(f"image too large ({w}x{h} = {w * h} pixels, limit {limit}; "
+                              "possible decompression bomb)")
+
+
 def _open(source: Source) -> Image.Image:
+    """An image, lazily decoded, from a path, bytes, or a PIL image; DICOM files are read with pydicom
+    (``cxr_edge.dicom``) and arrive here as 8-bit grayscale."""
     if isinstance(source, Image.Image):
         return source
     try:
-        if isinstance(source, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(source)
+        if _is_dicom(source):
+            from cxr_edge.dicom import read_dicom  # imports pydicom only when a DICOM shows up
+            return read_dicom(source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, (bytes, bytearray)):
+                img = Image.open(io.BytesIO(source))
+            else:
+                img = Image.open(source)
+    except PreprocessError:
+        raise
     except UnidentifiedImageError:
         raise PreprocessError("not an image Pillow can read") from None
     except FileNotFoundError:
         raise PreprocessError("no such file") from None
     except IsADirectoryError:
         raise PreprocessError("is a directory") from None
-    except Image.DecompressionBombError as exc:
+    except PermissionError:
+        raise PreprocessError("permission denied") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PreprocessError(f"image too large ({exc})") from None
+    except Exception as exc:  # any other failure to parse a header is a bad input, not a crash
+        raise PreprocessError(f"cannot read image ({_reason(exc)})") from None
+    _check_pixels(img)
     return img
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an exception: its message, or its type when the message is empty."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _to_gray8(img: Image.Image) -> Image.Image:
@@ -84,8 +126,8 @@ def _to_gray8(img: Image.Image) -> Image.Image:
         top = 4095.0 if arr.max(initial=0) < 4096 else 65535.0
         return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
         span = hi - lo if hi > lo else 1.0
         return Image.fromarray(np.rint((arr - lo) * (255.0 / span)).astype(np.uint8), "L")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
@@ -100,13 +142,15 @@ def _to_gray8(img: Image.Image) -> Image.Image:
 
 def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -> np.ndarray:
     """Decode ``source`` and return it as ``uint8[size, size]`` grayscale (squashed, Lanczos)."""
-    img = _open(source)
+    img = opened = _open(source)
     try:
         if draft and img.format == "JPEG":
             want = DRAFT_FACTOR * size
             img.draft("L", (want, want))
-        img = ImageOps.exif_transpose(img)
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = ImageOps.exif_transpose(img)
+            img.load()
         w, h = img.size
         if min(w, h) < MIN_SIDE:
             raise PreprocessError(f"image is {w}x{h} pixels, smaller than {MIN_SIDE} a side")
@@ -116,10 +160,15 @@ def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -
         return np.asarray(gray, dtype=np.uint8)
     except PreprocessError:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PreprocessError(f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise PreprocessError(f"cannot decode image ({exc})") from None
+        raise PreprocessError(f"cannot decode image ({_reason(exc)})") from None
+    except Exception as exc:  # decoders raise odd things on hostile bytes (struct.error, IndexError, ...)
+        raise PreprocessError(f"cannot decode image ({_reason(exc)})") from None
+    finally:
+        if opened is not source:  # close the file we opened (never the caller's image)
+            opened.close()
 
 
 def to_input(gray: np.ndarray, spec: InputSpec) -> np.ndarray:

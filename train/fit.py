@@ -66,6 +66,7 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core):
             self.best, self.best_epoch, self.wait = np.inf, -1, 0
             self.start = time.monotonic()
             self.best_weights = None
+            self.deadline_hit = False
 
         def on_epoch_end(self, epoch, logs=None):
             loss = float(logs["val_loss"])
@@ -80,6 +81,7 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core):
             if cfg.deadline_s and time.monotonic() - self.start > cfg.deadline_s:
                 print(f"deadline of {cfg.deadline_s:.0f} s reached after epoch {epoch + 1}", flush=True)
                 self.model.stop_training = True
+                self.deadline_hit = True
 
     return [BestWeights(), keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
 
@@ -187,6 +189,7 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         "run_id": run_dir.name, "model": cfg.model, "pretrained": built.pretrained,
         "protocol": cfg.protocol, "input": built.spec.to_card(), "params": int(core.count_params()),
         "best_epoch": best.best_epoch + 1, "epochs_run": len(_read_history(run_dir)),
+        "deadline_hit": best.deadline_hit,
         "train_seconds": round(train_s, 1), "machine": machine(),
         "val": classification_metrics(y_va, probs),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -79,3 +79,40 @@ def bootstrap_ci(y, probs, n: int = 1000, seed: int = 0, alpha: float = 0.05) ->
             samples.setdefault(key, []).append(v)
     return {key: [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
             for key, v in samples.items()}
+
+
+def apply_temperature(probs, temperature: float) -> np.ndarray:
+    """softmax(log p / T), exactly as the runtime applies a card's temperature."""
+    from cxr_edge.classifier import calibrate
+
+    return calibrate(np.asarray(probs, np.float64), temperature).astype(np.float64)
+
+
+def fit_temperature(y, probs) -> float:
+    """The temperature that minimises negative log-likelihood on (validation) data."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, int)
+
+    def nll(log_t):
+        p = apply_temperature(probs, float(np.exp(log_t)))
+        return -np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean()
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def calibration_bins(y, probs, bins: int = 10) -> dict:
+    """Expected calibration error of the top-class confidence, and the reliability-diagram bins."""
+    y = np.asarray(y, int)
+    probs = np.asarray(probs, np.float64)
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            acc, c = float((pred[m] == y[m]).mean()), float(conf[m].mean())
+            ece += m.mean() * abs(acc - c)
+            rows.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()), "accuracy": acc, "confidence": c})
+    return {"ece": float(ece), "bins": rows}

@@ -28,3 +28,16 @@ def best_run(model: str | None = None, runs_dir: Path | None = None) -> dict:
     if not runs:
         raise LookupError(f"no finished run{' of ' + model if model else ''} in {runs_dir or RUNS_DIR}")
     return runs[0]
+
+
+def load_run(run_dir: str | Path):
+    """Rebuild a run's inference model (no augmentation) with its best weights.
+    Returns ``(keras model, InputSpec, config dict)``."""
+    from train.models import assign, build, load_named
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    built = build(cfg["model"], input_size=cfg["input_size"], dropout=cfg.get("dropout", 0.0),
+                  batchnorm=cfg.get("batchnorm", False))
+    assign(built.model, load_named(run_dir / "weights.npz"))
+    return built.model, built.spec, cfg

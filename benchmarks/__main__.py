@@ -1,0 +1,190 @@
+"""``python -m benchmarks``: every model and format on this machine in one run, written to
+``benchmarks/results/`` (results.json, REPORT.md, PNG plots).
+
+What it measures (full run):
+- the embedded default bundle (the shipped int8 model) and every bundle exported from the same run
+  (``runs/<run>/bundles/*``), plus that run's Keras float model, on the official test set;
+- each row of the report's experiment table (``train/plans/report_table.json``) that has a run here;
+- latency: end to end vs bare decode, inference alone (1/2 threads, batch 1 and 32), Keras float predict
+  of the shipped network and of DenseNet201 (architecture only: no trained DenseNet201 exists here),
+  CLI cold start and peak RSS, installed sizes.
+
+``--quick`` (used by the tests) takes a few test images and few repeats and skips the Keras references and
+the installed sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from benchmarks import accuracy as acc  # noqa: E402
+from benchmarks import latency as lat  # noqa: E402
+from benchmarks import machine, report  # noqa: E402
+from cxr_edge.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
+from train import data as data_mod  # noqa: E402
+from train.fit import RUNS_DIR  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _report_table(plan: Path, test: acc.TestSet, bootstrap: int) -> list[dict]:
+    """One line per row of the plan: the newest finished run of that name, or the row's skip reason."""
+    spec = json.loads(plan.read_text())
+    rows = []
+    for row in spec["rows"]:
+        merged = {**spec.get("defaults", {}), **row}
+        line = {"name": row["name"], "model": merged["model"], "protocol": merged.get("protocol", "grouped")}
+        runs = sorted(d for d in RUNS_DIR.glob(f"*-{row['name']}") if (d / "metrics.json").exists())
+        if merged.get("skip"):
+            line["note"] = "not run: " + merged["skip"]
+        elif not runs:
+            line["note"] = f"no finished run in {RUNS_DIR}/ (python -m train plan {plan} --only {row['name']})"
+        else:
+            run = runs[-1]
+            metrics = json.loads((run / "metrics.json").read_text())
+            line.update(val_accuracy=metrics["val"]["accuracy"], epochs=metrics["epochs_run"],
+                        machine=f"{metrics['machine']['device']} ({metrics['machine']['backend']})",
+                        run_id=run.name)
+            if line["protocol"] == "seed":  # its own random test portion; the official test leaked into training
+                line["test_accuracy"] = metrics["seed_test"]["accuracy"]
+                line["note"] = ("test = the report's own random 20% (leaky); the official test images were "
+                                "in its training pool, so it is not scored on them")
+            else:
+                res = acc.evaluate(acc.run_artifact(run), test, bootstrap)
+                line.update(test_accuracy=res["metrics"]["accuracy"], test_ci95=res["ci95"]["accuracy"])
+            if metrics.get("deadline_hit"):
+                line["note"] = (line.get("note", "") + f" stopped by its {merged['deadline_s']:.0f} s budget").strip()
+        rows.append(line)
+    return rows
+
+
+def _calibration(row: dict, card: dict, y) -> dict:
+    """Expected calibration error of the shipped model on the official test set, raw and with the
+    temperature its card carries (fitted on validation at export)."""
+    import numpy as np
+
+    from train.metrics import apply_temperature, calibration_bins
+
+    t = float(card.get("temperature") or 1.0)
+    probs = np.array(row["probs"])
+    return {"artifact": row["artifact"], "temperature": t, "raw": calibration_bins(y, probs),
+            "calibrated": calibration_bins(y, apply_temperature(probs, t))}
+
+
+def _targets(results: dict, shipped: str | None) -> list[dict]:
+    out = []
+    rows = {r["artifact"]: r for r in results.get("accuracy", [])}
+    if shipped and shipped in rows:
+        a = rows[shipped]["metrics"]["accuracy"]
+        out.append({"target": "shipped int8 model, 3-class accuracy on the official test >= 0.91",
+                    "measured": f"{a:.4f} ({shipped})", "met": a >= 0.91})
+    latency = results.get("latency", {})
+    e2e = latency.get("end_to_end", {}).get("timings", {})
+    floor = next((v for k, v in e2e.items() if k.startswith("bare")), None)
+    best = min((v["median_ms"] for k, v in e2e.items() if k.startswith("end to end")), default=None)
+    if floor and best:
+        ratio = best / floor["median_ms"]
+        out.append({"target": "end-to-end latency <= 3x the bare JPEG decode",
+                    "measured": f"{ratio:.2f}x ({best:.1f} ms vs {floor['median_ms']:.1f} ms)", "met": ratio <= 3})
+    b1 = latency.get("inference", {}).get("batch1", {})
+    dn = next((v for k, v in b1.items() if k.startswith("densenet201")), None)
+    fast = min((v["median_ms"] for k, v in b1.items() if "int8" in k and "2 threads" in k), default=None)
+    if dn and fast:
+        ratio = dn["median_ms"] / fast
+        out.append({"target": ">= 20x faster than Keras float DenseNet201 (batch 1, inference)",
+                    "measured": f"{ratio:.0f}x ({fast:.2f} ms vs {dn['median_ms']:.0f} ms)", "met": ratio >= 20})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(PROJECT / "benchmarks" / "results"))
+    ap.add_argument("--data", help="Kaggle-layout folder (default as python -m train)")
+    ap.add_argument("--bundle", action="append", help="bundle folder(s) to measure (default: the embedded "
+                    "default and the bundles exported from its run)")
+    ap.add_argument("--scan", help="full-resolution JPEG for end-to-end latency (default: the bundled sample)")
+    ap.add_argument("--quick", action="store_true", help="a few images and repeats, no Keras, no venvs")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--no-install-size", action="store_true")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    repeats = 5 if quick else args.repeats
+    bootstrap = 100 if quick else 1000
+    out = Path(args.out)
+    root = data_mod.data_dir(args.data)
+    test = acc.TestSet(root, limit=24 if quick else 0)
+
+    bundles = [Path(b) for b in args.bundle] if args.bundle else [DEFAULT_BUNDLE]
+    shipped_card = load_bundle(bundles[0]).card
+    run_dir = RUNS_DIR / shipped_card.get("training_run", "-")
+    if not args.bundle and run_dir.is_dir():
+        bundles += sorted(p.parent for p in (run_dir / "bundles").glob("*/card.json"))
+    artifacts = [a for b in bundles for a in acc.bundle_artifacts(b, " (shipped)" if b == bundles[0] else "")]
+    seen, unique = set(), []
+    for a in artifacts:  # the same file exported twice (default + its source bundle) is measured once
+        key = (a.fmt, load_bundle(a.path).card["files"][a.fmt]["sha256"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(a)
+    artifacts = unique
+    has_run = (run_dir / "metrics.json").exists() and any(run_dir.glob("weights*.npz"))
+    keras_runs = [acc.run_artifact(run_dir)] if has_run and not quick else []
+
+    t0 = time.time()
+    results = {"command": "python -m benchmarks" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine.describe(), "quick": quick,
+               "test_images": len(test.records), "notes": []}
+    rows = []
+    for a in artifacts + keras_runs:
+        print(f"accuracy: {a.name}", flush=True)
+        rows.append(acc.evaluate(a, test, bootstrap))
+    results["accuracy"] = rows
+    if rows:
+        results["calibration"] = _calibration(rows[0], shipped_card, test.y)
+    if not quick:
+        print("accuracy: the report's experiment table", flush=True)
+        results["report_table"] = _report_table(PROJECT / "train" / "plans" / "report_table.json", test, bootstrap)
+
+    scan = Path(args.scan) if args.scan else next((PROJECT / "cxr_edge" / "samples").glob("*.jp*g"))
+    specs = {a.spec for a in artifacts}
+    refs = {}
+    if not quick:
+        from train.models import build
+        from train.registry import load_run
+
+        if keras_runs:
+            model, spec, _ = load_run(run_dir)
+            specs.add(spec)
+            refs[f"{keras_runs[0].model} / Keras float32 predict"] = (spec, lambda x, m=model: m.predict(x, verbose=0))
+        dn = build("densenet201", input_size=224)
+        specs.add(dn.spec)
+        refs["densenet201 / Keras float32 predict (untrained weights: same cost)"] = (
+            dn.spec, lambda x, m=dn.model: m.predict(x, verbose=0))
+    x1 = lat.preprocessed_one(scan, specs)
+    print("latency: end to end", flush=True)
+    results["latency"] = {"end_to_end": lat.end_to_end(bundles[0], scan, repeats)}
+    print("latency: inference", flush=True)
+    results["latency"]["inference"] = lat.inference(artifacts, x1, repeats, refs)
+    print("latency: CLI cold start", flush=True)
+    results["latency"]["cli"] = lat.cli_cold_start(scan, None if not args.bundle else bundles[0],
+                                                   repeats=2 if quick else 10)
+    if not quick and not args.no_install_size:
+        print("installed sizes (two fresh venvs)", flush=True)
+        results["latency"]["installed"] = lat.installed_sizes(PROJECT)
+    results["targets"] = _targets(results, artifacts[0].name if artifacts else None)
+    results["seconds"] = round(time.time() - t0, 1)
+    report.write(results, test.y, out)
+    print(f"wrote {out}/REPORT.md, results.json and plots in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

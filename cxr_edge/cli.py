@@ -1,0 +1,272 @@
+"""The ``cxr-edge`` command line.
+
+    cxr-edge classify PATH...        files, folders (recursively) and globs; a table on stdout
+        --json                       JSON Lines on stdout, one object per input
+        --csv FILE [--overwrite]     also write a CSV (an existing FILE is refused unless --overwrite)
+        --model PATH --backend tflite|onnx --threads N
+    cxr-edge info [--model PATH] [--json]
+
+Exit status: 0 all inputs classified, 1 any input failed (the others are still classified), 2 usage error
+(bad option, CSV file exists, model bundle cannot be loaded). A bad input never gives a traceback: one line on
+stderr, ``cxr-edge: error: PATH: reason``.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+
+from cxr_edge import __version__
+from cxr_edge.bundle import BundleError, load_bundle, sha256_file
+from cxr_edge.engines import EngineError, available_backends
+from cxr_edge.labels import CLASS_NAMES
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm",
+                  ".dcm", ".dicom"}
+PROGRESS_MIN_FILES = 20
+CSV_COLUMNS = ["path", "label", *CLASS_NAMES, "model_name", "model_version", "model_sha256", "error"]
+GLOB_CHARS = set("*?[")
+
+
+class ModelLoadError(click.ClickException):
+    """The model bundle cannot be loaded: a usage problem (exit status 2), shown without the usage text."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(f"cannot load the model: {message}")
+
+
+class Missing:
+    """An input argument that names nothing to classify (a missing file, an empty glob or folder)."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+
+
+def _looks_like_image(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:  # DICOM files often have no suffix: accept those with the DICM magic
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _walk(folder: Path) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(str(Path(root) / f) for f in sorted(files) if _looks_like_image(Path(root) / f))
+    return found
+
+
+def expand_inputs(args: tuple[str, ...]) -> list:
+    """Paths (str) to classify, in argument order, and :class:`Missing` for arguments that give none."""
+    out: list = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            files = _walk(path)
+            out.extend(files or [Missing(arg, "folder holds no image files")])
+        elif path.exists() or not (GLOB_CHARS & set(arg)):
+            out.append(arg)  # a file, or a missing path whose error the classifier reports
+        else:
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                out.append(Missing(arg, "no files match this pattern"))
+            for m in matches:
+                out.extend(_walk(Path(m)) if Path(m).is_dir() else [m])
+    return out
+
+
+def _load_classifier(model: Optional[str], backend: Optional[str], threads: Optional[int]):
+    from cxr_edge.classifier import Classifier
+    try:
+        return Classifier(model=model, backend=backend, threads=threads)
+    except (BundleError, EngineError) as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def _err(path: str, reason: str) -> None:
+    click.echo(f"cxr-edge: error: {path}: {reason}", err=True)
+
+
+def _results(clf, inputs: list) -> Iterator:
+    """Results in input order; Missing entries become error results without touching the model."""
+    from cxr_edge.classifier import ErrorResult
+
+    pending: list[str] = []
+    for item in inputs:
+        if isinstance(item, Missing):
+            yield from clf.classify_many(pending)
+            pending = []
+            yield ErrorResult(item.path, item.reason)
+        else:
+            pending.append(item)
+    yield from clf.classify_many(pending)
+
+
+class _Table:
+    def __init__(self, width: int):
+        self.width = max(4, min(width, 80))
+        self.header_done = False
+
+    def row(self, result) -> None:
+        if not self.header_done:
+            click.echo(f"{'PATH':<{self.width}}  {'LABEL':<9}  " + "  ".join(f"{c.upper():>9}" for c in CLASS_NAMES))
+            self.header_done = True
+        path = result.path if len(result.path) <= self.width else "..." + result.path[-(self.width - 3):]
+        probs = "  ".join(f"{result.probabilities[c]:>9.3f}" for c in CLASS_NAMES)
+        click.echo(f"{path:<{self.width}}  {result.label:<9}  {probs}")
+
+
+def _csv_row(result) -> dict:
+    if not result.ok:
+        return {"path": result.path, "error": result.error}
+    return {"path": result.path, "label": result.label,
+            **{c: f"{result.probabilities[c]:.6f}" for c in CLASS_NAMES},
+            "model_name": result.model.name, "model_version": result.model.version,
+            "model_sha256": result.model.sha256, "error": ""}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cxr-edge")
+def cli() -> None:
+    """Chest X-ray classifier (normal / bacterial / viral pneumonia) for CPUs. Research use only:
+    not a medical device."""
+
+
+_model_option = click.option("--model", "model", metavar="BUNDLE", default=None,
+                             help="Model bundle folder or its card.json (default: the bundled model).")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per input.")
+@click.option("--csv", "csv_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results to a CSV file.")
+@click.option("--overwrite", is_flag=True, help="Allow --csv to replace an existing file.")
+@_model_option
+@click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None,
+              help="Inference runtime (default: tflite if installed, else onnx).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for inference.")
+def classify(paths, as_json, csv_path, overwrite, model, backend, threads) -> None:
+    """Classify image files (JPEG, PNG, ..., DICOM), folders (recursively) and glob patterns."""
+    if csv_path is not None and csv_path.exists() and not overwrite:
+        raise click.UsageError(f"{csv_path} exists; pass --overwrite to replace it", ctx=click.get_current_context())
+    inputs = expand_inputs(paths)
+    clf = _load_classifier(model, backend, threads)
+
+    table = None if as_json else _Table(max((len(getattr(i, "path", i)) for i in inputs), default=4))
+    failed = done = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if csv_path is not None:
+            try:
+                csv_file = stack.enter_context(open(csv_path, "w" if overwrite else "x", newline="", encoding="utf-8"))
+            except FileExistsError:
+                raise click.UsageError(f"{csv_path} exists; pass --overwrite to replace it") from None
+            except OSError as exc:
+                raise click.UsageError(f"cannot write {csv_path}: {exc.strerror or exc}") from None
+            writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+        results = _results(clf, inputs)
+        if len(inputs) >= PROGRESS_MIN_FILES and sys.stderr.isatty():
+            results = stack.enter_context(click.progressbar(results, length=len(inputs), label="classifying",
+                                                            file=sys.stderr))
+        for result in results:
+            done += 1
+            if not result.ok:
+                failed += 1
+                _err(result.path, result.error)
+            if as_json:
+                click.echo(json.dumps(result.to_dict()))
+            elif result.ok:
+                table.row(result)
+            if writer is not None:
+                writer.writerow(_csv_row(result))
+    if failed:
+        click.echo(f"cxr-edge: {done - failed} classified, {failed} failed", err=True)
+        sys.exit(1)
+
+
+def _print_card(bundle) -> None:
+    card = bundle.card
+    click.echo(f"model      {card['name']} {card['version']}")
+    click.echo(f"bundle     {bundle.root}")
+    click.echo(f"classes    {', '.join(card['classes'])}")
+    spec = card["input"]
+    click.echo(f"input      {spec.get('size')}x{spec.get('size')} grayscale, x = gray * {spec.get('scale')} "
+               f"+ {spec.get('offset')}")
+    if "temperature" in card:
+        click.echo(f"temperature {card['temperature']}")
+    for key in ("training_run", "date"):
+        if key in card:
+            click.echo(f"{key:<10} {card[key]}")
+    have = available_backends()
+    for backend, entry in card.get("files", {}).items():
+        path = bundle.root / entry.get("path", "")
+        if not path.is_file():
+            state = "MISSING"
+        else:
+            state = "sha256 ok" if sha256_file(path) == entry.get("sha256") else "SHA256 MISMATCH"
+        runtime = "" if backend in have else ", runtime not installed"
+        click.echo(f"{backend:<10} {entry.get('path')} ({entry.get('precision', '?')}, {entry.get('bytes', '?')} "
+                   f"bytes, {state}{runtime})")
+    metrics = card.get("metrics")
+    if metrics:
+        click.echo("metrics")
+        for split, values in metrics.items():
+            if isinstance(values, dict):
+                flat = ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                 for k, v in values.items() if not isinstance(v, (dict, list)))
+                click.echo(f"  {split}: {flat}")
+            else:
+                click.echo(f"  {split}: {values}")
+
+
+@cli.command()
+@_model_option
+@click.option("--json", "as_json", is_flag=True, help="Print the model card as JSON.")
+def info(model, as_json) -> None:
+    """Show the model card of a bundle (default: the bundled model)."""
+    try:
+        bundle = load_bundle(model)
+    except BundleError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(bundle.card, indent=2))
+    else:
+        _print_card(bundle)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point: no tracebacks for anything but bugs shown with CXR_EDGE_DEBUG=1."""
+    try:
+        cli.main(args=argv, prog_name="cxr-edge", standalone_mode=True)
+    except BrokenPipeError:  # e.g. `cxr-edge classify ... | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+    except Exception as exc:
+        if os.environ.get("CXR_EDGE_DEBUG"):
+            raise
+        click.echo(f"cxr-edge: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

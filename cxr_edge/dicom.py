@@ -1,0 +1,145 @@
+"""DICOM input (optional extra ``cxr-edge[dicom]``): a single-frame radiograph to 8-bit grayscale.
+
+``cxr_edge.preprocess`` calls :func:`read_dicom` when a file has the ``DICM`` magic at byte 128, so DICOMs go
+through the same ``load_gray`` / ``to_input`` as every other image. Steps, in the order the standard applies
+them:
+
+1. stored values (8, 12 or 16 bits, signed or unsigned) from ``pixel_array``;
+2. Modality LUT or rescale slope/intercept (``pydicom.pixels.apply_modality_lut``);
+3. VOI LUT or window center/width (``pydicom.pixels.apply_voi_lut``), if the file has one;
+4. linear map of the display range to 0..255: the VOI output range if a VOI step was applied, otherwise the
+   full range the stored bits can hold after the modality step (so a 12-bit image is scaled by /4095, as
+   ``preprocess`` does for 16-bit PNGs with 12-bit content);
+5. MONOCHROME1 (white = low values) inverted so that bone is bright, as in MONOCHROME2 and in JPEG scans.
+
+Multi-frame objects and objects without pixel data are refused with a :class:`PreprocessError`.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from cxr_edge.preprocess import PreprocessError, _reason
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422")
+
+
+def _pydicom():
+    try:
+        import pydicom
+        import pydicom.pixels  # noqa: F401  (pydicom >= 3)
+        return pydicom
+    except ImportError:
+        raise PreprocessError("this is a DICOM file; reading DICOM needs pydicom: "
+                              "pip install 'cxr-edge[dicom]'") from None
+
+
+def _stored_range(ds) -> tuple[float, float]:
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    return 0.0, 2.0 ** bits - 1
+
+
+def _modality_range(ds) -> tuple[float, float]:
+    """Range of values after the Modality LUT / rescale step (same rule pydicom's windowing uses)."""
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, 2.0 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
+    lo, hi = _stored_range(ds)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
+    return lo, hi
+
+
+def _voi_kind(ds) -> str:
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return "none"
+
+
+def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(arr, ds)
+    kind = _voi_kind(ds)
+    if kind == "lut":
+        values = apply_voi_lut(values, ds)
+        lo, hi = 0.0, 2.0 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
+    elif kind == "window":
+        values = apply_voi_lut(values, ds, prefer_lut=False)
+        lo, hi = _modality_range(ds)  # apply_windowing maps the window onto this range
+    else:
+        lo, hi = _modality_range(ds)
+    span = hi - lo if hi > lo else 1.0
+    out = (np.asarray(values, dtype=np.float64) - lo) * (255.0 / span)
+    out = np.clip(np.rint(np.nan_to_num(out)), 0, 255).astype(np.uint8)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image:
+    """A single-frame DICOM image as an 8-bit grayscale (``"L"``) PIL image."""
+    pydicom = _pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        ds = pydicom.dcmread(fp)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
+    except Exception as exc:
+        raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
+
+    if "PixelData" not in ds:
+        kind = ds.get("SOPClassUID")
+        what = getattr(kind, "name", None) or str(kind or "unknown SOP class")
+        raise PreprocessError(f"DICOM object has no image (pixel data) to classify ({what})")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+        bits = int(ds.get("BitsStored", 0) or 0)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise PreprocessError(f"malformed DICOM image attributes ({_reason(exc)})") from None
+    if frames > 1:
+        raise PreprocessError(f"multi-frame DICOM ({frames} frames) is not supported; "
+                              "give one radiograph per file")
+    if photometric not in MONOCHROME + COLOR:
+        raise PreprocessError(f"DICOM photometric interpretation {photometric or '(missing)'} is not supported")
+    limit = Image.MAX_IMAGE_PIXELS  # the same decompression-bomb limit as for other images
+    if limit and rows * cols > limit:
+        raise PreprocessError(f"image too large ({cols}x{rows} = {rows * cols} pixels, limit {limit}; "
+                              "possible decompression bomb)")
+    if not 1 <= bits <= 16:
+        raise PreprocessError(f"DICOM with {bits} bits stored is not supported (8 to 16 bits)")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # missing decoder plugins, truncated pixel data, ...
+        raise PreprocessError(f"cannot decode DICOM pixel data ({_reason(exc)}); compressed transfer "
+                              "syntaxes may need pylibjpeg or python-gdcm") from None
+
+    if photometric in COLOR:
+        if bits > 8:
+            raise PreprocessError(f"DICOM {photometric} with {bits} bits stored is not supported (8-bit color only)")
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise PreprocessError(f"DICOM {photometric} pixel data has shape {arr.shape}, expected [rows, cols, 3]")
+        return Image.fromarray(np.asarray(arr, dtype=np.uint8), "RGB").convert("L")
+    if arr.ndim != 2:
+        raise PreprocessError(f"DICOM pixel data has shape {arr.shape}, expected one 2-D frame")
+    try:
+        gray = _to_display_uint8(ds, arr)
+    except PreprocessError:
+        raise
+    except Exception as exc:
+        raise PreprocessError(f"cannot apply the DICOM LUTs ({_reason(exc)})") from None
+    return Image.fromarray(gray, "L")

@@ -1,0 +1,97 @@
+"""SavedModel -> ONNX float32 (tf2onnx, in a subprocess) -> ONNX int8 (onnxruntime static quantization).
+
+int8: QDQ format, per-channel symmetric int8 weights and int8 activations (S8S8, onnxruntime's documented
+first choice) calibrated (MinMax) on the same preprocessed images as TFLite's int8; input and output stay
+float32. Measured on an EfficientNet-Lite0 run (745 validation images, float ONNX as reference):
+
+    S8S8, full 8-bit weights       label agreement 99.6 %, mean |dp| 0.0074
+    U8S8, reduce_range (7-bit w)   label agreement 98.0 %, mean |dp| 0.0150
+    U8U8                           label agreement 98.7 %, about 7x slower, int32 bias overflow warnings
+
+so S8S8 without ``reduce_range`` is the default; the other settings stay available as options."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 17
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+def from_saved_model(saved_model: str | Path, out: str | Path, opset: int = OPSET,
+                     timeout: float = 1800) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
+           "--signature_def", "serving_default", "--opset", str(opset), "--output", str(out)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=tempfile.gettempdir())
+    if proc.returncode != 0 or not out.is_file():
+        raise ConversionError(f"tf2onnx failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    import onnx
+
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    return out
+
+
+def op_types(path: str | Path) -> list[str]:
+    import onnx
+
+    return sorted({n.op_type for n in onnx.load(str(path)).graph.node})
+
+
+def _input_name(path: Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path))
+    init = {i.name for i in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in init)
+
+
+def quantize_int8(fp32: str | Path, out: str | Path, calibration: np.ndarray, per_channel: bool = True,
+                  reduce_range: bool = False, exclude_op_types: tuple[str, ...] = (),
+                  activations: str = "int8", weights: str = "int8",
+                  batch: int = 16) -> Path:
+    """Static QDQ quantization of ``fp32`` calibrated on ``calibration`` (float32[N, S, S, 1])."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32, out = Path(fp32), Path(out)
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    x = np.asarray(calibration, np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        try:
+            quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+        except Exception:  # optional step; quantize the plain float model instead
+            prepped = fp32
+        name = _input_name(prepped)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(range(0, len(x), batch))
+
+            def get_next(self):
+                i = next(self.it, None)
+                return None if i is None else {name: x[i:i + batch]}
+
+        graph = onnx.load(str(prepped)).graph
+        exclude = [n.name for n in graph.node if n.op_type in exclude_op_types]
+        quantize_static(str(prepped), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, reduce_range=reduce_range,
+                        activation_type=types[activations], weight_type=types[weights],
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                        extra_options={"CalibTensorRangeSymmetric": False})
+    return out

@@ -1,0 +1,161 @@
+"""DICOM input: files written with pydicom from a real scan classify like the JPEG they came from."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from _runtime_fixtures import bundle_dir, image_files  # noqa: E402,F401  (fixture)
+from cxr_edge import Classifier  # noqa: E402
+from cxr_edge.cli import cli  # noqa: E402
+from cxr_edge.labels import CLASS_NAMES  # noqa: E402
+from cxr_edge.preprocess import PreprocessError, load_gray  # noqa: E402
+
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def write_dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2", bits_stored: int = 8,
+                frames: int = 1, sop_class: str = DX_FOR_PRESENTATION, **extra) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientName = "Test^Phantom"
+    if pixels is not None:
+        allocated = 8 if bits_stored <= 8 else 16
+        ds.Rows, ds.Columns = pixels.shape[-2:]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = allocated
+        ds.BitsStored = bits_stored
+        ds.HighBit = bits_stored - 1
+        ds.PixelRepresentation = 0
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scan() -> tuple[Path, np.ndarray]:
+    """A full-resolution test JPEG and its fully decoded 8-bit pixels."""
+    path = image_files("test")[2]
+    with Image.open(path) as img:
+        return path, np.asarray(img.convert("L"))
+
+
+def _variants(v: np.ndarray) -> dict:
+    """name -> (stored pixels, write_dicom keyword arguments); all display as the 8-bit original ``v``."""
+    v16 = v.astype(np.uint16)
+    return {
+        "mono2_8bit": (v, {"bits_stored": 8}),
+        "mono1_8bit": (255 - v, {"bits_stored": 8, "photometric": "MONOCHROME1"}),
+        "mono2_16bit": (v16 * 257, {"bits_stored": 16}),
+        "mono1_16bit": (65535 - v16 * 257, {"bits_stored": 16, "photometric": "MONOCHROME1"}),
+        "mono2_12bit": (v16 * 16 + 8, {"bits_stored": 12}),
+        # 12-bit data whose rescale maps it back to 0..255 ... and a window spanning that range
+        "mono2_12bit_rescale_window": (v16 * 16, {"bits_stored": 12, "RescaleSlope": "0.0625",
+                                                   "RescaleIntercept": "0", "WindowCenter": "128",
+                                                   "WindowWidth": "256"}),
+    }
+
+
+def test_dicom_pixels_match_the_jpeg(scan, tmp_path):
+    _, v = scan
+    for name, (pixels, kw) in _variants(v).items():
+        path = write_dicom(tmp_path / f"{name}.dcm", pixels, **kw)
+        assert path.read_bytes()[128:132] == b"DICM"
+        gray = load_gray(path, 224)
+        ref = load_gray(Image.fromarray(v), 224)
+        diff = np.abs(gray.astype(float) - ref.astype(float)).mean()
+        assert diff < 1.0, (name, diff)
+
+
+@pytest.mark.parametrize("backend", ["tflite", "onnx"])
+def test_dicom_classifies_like_the_jpeg(scan, tmp_path, bundle_dir, backend):
+    jpeg, v = scan
+    clf = Classifier(model=bundle_dir, backend=backend)
+    ref = clf.classify(jpeg)
+    paths = [write_dicom(tmp_path / f"{name}.dcm", pixels, **kw) for name, (pixels, kw) in _variants(v).items()]
+    for path, result in zip(paths, clf.classify_many(paths)):
+        assert result.ok, result
+        assert result.label == ref.label, path.name
+        for c in CLASS_NAMES:
+            assert abs(result.probabilities[c] - ref.probabilities[c]) <= 0.02, (path.name, c)
+
+
+def test_dicom_without_suffix_in_a_folder_through_cli(scan, tmp_path, bundle_dir):
+    _, v = scan
+    write_dicom(tmp_path / "IM000001", v.astype(np.uint16) * 257, bits_stored=16)
+    (tmp_path / "README").write_text("not a scan, no suffix")
+    result = CliRunner().invoke(cli, ["classify", str(tmp_path), "--json", "--model", str(bundle_dir)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["path"].endswith("IM000001") and rows[0]["label"] in CLASS_NAMES
+
+
+def test_dicom_from_bytes(scan, tmp_path):
+    _, v = scan
+    path = write_dicom(tmp_path / "b.dcm", v, bits_stored=8)
+    assert np.array_equal(load_gray(path.read_bytes(), 64), load_gray(path, 64))
+
+
+def test_multi_frame_is_rejected(scan, tmp_path, bundle_dir):
+    _, v = scan
+    small = v[:256, :256]
+    path = write_dicom(tmp_path / "cine.dcm", np.stack([small, small]), frames=2)
+    with pytest.raises(PreprocessError, match="multi-frame"):
+        load_gray(path)
+    result = CliRunner().invoke(cli, ["classify", str(path), "--json", "--model", str(bundle_dir)])
+    assert result.exit_code == 1
+    assert "multi-frame" in json.loads(result.stdout)["error"]
+    assert f"{path}: multi-frame" in result.stderr
+
+
+def test_non_image_object_is_rejected(tmp_path):
+    path = write_dicom(tmp_path / "report.dcm", None, sop_class=BASIC_TEXT_SR)
+    with pytest.raises(PreprocessError, match="no image"):
+        load_gray(path)
+
+
+def test_dicom_bomb_is_refused_before_decoding(tmp_path):
+    path = write_dicom(tmp_path / "bomb.dcm", np.zeros((64, 64), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 30000, 30000  # claims 900 megapixels; the pixel data is 4 KiB
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(PreprocessError, match="too large"):
+        load_gray(path)
+
+
+def test_corrupt_dicom_is_a_preprocess_error(scan, tmp_path):
+    _, v = scan
+    data = write_dicom(tmp_path / "ok.dcm", v, bits_stored=8).read_bytes()
+    for cut in (140, 400, len(data) // 2):
+        with pytest.raises(PreprocessError):
+            load_gray(data[:cut])
+
+
+def test_missing_pydicom_says_how_to_install(scan, tmp_path, monkeypatch):
+    _, v = scan
+    path = write_dicom(tmp_path / "x.dcm", v, bits_stored=8)
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    with pytest.raises(PreprocessError, match=r"pip install 'cxr-edge\[dicom\]'"):
+        load_gray(path)

@@ -49,7 +49,7 @@ def bundle_artifacts(bundle_dir: Path, label: str = "") -> list[Artifact]:
     out = []
     for fmt in b.backends():
         precision = b.card["files"][fmt].get("precision") or b.card.get("precision", "?")
-        model = b.card.get("architecture", b.name)
+        model = b.card.get("model", b.name)
         name = f"{model} / {'TFLite' if fmt == 'tflite' else 'ONNX'} {precision}{label}"
         out.append(Artifact(name, model, fmt, precision, b.spec, Path(bundle_dir),
                             b.card.get("training_run", ""), b.card.get("pretrained", "")))

@@ -4,11 +4,19 @@
         --json                       JSON Lines on stdout, one object per input
         --csv FILE [--overwrite]     also write a CSV (an existing FILE is refused unless --overwrite)
         --model PATH --backend tflite|onnx --threads N
+        --no-ood                     bypass the bundle's out-of-distribution gate
     cxr-edge info [--model PATH] [--json]
 
-Exit status: 0 all inputs classified, 1 any input failed (the others are still classified), 2 usage error
-(bad option, CSV file exists, model bundle cannot be loaded). A bad input never gives a traceback: one line on
-stderr, ``cxr-edge: error: PATH: reason``.
+Out-of-distribution gate: when the bundle has one (``"ood"`` in its card, ``cxr_edge/ood.py``), inputs that do
+not look like a chest X-ray (colour photos, documents, screenshots, blank images) get no label: the table shows
+``REJECTED`` and the reason, JSON Lines give ``{"path", "status": "rejected", "reason", "model"}``, and accepted
+inputs carry ``"status": "ok"`` besides the usual fields (bundles without a gate: no ``status`` key). The CSV
+has ``status`` and ``reason`` columns. A rejection is an answer, not a failure: it does not change the exit
+status; a summary line on stderr counts the rejected inputs.
+
+Exit status: 0 every input classified or rejected by the gate, 1 any input failed (the others are still
+classified), 2 usage error (bad option, CSV file exists, model bundle or its gate cannot be loaded, e.g. a
+sha256 mismatch). A bad input never gives a traceback: one line on stderr, ``cxr-edge: error: PATH: reason``.
 """
 from __future__ import annotations
 
@@ -31,7 +39,8 @@ from cxr_edge.labels import CLASS_NAMES
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm",
                   ".dcm", ".dicom"}
 PROGRESS_MIN_FILES = 20
-CSV_COLUMNS = ["path", "label", *CLASS_NAMES, "model_name", "model_version", "model_sha256", "error"]
+CSV_COLUMNS = ["path", "label", *CLASS_NAMES, "model_name", "model_version", "model_sha256", "error", "status",
+               "reason"]
 GLOB_CHARS = set("*?[")
 
 
@@ -92,10 +101,10 @@ def expand_inputs(args: tuple[str, ...]) -> list:
     return out
 
 
-def _load_classifier(model: Optional[str], backend: Optional[str], threads: Optional[int]):
+def _load_classifier(model: Optional[str], backend: Optional[str], threads: Optional[int], ood: bool = True):
     from cxr_edge.classifier import Classifier
     try:
-        return Classifier(model=model, backend=backend, threads=threads)
+        return Classifier(model=model, backend=backend, threads=threads, ood=ood)
     except (BundleError, EngineError) as exc:
         raise ModelLoadError(str(exc)) from None
 
@@ -129,17 +138,23 @@ class _Table:
             click.echo(f"{'PATH':<{self.width}}  {'LABEL':<9}  " + "  ".join(f"{c.upper():>9}" for c in CLASS_NAMES))
             self.header_done = True
         path = result.path if len(result.path) <= self.width else "..." + result.path[-(self.width - 3):]
+        if result.status == "rejected":
+            click.echo(f"{path:<{self.width}}  {'REJECTED':<9}  {result.reason}")
+            return
         probs = "  ".join(f"{result.probabilities[c]:>9.3f}" for c in CLASS_NAMES)
         click.echo(f"{path:<{self.width}}  {result.label:<9}  {probs}")
 
 
 def _csv_row(result) -> dict:
+    if result.status == "rejected":
+        return {"path": result.path, "model_name": result.model.name, "model_version": result.model.version,
+                "model_sha256": result.model.sha256, "status": "rejected", "reason": result.reason}
     if not result.ok:
-        return {"path": result.path, "error": result.error}
+        return {"path": result.path, "error": result.error, "status": "error"}
     return {"path": result.path, "label": result.label,
             **{c: f"{result.probabilities[c]:.6f}" for c in CLASS_NAMES},
             "model_name": result.model.name, "model_version": result.model.version,
-            "model_sha256": result.model.sha256, "error": ""}
+            "model_sha256": result.model.sha256, "error": "", "status": "ok"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,15 +178,22 @@ _model_option = click.option("--model", "model", metavar="BUNDLE", default=None,
 @click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None,
               help="Inference runtime (default: tflite if installed, else onnx).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for inference.")
-def classify(paths, as_json, csv_path, overwrite, model, backend, threads) -> None:
-    """Classify image files (JPEG, PNG, ..., DICOM), folders (recursively) and glob patterns."""
+@click.option("--no-ood", "no_ood", is_flag=True,
+              help="Bypass the bundle's out-of-distribution gate: label every readable image.")
+def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_ood) -> None:
+    """Classify image files (JPEG, PNG, ..., DICOM), folders (recursively) and glob patterns.
+
+    When the model bundle has an out-of-distribution gate, images that do not look like a chest X-ray
+    (colour photos, documents, screenshots, blank images) are not labelled: they are shown as REJECTED with
+    a reason ("status": "rejected" in --json). Rejections do not change the exit status (0 unless an input
+    failed); --no-ood bypasses the gate."""
     if csv_path is not None and csv_path.exists() and not overwrite:
         raise click.UsageError(f"{csv_path} exists; pass --overwrite to replace it", ctx=click.get_current_context())
     inputs = expand_inputs(paths)
-    clf = _load_classifier(model, backend, threads)
+    clf = _load_classifier(model, backend, threads, ood=not no_ood)
 
     table = None if as_json else _Table(max((len(getattr(i, "path", i)) for i in inputs), default=4))
-    failed = done = 0
+    failed = done = rejected = 0
     with contextlib.ExitStack() as stack:
         writer = None
         if csv_path is not None:
@@ -189,17 +211,23 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads) -> No
                                                             file=sys.stderr))
         for result in results:
             done += 1
-            if not result.ok:
+            if result.status == "rejected":
+                rejected += 1
+            elif not result.ok:
                 failed += 1
                 _err(result.path, result.error)
             if as_json:
                 click.echo(json.dumps(result.to_dict()))
-            elif result.ok:
+            elif result.status != "error":
                 table.row(result)
             if writer is not None:
                 writer.writerow(_csv_row(result))
-    if failed:
+    if rejected:
+        click.echo(f"cxr-edge: {done - failed - rejected} classified, {rejected} rejected (not a chest X-ray), "
+                   f"{failed} failed", err=True)
+    elif failed:
         click.echo(f"cxr-edge: {done - failed} classified, {failed} failed", err=True)
+    if failed:
         sys.exit(1)
 
 
@@ -213,6 +241,15 @@ def _print_card(bundle) -> None:
                f"+ {spec.get('offset')}")
     if "temperature" in card:
         click.echo(f"temperature {card['temperature']}")
+    ood = card.get("ood")
+    if isinstance(ood, dict):
+        path = bundle.root / str(ood.get("path", ""))
+        if not path.is_file():
+            state = "MISSING"
+        else:
+            state = "checksum matches" if sha256_file(path) == ood.get("sha256") else "SHA256 MISMATCH"
+        click.echo(f"ood gate   {ood.get('path')} (threshold {ood.get('threshold')}, {ood.get('bytes', '?')} bytes, "
+                   f"{state}; bypass with --no-ood)")
     for key in ("training_run", "date"):
         if key in card:
             click.echo(f"{key:<10} {card[key]}")

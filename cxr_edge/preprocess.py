@@ -140,11 +140,43 @@ def _to_gray8(img: Image.Image) -> Image.Image:
     raise PreprocessError(f"unsupported image mode {mode!r}")
 
 
-def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -> np.ndarray:
-    """Decode ``source`` and return it as ``uint8[size, size]`` grayscale (squashed, Lanczos)."""
+COLOUR_SIDE = 64  # the colour check looks at a thumbnail at most this many pixels a side
+CHROMA_LEVEL = 32  # a pixel is "coloured" when max(R,G,B) - min(R,G,B) exceeds this (0..255)
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _chroma_fraction(img: Image.Image) -> float:
+    """Share of pixels of a (small) image whose chroma ``max(R,G,B) - min(R,G,B)`` exceeds ``CHROMA_LEVEL``.
+    Gray modes (L, I;16, F, 1, LA) have none; transparent pixels count as black (as in ``_to_gray8``)."""
+    if img.mode not in _COLOUR_MODES:
+        return 0.0
+    if max(img.size) > COLOUR_SIDE:
+        img = img.reduce(max(1, max(img.size) // COLOUR_SIDE))
+    if img.mode in ("RGBA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    chroma = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return float(np.mean(chroma > CHROMA_LEVEL))
+
+
+def _jpeg_chroma(source: Source) -> float:
+    """The chroma fraction of a colour JPEG from a second, cheap decode at the smallest DCT scale."""
+    if isinstance(source, Image.Image):
+        return 0.0  # the caller's image was already decoded to gray by ``draft``; nothing cheap left
+    with (Image.open(io.BytesIO(source)) if isinstance(source, (bytes, bytearray)) else Image.open(source)) as img:
+        img.draft("RGB", (COLOUR_SIDE, COLOUR_SIDE))
+        return _chroma_fraction(img)
+
+
+def _load(source: Source, size: int, draft: bool, colour: bool) -> tuple[np.ndarray, float]:
     img = opened = _open(source)
+    chroma = 0.0
     try:
-        if draft and img.format == "JPEG":
+        drafted = draft and img.format == "JPEG"
+        if drafted:
+            if colour and img.mode != "L":
+                chroma = _jpeg_chroma(source)
             want = DRAFT_FACTOR * size
             img.draft("L", (want, want))
         with warnings.catch_warnings():
@@ -154,10 +186,12 @@ def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -
         w, h = img.size
         if min(w, h) < MIN_SIDE:
             raise PreprocessError(f"image is {w}x{h} pixels, smaller than {MIN_SIDE} a side")
+        if colour and not drafted:
+            chroma = _chroma_fraction(img)
         gray = _to_gray8(img)
         if gray.size != (size, size):
             gray = gray.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(gray, dtype=np.uint8)
+        return np.asarray(gray, dtype=np.uint8), chroma
     except PreprocessError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -169,6 +203,19 @@ def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -
     finally:
         if opened is not source:  # close the file we opened (never the caller's image)
             opened.close()
+
+
+def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -> np.ndarray:
+    """Decode ``source`` and return it as ``uint8[size, size]`` grayscale (squashed, Lanczos)."""
+    return _load(source, size, draft, colour=False)[0]
+
+
+def load_gray_colour(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -> tuple[np.ndarray, float]:
+    """``load_gray`` (same pixels) plus the image's chroma fraction: the share of its pixels with real colour
+    (``max(R,G,B) - min(R,G,B) > CHROMA_LEVEL``), measured on a thumbnail of the original before the gray
+    conversion. 0.0 for gray images (L, 16-bit, DICOM) at no extra cost; a colour JPEG costs one more decode
+    at 1/8 DCT scale (the gray pixels are decoded with ``draft("L")``, which drops colour)."""
+    return _load(source, size, draft, colour=True)
 
 
 def to_input(gray: np.ndarray, spec: InputSpec) -> np.ndarray:

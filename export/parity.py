@@ -58,8 +58,12 @@ def to_markdown(report: dict) -> str:
                          f"{s['macro_f1']:.4f} | {s['agreement']:.4f} | {s['max_abs_diff']:.4f} | "
                          f"{s['mean_abs_diff']:.5f} |")
         lines.append("")
-    notes = [f"- {a['format']}: {len(a.get('attempts', []))} attempt(s); kept {a.get('options', {})}"
-             for a in report["artifacts"] if a.get("attempts")]
+    notes = []
+    for a in report["artifacts"]:
+        for i, t in enumerate(a.get("attempts", []), 1):
+            opts = {k: v for k, v in t.items() if k not in ("validation_accuracy", "drop_pp")}
+            notes.append(f"- {a['format']} attempt {i} {opts}: validation accuracy "
+                         f"{t['validation_accuracy']:.4f} (drop {t['drop_pp']:.2f} pp vs float)")
     if notes:
         lines += ["## Int8 attempts", ""] + notes + [""]
     if report["gate"]["failures"]:

@@ -100,6 +100,13 @@ def _targets(results: dict, shipped: str | None) -> list[dict]:
         ratio = dn["median_ms"] / fast
         out.append({"target": ">= 20x faster than Keras float DenseNet201 (batch 1, inference)",
                     "measured": f"{ratio:.0f}x ({fast:.2f} ms vs {dn['median_ms']:.0f} ms)", "met": ratio >= 20})
+    g = results.get("ood")
+    if g:
+        t, n = g["test_false_reject"], g["non_cxr_reject"]
+        out.append({"target": "non-CXR gate: official test scans wrongly rejected <= 1%",
+                    "measured": f"{t['count']}/{t['n']} ({100 * t['rate']:.1f}%)", "met": t["rate"] <= 0.01})
+        out.append({"target": "non-CXR gate: non-CXR images rejected >= 95%",
+                    "measured": f"{n['count']}/{n['n']} ({100 * n['rate']:.1f}%)", "met": n["rate"] >= 0.95})
     return out
 
 
@@ -179,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     if not quick and not args.no_install_size:
         print("installed sizes (two fresh venvs)", flush=True)
         results["latency"]["installed"] = lat.installed_sizes(PROJECT)
+    if not quick and "ood" in shipped_card:
+        print("non-CXR gate: official test scans, generated non-CXR images, altered scans", flush=True)
+        from benchmarks import ood
+
+        results["ood"] = ood.measure(bundles[0], root)
     results["targets"] = _targets(results, artifacts[0].name if artifacts else None)
     results["seconds"] = round(time.time() - t0, 1)
     report.write(results, test.y, out)

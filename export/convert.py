@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="Kaggle-layout data folder (default as train)")
     ap.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
                     help="artifacts to build (default all); --install-default needs both int8 ones")
+    ap.add_argument("--no-ood-gate", dest="ood_gate", action="store_false",
+                    help="do not fit the non-CXR gate (train.ood) into the int8 bundle")
     a = ap.parse_args(argv)
 
     run_dir, run_metrics = _resolve_run(a.run)
@@ -280,6 +282,17 @@ def main(argv=None) -> int:
         print("EXPORT FAILED: int8 accuracy gate (validation split):\n  " + "\n  ".join(failures),
               file=sys.stderr)
         return 3
+    if "int8" in bundles:  # what ships with the int8 bundle: calibration and the non-CXR gate
+        from export.calibrate import calibrate_bundle
+
+        int8_dir, int8_formats, _ = bundles["int8"]
+        rec = calibrate_bundle(int8_dir, run_dir, FORMATS[int8_formats[0]][0], a.data)
+        print(f"temperature {rec['temperature']:.3f} fitted on validation (ECE {rec['val_ece']['before']:.3f}"
+              f" -> {rec['val_ece']['after']:.3f})")
+        if a.ood_gate:
+            from train.ood import main as fit_ood_gate
+
+            fit_ood_gate([str(int8_dir)] + (["--data", a.data] if a.data else []))
     if a.install_default:
         if "int8" not in bundles or len(bundles["int8"][1]) != 2:
             print("--install-default needs the tflite-int8 and onnx-int8 artifacts", file=sys.stderr)
@@ -290,12 +303,13 @@ def main(argv=None) -> int:
 
 def install_default(bundle_dir: Path, report_dir: Path, dest: Path | None = None,
                     results: Path | None = None) -> Path:
-    """Copy an int8 bundle (model.tflite, model.onnx, card.json) to the runtime's embedded default
+    """Copy an int8 bundle (model.tflite, model.onnx, card.json, ood.npz) to the runtime's embedded default
     folder and the parity report to ``benchmarks/results/``."""
     dest, results = Path(dest or DEFAULT_BUNDLE), Path(results or RESULTS_DIR)
     dest.mkdir(parents=True, exist_ok=True)
-    for f in ("model.tflite", "model.onnx", CARD_NAME):
-        shutil.copyfile(bundle_dir / f, dest / f)
+    for f in sorted(bundle_dir.iterdir()):  # model files, card.json and the gate's ood.npz
+        if f.is_file():
+            shutil.copyfile(f, dest / f.name)
     results.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(report_dir / "parity.json", results / "parity.json")
     shutil.copyfile(report_dir / "parity.md", results / "parity.md")

@@ -139,7 +139,8 @@ def test_classifier_result(bundle_dir, backend):
     card = json.loads((bundle_dir / "card.json").read_text())
     assert r.model.sha256 == card["files"][backend]["sha256"]
     d = r.to_dict()
-    assert set(d) == {"path", "label", "probabilities", "model"}
+    assert set(d) - {"status"} == {"path", "label", "probabilities", "model"}
+    assert d.get("status", "ok") == "ok" and ("status" in d) == ("ood" in card)
     assert set(d["model"]) == {"name", "version", "sha256"}
     with pytest.raises(Exception):
         r.label = "viral"  # frozen
@@ -174,12 +175,14 @@ def test_temperature(bundle_dir, tmp_path):
     hot = tmp_path / "hot"
     shutil.copytree(bundle_dir, hot)
     card = json.loads((hot / "card.json").read_text())
+    t0 = float(card.get("temperature", 1.0))  # the bundle's own temperature, if any
     card["temperature"] = 2.0
     (hot / "card.json").write_text(json.dumps(card))
     f = image_files("test")[1]
     plain = Classifier(model=bundle_dir, backend="onnx").classify(f)
     warm = Classifier(model=hot, backend="onnx").classify(f)
     p = np.array([[plain.probabilities[c] for c in CLASS_NAMES]], np.float32)
+    p = calibrate(p, 1.0 / t0)  # undo the bundle's own temperature: the model's raw output
     expect = calibrate(p, 2.0)[0]
     np.testing.assert_allclose([warm.probabilities[c] for c in CLASS_NAMES], expect, atol=1e-5)
     assert warm.label == plain.label

@@ -7,6 +7,15 @@
 
 The lease returns at most 8 files of 16 MiB, so weights travel split and in float16 (1-D arrays such as
 batch-norm statistics stay float32), and everything else of every run travels in one tarball.
+
+What happened on 2026-11-26 (H200, JAX 0.11.2, Keras 3.15.1): the tooling worked end to end (carry,
+install, data decode, model build, pack), but no run finished an epoch. Three groups in parallel
+(DenseNet201 batch 16 with in-graph augmentation, Lite0, Lite2; 470 s) and then DenseNet201 alone
+(batch 64, no augmentation, bf16; 265 s) both compiled (~150-200 s) and then ran far below the
+~1050 img/s measured elsewhere. The cause was not found within the 15-minute budget; leads: Keras'
+NumPy-array data path under JAX, and (on the CPU, where the same JAX steps were measured) depthwise
+convolutions and the image-transform layers being very slow in XLA. Try a short probe (a few timed
+``train_on_batch`` calls per configuration) before a long run.
 """
 from __future__ import annotations
 

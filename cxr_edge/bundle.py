@@ -69,15 +69,21 @@ class Bundle:
             have = ", ".join(files) or "none"
             raise BundleError(f"bundle {self.root} has no {backend} model (has: {have})")
         entry = files[backend]
-        path = self.root / entry["path"]
-        if not path.is_file():
-            raise BundleError(f"bundle {self.root}: model file {entry['path']} is missing")
-        if verify:
-            actual = sha256_file(path)
-            if actual != entry["sha256"]:
-                raise BundleError(f"bundle {self.root}: {entry['path']} sha256 {actual[:12]}... does not "
-                                  f"match the card's {entry['sha256'][:12]}... (corrupt or replaced file)")
-        return path, entry["sha256"]
+        return verified_file(self.root, entry, "model file", verify), entry["sha256"]
+
+
+def verified_file(root: Path, entry: dict, what: str, verify: bool = True) -> Path:
+    """The file a card entry (``{"path", "sha256", ...}``) names inside bundle ``root``, refused with a
+    :class:`BundleError` when it is missing or its sha256 differs from the card's."""
+    path = Path(root) / entry["path"]
+    if not path.is_file():
+        raise BundleError(f"bundle {root}: {what} {entry['path']} is missing")
+    if verify:
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise BundleError(f"bundle {root}: {entry['path']} sha256 {actual[:12]}... does not "
+                              f"match the card's {str(entry['sha256'])[:12]}... (corrupt or replaced file)")
+    return path
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from cxr_edge.bundle import BundleError, sha256_file
+from cxr_edge.bundle import BundleError, verified_file
 from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour
 
 DEFAULT_THUMB = 16
@@ -107,14 +107,7 @@ class Gate:
             return None
         root = Path(root)
         try:
-            path = root / params["path"]
-            if not path.is_file():
-                raise BundleError(f"bundle {root}: OOD gate file {params['path']} is missing")
-            if verify:
-                actual = sha256_file(path)
-                if actual != params["sha256"]:
-                    raise BundleError(f"bundle {root}: {params['path']} sha256 {actual[:12]}... does not match "
-                                      f"the card's {str(params['sha256'])[:12]}... (corrupt or replaced file)")
+            path = verified_file(root, params, "OOD gate file", verify)
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in ("mean", "components", "eigvals", "resid_var")}
             return cls(arrays, params)

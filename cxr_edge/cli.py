@@ -180,7 +180,10 @@ _model_option = click.option("--model", "model", metavar="BUNDLE", default=None,
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for inference.")
 @click.option("--no-ood", "no_ood", is_flag=True,
               help="Bypass the bundle's out-of-distribution gate: label every readable image.")
-def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_ood) -> None:
+@click.option("--heatmap", "heatmap_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a class-activation overlay <name>.heatmap.png per classified scan into DIR "
+                   "(an existing file is an error for that scan unless --overwrite).")
+def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_ood, heatmap_dir) -> None:
     """Classify image files (JPEG, PNG, ..., DICOM), folders (recursively) and glob patterns.
 
     When the model bundle has an out-of-distribution gate, images that do not look like a chest X-ray
@@ -191,6 +194,7 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
         raise click.UsageError(f"{csv_path} exists; pass --overwrite to replace it", ctx=click.get_current_context())
     inputs = expand_inputs(paths)
     clf = _load_classifier(model, backend, threads, ood=not no_ood)
+    heat = _load_heatmapper(clf, threads, heatmap_dir) if heatmap_dir is not None else None
 
     table = None if as_json else _Table(max((len(getattr(i, "path", i)) for i in inputs), default=4))
     failed = done = rejected = 0
@@ -211,13 +215,21 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
                                                             file=sys.stderr))
         for result in results:
             done += 1
+            record = result.to_dict()
+            if heat is not None and result.ok and result.status != "rejected":
+                written, problem = _write_heatmap(heat, clf, result, heatmap_dir, overwrite)
+                if problem:
+                    failed += 1
+                    _err(result.path, problem)
+                else:
+                    record["heatmap"] = str(written)
             if result.status == "rejected":
                 rejected += 1
             elif not result.ok:
                 failed += 1
                 _err(result.path, result.error)
             if as_json:
-                click.echo(json.dumps(result.to_dict()))
+                click.echo(json.dumps(record))
             elif result.status != "error":
                 table.row(result)
             if writer is not None:
@@ -229,6 +241,35 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
         click.echo(f"cxr-edge: {done - failed} classified, {failed} failed", err=True)
     if failed:
         sys.exit(1)
+
+
+def _load_heatmapper(clf, threads, out_dir: Path):
+    from cxr_edge.heatmap import Heatmapper
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return Heatmapper(clf.bundle, threads)
+    except (BundleError, EngineError) as exc:
+        raise click.UsageError(f"--heatmap: {exc}") from None
+    except OSError as exc:
+        raise click.UsageError(f"--heatmap: cannot create {out_dir}: {exc.strerror or exc}") from None
+
+
+def _write_heatmap(heat, clf, result, out_dir: Path, overwrite: bool):
+    """(path written, None) or (None, one-line reason)."""
+    from cxr_edge.heatmap import heatmap_path, overlay
+    from cxr_edge.preprocess import _open, preprocess
+
+    target = heatmap_path(out_dir, result.path)
+    if target.exists() and not overwrite:
+        return None, f"heatmap {target} exists; pass --overwrite to replace it"
+    try:
+        cam = heat.cam(preprocess(result.path, clf.spec), CLASS_NAMES.index(result.label))
+        with _open(result.path) as img:
+            overlay(img, cam).save(target, "PNG")
+        return target, None
+    except Exception as exc:  # a heatmap failure never hides the label already given
+        return None, f"heatmap not written ({type(exc).__name__}: {exc})"
 
 
 def _print_card(bundle) -> None:

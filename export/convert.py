@@ -289,6 +289,10 @@ def main(argv=None) -> int:
         rec = calibrate_bundle(int8_dir, run_dir, FORMATS[int8_formats[0]][0], a.data)
         print(f"temperature {rec['temperature']:.3f} fitted on validation (ECE {rec['val_ece']['before']:.3f}"
               f" -> {rec['val_ece']['after']:.3f})")
+        from export.cam import add_cam
+
+        if add_cam(model, spec.size, int8_dir):
+            print("class-activation model (features.tflite, cam.npz) added to the int8 bundle")
         if a.ood_gate:
             from train.ood import main as fit_ood_gate
 

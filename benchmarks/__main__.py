@@ -60,7 +60,8 @@ def _report_table(plan: Path, test: acc.TestSet, bootstrap: int) -> list[dict]:
                 res = acc.evaluate(acc.run_artifact(run), test, bootstrap)
                 line.update(test_accuracy=res["metrics"]["accuracy"], test_ci95=res["ci95"]["accuracy"])
             if metrics.get("deadline_hit"):
-                line["note"] = (line.get("note", "") + f" stopped by its {merged['deadline_s']:.0f} s budget").strip()
+                line["note"] = "; ".join(filter(None, [line.get("note"),
+                                                       f"stopped by its {merged['deadline_s']:.0f} s budget"]))
         rows.append(line)
     return rows
 

@@ -123,20 +123,27 @@ def _run_in_chunks(x: np.ndarray, chunk: int, fn) -> np.ndarray:
     return np.concatenate([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)], axis=0)
 
 
+def load_tflite_interpreter(path: Path, threads: Optional[int] = None):
+    """A LiteRT (or tflite_runtime) interpreter with its tensors allocated; :class:`EngineError` when no
+    TFLite runtime is installed or the file is not a loadable model."""
+    Interpreter = _tflite_interpreter_class()
+    if Interpreter is None:
+        raise EngineError("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime)")
+    try:
+        interp = Interpreter(model_path=str(path), num_threads=threads)
+        with _quiet_native_stderr():
+            interp.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise EngineError(f"{path}: cannot load TFLite model ({exc})") from None
+    return interp
+
+
 class TFLiteEngine:
     backend = "tflite"
 
     def __init__(self, path: Path, threads: Optional[int] = None):
-        Interpreter = _tflite_interpreter_class()
-        if Interpreter is None:
-            raise EngineError("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime)")
         self.path = path
-        try:
-            self._interp = Interpreter(model_path=str(path), num_threads=threads)
-            with _quiet_native_stderr():
-                self._interp.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise EngineError(f"{path}: cannot load TFLite model ({exc})") from None
+        self._interp = load_tflite_interpreter(path, threads)
         inputs = self._interp.get_input_details()
         if len(inputs) != 1:
             raise EngineError(f"{path}: expected one input, model has {len(inputs)}")

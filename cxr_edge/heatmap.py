@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cxr_edge.bundle import Bundle, BundleError, verified_file
-from cxr_edge.engines import EngineError, _tflite_interpreter_class
+from cxr_edge.engines import _dequantize, load_tflite_interpreter
 
 MAX_SIDE = 1024  # overlays are written at most this large
 
@@ -27,11 +27,7 @@ class Heatmapper:
         weights = verified_file(bundle.root, entry["weights"], "CAM weights")
         with np.load(weights, allow_pickle=False) as z:
             self.weights = z["weights"].astype(np.float32)
-        Interpreter = _tflite_interpreter_class()
-        if Interpreter is None:
-            raise EngineError("heatmaps need the TFLite runtime: pip install ai-edge-litert")
-        self._interp = Interpreter(model_path=str(model), num_threads=threads)
-        self._interp.allocate_tensors()
+        self._interp = load_tflite_interpreter(model, threads)
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
 
@@ -39,11 +35,7 @@ class Heatmapper:
         """``float32[1, S, S, 1]`` model input -> ``float32[h, w]`` in 0..1 for class index ``k``."""
         self._interp.set_tensor(self._in["index"], np.asarray(x, np.float32))
         self._interp.invoke()
-        raw = self._interp.get_tensor(self._out["index"])[0]
-        f = raw.astype(np.float32)
-        scale, zero = self._out.get("quantization", (0.0, 0))
-        if np.issubdtype(raw.dtype, np.integer) and scale:
-            f = (f - zero) * scale
+        f = _dequantize(np.array(self._interp.get_tensor(self._out["index"])[0]), *self._out["quantization"])
         m = np.maximum(f @ self.weights[:, k], 0.0)
         return m / m.max() if m.max() > 0 else m
 

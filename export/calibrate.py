@@ -21,13 +21,16 @@ from train.fit import RUNS_DIR
 from train.metrics import apply_temperature, calibration_bins, classification_metrics, fit_temperature
 
 
-def calibrate_bundle(bundle_dir: Path, run_dir: Path, backend: str = "tflite", data: str | None = None) -> dict:
+def calibrate_bundle(bundle_dir: Path, run_dir: Path, backend: str = "tflite", data: str | None = None,
+                     val: tuple | None = None) -> dict:
+    """``val``: the run's validation (inputs, labels) when the caller has them decoded already."""
     bundle = load_bundle(bundle_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    root = data_mod.data_dir(data)
-    val = data_mod.protocol_splits(root, cfg["protocol"], cfg["val_fraction"], cfg["seed"])["val"]
-    x = to_input(data_mod.load_images(val, bundle.spec.size), bundle.spec)
-    y = data_mod.labels_of(val)
+    if val is None:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        root = data_mod.data_dir(data)
+        recs = data_mod.protocol_splits(root, cfg["protocol"], cfg["val_fraction"], cfg["seed"])["val"]
+        val = (to_input(data_mod.load_images(recs, bundle.spec.size), bundle.spec), data_mod.labels_of(recs))
+    x, y = val
     engine = open_engine(bundle.model_file(backend)[0], backend)
     probs = engine.run(x)
     t = fit_temperature(y, probs)

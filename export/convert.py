@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         from export.calibrate import calibrate_bundle
 
         int8_dir, int8_formats, _ = bundles["int8"]
-        rec = calibrate_bundle(int8_dir, run_dir, FORMATS[int8_formats[0]][0], a.data)
+        rec = calibrate_bundle(int8_dir, run_dir, FORMATS[int8_formats[0]][0], val=(x_val, y_val))
         print(f"temperature {rec['temperature']:.3f} fitted on validation (ECE {rec['val_ece']['before']:.3f}"
               f" -> {rec['val_ece']['after']:.3f})")
         from export.cam import add_cam

@@ -81,8 +81,11 @@ def test_directory_with_one_corrupt_file(bundle_dir, folder):
     assert "Traceback" not in result.output
 
 
-def test_table_output(bundle_dir):
-    files = image_files("test")
+def test_table_output(bundle_dir, monkeypatch):
+    # relative paths: the table shortens paths over 80 characters, and a checkout's location must not matter
+    root, bundle_dir = image_files("test")[0].parents[1], Path(bundle_dir).resolve()
+    monkeypatch.chdir(root)
+    files = [f.relative_to(root) for f in image_files("test")]
     result = run("classify", *files, "--model", bundle_dir)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()

@@ -2,6 +2,7 @@
 
     python -m train fit --model efficientnet_lite0 --weights imagenet --optimizer adam --lr 3e-4
     python -m train plan train/plans/report_table.json [--only baseline-128]
+    python -m train probe train/plans/gpu.json [--only lite0] [--steps 5]   # compile time, images/s
     python -m train list
 """
 from __future__ import annotations
@@ -13,13 +14,13 @@ import sys
 from pathlib import Path
 
 from train import data as data_mod
-from train.fit import FitConfig, fit, load_arrays
+from train.fit import FitConfig, fit, load_arrays, probe
 from train.registry import list_runs
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(FitConfig):
-        if f.name == "extra":
+        if f.name in ("extra", "teachers"):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--only", nargs="*", help="row, model or group names to run")
     pl.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override a field in every row (epochs=1, deadline_s=60, ...)")
+    pr = sub.add_parser("probe", help="time the first step (compile) and images/s of each plan row")
+    pr.add_argument("plan")
+    pr.add_argument("--only", nargs="*")
+    pr.add_argument("--steps", type=int, default=5)
     ls = sub.add_parser("list", help="runs and their validation metrics, best first")
     ls.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -89,14 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     root = data_mod.data_dir(args.data)
     if args.cmd == "fit":
         fields = {f.name for f in dataclasses.fields(FitConfig)} - {"extra"}
-        fit(FitConfig(**{k: getattr(args, k) for k in fields}), root)
+        fit(FitConfig(**{k: getattr(args, k) for k in fields if k != "teachers"}), root)
         return 0
     configs = load_plan(args.plan, args.only)
+    if args.cmd == "probe":
+        cache: dict[tuple, dict] = {}
+        for cfg in configs:
+            key = (cfg.protocol, cfg.input_size, cfg.val_fraction, cfg.seed, cfg.limit)
+            if key not in cache:
+                cache[key] = load_arrays(cfg, root)
+            probe(cfg, cache[key], args.steps)
+        return 0
     for item in args.set:
         key, value = item.split("=", 1)
         for cfg in configs:
             old = getattr(cfg, key)
-            setattr(cfg, key, type(old)(value) if old is not None else float(value))
+            if isinstance(old, list):
+                setattr(cfg, key, [v for v in value.split(",") if v])
+            elif isinstance(old, bool):
+                setattr(cfg, key, value.lower() in ("1", "true", "yes"))
+            else:
+                setattr(cfg, key, type(old)(value) if old is not None else float(value))
     run_plan(configs, root)
     return 0
 

@@ -7,6 +7,7 @@ Backend-agnostic Keras 3: TensorFlow on the CPU here, JAX on a lent GPU. A run d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ import numpy as np
 from cxr_edge.labels import CLASS_NAMES
 from cxr_edge.preprocess import to_input
 from train import data as data_mod
+from train.batches import CompileCounter, FixedBatches, enable_jax_cache, predict_fixed
 from train.metrics import classification_metrics
 from train.models import assign, build, named_weights, save_named
 
@@ -42,7 +44,11 @@ class FitConfig:
     epochs: int = 100
     patience: int = 10  # early stopping on val loss, best weights restored
     label_smoothing: float = 0.0
-    class_weight: bool = False  # balanced class weights
+    class_weight: bool = False  # balanced class weights (per-image loss weights)
+    mixup: float = 0.0  # mixup Beta(a, a) on training batches (0 = off)
+    teachers: list = field(default_factory=list)  # run ids: distil their mean probabilities
+    distill_alpha: float = 0.3  # weight of the hard label against the teachers' soft targets
+    monitor: str = "val_loss"  # early stopping and best epoch: val_loss, val_accuracy or val_macro_f1
     precision: str = "float32"  # float32 or bf16 (mixed, GPU)
     protocol: str = "grouped"  # grouped (patient-grouped val from train/) or seed (report, leaky)
     val_fraction: float = 0.15
@@ -52,50 +58,6 @@ class FitConfig:
     name: str = ""  # run id prefix; the report-table row name, say
     notes: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def _callbacks(cfg: FitConfig, run_dir: Path, core):
-    import keras
-
-    class BestWeights(keras.callbacks.Callback):
-        """Early stopping on val loss with the best epoch's weights kept and written to disk, and a
-        wall-clock deadline, so that a run cut short still leaves its best weights behind."""
-
-        def __init__(self):
-            super().__init__()
-            self.best, self.best_epoch, self.wait = np.inf, -1, 0
-            self.start = time.monotonic()
-            self.best_weights = None
-            self.deadline_hit = False
-
-        def on_epoch_end(self, epoch, logs=None):
-            loss = float(logs["val_loss"])
-            if loss < self.best:
-                self.best, self.best_epoch, self.wait = loss, epoch, 0
-                self.best_weights = named_weights(core)
-                save_named(self.best_weights, run_dir / "weights.npz")
-            else:
-                self.wait += 1
-            if self.wait >= cfg.patience:
-                self.model.stop_training = True
-            if cfg.deadline_s and time.monotonic() - self.start > cfg.deadline_s:
-                print(f"deadline of {cfg.deadline_s:.0f} s reached after epoch {epoch + 1}", flush=True)
-                self.model.stop_training = True
-                self.deadline_hit = True
-
-    return [BestWeights(), keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
-
-
-def _augmenter():
-    import keras
-    from keras import layers
-
-    kw = dict(fill_mode="nearest", dtype="float32")
-    return keras.Sequential([
-        layers.RandomRotation(30 / 360, **kw),
-        layers.RandomZoom(0.2, **kw),
-        layers.RandomTranslation(0.1, 0.1, **kw),
-    ], name="augment")
 
 
 def _optimizer(cfg: FitConfig, steps_per_epoch: int):
@@ -134,18 +96,54 @@ def new_run_dir(cfg: FitConfig) -> Path:
     return run_dir
 
 
-def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) -> Path:
-    """Train ``cfg`` and return its run directory. ``arrays`` ({split: (uint8 images, labels)}) lets a
-    caller that trains several models share decoded images; it must come from ``cfg``'s protocol."""
+def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.ndarray):
     import keras
 
-    keras.utils.set_random_seed(cfg.seed)
-    if cfg.precision == "bf16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    run_dir = new_run_dir(cfg)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    if arrays is None:
-        arrays = load_arrays(cfg, data_mod.data_dir(str(root) if root else None))
+    class Validate(keras.callbacks.Callback):
+        """Validation metrics from fixed-shape predictions of the inference graph (written into the epoch's
+        logs, so CSVLogger records them), early stopping on ``cfg.monitor`` with the best epoch's weights
+        kept and written to disk, and a wall-clock deadline, so that a run cut short still leaves its best
+        weights behind."""
+
+        def __init__(self):
+            super().__init__()
+            self.best, self.best_epoch, self.wait = -np.inf, -1, 0
+            self.start = time.monotonic()
+            self.best_weights = None
+            self.deadline_hit = False
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            probs = predict_fixed(core, x_va, cfg.batch)
+            m = classification_metrics(y_va, probs)
+            p = np.clip(probs[np.arange(len(y_va)), y_va], 1e-7, 1.0)
+            logs.update(val_loss=float(-np.log(p).mean()), val_accuracy=m["accuracy"],
+                        val_macro_f1=m["macro_f1"], seconds=round(time.monotonic() - self.start, 1))
+            score = -logs["val_loss"] if cfg.monitor == "val_loss" else logs[cfg.monitor]
+            if score > self.best:
+                self.best, self.best_epoch, self.wait = score, epoch, 0
+                self.best_weights = named_weights(core)
+                save_named(self.best_weights, run_dir / "weights.npz")
+            else:
+                self.wait += 1
+            print(f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f} val_loss "
+                  f"{logs['val_loss']:.4f} val_acc {m['accuracy']:.4f} val_f1 {m['macro_f1']:.4f} "
+                  f"({logs['seconds']:.0f} s)", flush=True)
+            if self.wait >= cfg.patience:
+                self.model.stop_training = True
+            if cfg.deadline_s and time.monotonic() - self.start > cfg.deadline_s:
+                print(f"deadline of {cfg.deadline_s:.0f} s reached after epoch {epoch + 1}", flush=True)
+                self.model.stop_training = True
+                self.deadline_hit = True
+
+    return [Validate(), keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
+
+
+def build_trainer(cfg: FitConfig, steps_per_epoch: int):
+    """The inference model (``Built``) and the compiled trainer around it (augmentation in front)."""
+    import keras
+
+    from train.augment import RandomAffine
 
     built = build(cfg.model, input_size=cfg.input_size, weights=cfg.weights, dropout=cfg.dropout,
                   batchnorm=cfg.batchnorm)
@@ -159,49 +157,140 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         first = next(i for i, n in enumerate(names) if n.startswith(cfg.trainable_from))
         for layer in core.layers[:first]:
             layer.trainable = False
-    x_tr, y_tr = to_input(arrays["train"][0], built.spec), arrays["train"][1]
-    x_va, y_va = to_input(arrays["val"][0], built.spec), arrays["val"][1]
-
-    inp = keras.Input(x_tr.shape[1:], name="image")
-    x = _augmenter()(inp) if cfg.augment else inp
+    inp = keras.Input((cfg.input_size, cfg.input_size, 1), name="image")
+    x = RandomAffine(seed=cfg.seed, name="augment")(inp) if cfg.augment else inp
     model = keras.Model(inp, core(x), name="trainer")
-    steps = int(np.ceil(len(x_tr) / cfg.batch))
-    model.compile(optimizer=_optimizer(cfg, steps),
+    model.compile(optimizer=_optimizer(cfg, steps_per_epoch),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                  metrics=["accuracy"])
-    class_weight = None
-    if cfg.class_weight:
-        counts = np.bincount(y_tr, minlength=len(CLASS_NAMES))
-        class_weight = {i: len(y_tr) / (len(CLASS_NAMES) * c) for i, c in enumerate(counts)}
-    print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
-          f"pretrained={built.pretrained}, {core.count_params():,} parameters", flush=True)
-    callbacks = _callbacks(cfg, run_dir, core)
-    t0 = time.monotonic()
+                  metrics=["accuracy"],
+                  # JAX: XLA, one compile per step function. TensorFlow: a tf.function graph (TF has no XLA
+                  # kernel for the image warp)
+                  jit_compile=keras.backend.backend() == "jax")
+    return built, model
+
+
+def teacher_probs(run_ids: list[str], x_by_spec, batch: int = 64) -> np.ndarray:
+    """Mean probabilities of finished runs (``runs/<id>``) on images ``x_by_spec(spec)``: the soft targets
+    that distil an ensemble into one student."""
+    from train.models import load_named
+
+    out = []
+    for run_id in run_ids:
+        run = RUNS_DIR / run_id if not Path(run_id).is_dir() else Path(run_id)
+        tcfg = json.loads((run / "config.json").read_text())
+        t = build(tcfg["model"], input_size=tcfg["input_size"], weights=None, dropout=tcfg["dropout"],
+                  batchnorm=tcfg.get("batchnorm", False))
+        assign(t.model, load_named(run / "weights.npz"))
+        out.append(predict_fixed(t.model, x_by_spec(t.spec), batch))
+    return np.mean(out, axis=0)
+
+
+def _targets(cfg: FitConfig, y: np.ndarray, arrays: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Training targets (one-hot, or mixed with an ensemble's soft targets) and per-image weights."""
     eye = np.eye(len(CLASS_NAMES), dtype=np.float32)
-    model.fit(x_tr, eye[y_tr], validation_data=(x_va, eye[y_va]), batch_size=cfg.batch,
-              epochs=cfg.epochs, class_weight=class_weight, callbacks=callbacks, verbose=2)
-    train_s = time.monotonic() - t0
-    best = callbacks[0]
-    if best.best_weights is not None:
-        assign(core, best.best_weights)
-    probs = core.predict(x_va, batch_size=64, verbose=0)
+    targets = eye[y]
+    if cfg.teachers:
+        soft = teacher_probs(cfg.teachers, lambda spec: to_input(arrays["train"][0], spec))
+        targets = cfg.distill_alpha * targets + (1 - cfg.distill_alpha) * soft
+    w = np.ones(len(y), np.float32)
+    if cfg.class_weight:
+        counts = np.bincount(y, minlength=len(CLASS_NAMES))
+        w = (len(y) / (len(CLASS_NAMES) * counts))[y].astype(np.float32)
+    return targets.astype(np.float32), w
+
+
+def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) -> Path:
+    """Train ``cfg`` and return its run directory. ``arrays`` ({split: (uint8 images, labels)}) lets a
+    caller that trains several models share decoded images; it must come from ``cfg``'s protocol.
+
+    Every step function compiles once: training batches have one shape (the partial last batch is
+    dropped; batches are reshuffled every epoch), validation and prediction are zero-padded to whole
+    batches, and the augmentation compiles (``train.augment``). ``metrics.json`` records the number of
+    compilations per step function under JAX."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    enable_jax_cache()
+    run_dir = new_run_dir(cfg)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if arrays is None:
+        arrays = load_arrays(cfg, data_mod.data_dir(str(root) if root else None))
+    y_tr, y_va = arrays["train"][1], arrays["val"][1]
+    targets, weights = _targets(cfg, y_tr, arrays)
+    steps = len(y_tr) // cfg.batch
+    with CompileCounter() as compiles:
+        built, model = build_trainer(cfg, steps)
+        core = built.model
+        x_tr = to_input(arrays["train"][0], built.spec)
+        x_va = to_input(arrays["val"][0], built.spec)
+        data = FixedBatches(x_tr, targets, cfg.batch, weights, mixup=cfg.mixup, seed=cfg.seed)
+        print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
+              f"pretrained={built.pretrained}, {core.count_params():,} parameters, "
+              f"backend {keras.backend.backend()}", flush=True)
+        callbacks = _callbacks(cfg, run_dir, core, x_va, y_va)
+        t0 = time.monotonic()
+        model.fit(data, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
+        train_s = time.monotonic() - t0
+        best = callbacks[0]
+        if best.best_weights is not None:
+            assign(core, best.best_weights)
+        probs = predict_fixed(core, x_va, cfg.batch)
+        seed_test = None
+        if "test" in arrays:  # seed protocol only: its own (leaky) test portion, never the official test
+            seed_test = classification_metrics(
+                arrays["test"][1], predict_fixed(core, to_input(arrays["test"][0], built.spec), cfg.batch))
     metrics = {
         "run_id": run_dir.name, "model": cfg.model, "pretrained": built.pretrained,
         "protocol": cfg.protocol, "input": built.spec.to_card(), "params": int(core.count_params()),
         "best_epoch": best.best_epoch + 1, "epochs_run": len(_read_history(run_dir)),
-        "deadline_hit": best.deadline_hit,
+        "deadline_hit": best.deadline_hit, "monitor": cfg.monitor,
         "train_seconds": round(train_s, 1), "machine": machine(),
+        "compiles": dict(compiles.counts), "compile_seconds": round(sum(compiles.seconds.values()), 1),
         "val": classification_metrics(y_va, probs),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if "test" in arrays:  # seed protocol only: its own (leaky) test portion, never the official test
-        metrics["seed_test"] = classification_metrics(
-            arrays["test"][1], core.predict(to_input(arrays["test"][0], built.spec), batch_size=64, verbose=0))
+    if seed_test is not None:
+        metrics["seed_test"] = seed_test
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot(run_dir)
     print(f"run {run_dir.name}: best epoch {metrics['best_epoch']}, val accuracy "
-          f"{metrics['val']['accuracy']:.4f}, macro-F1 {metrics['val']['macro_f1']:.4f}", flush=True)
+          f"{metrics['val']['accuracy']:.4f}, macro-F1 {metrics['val']['macro_f1']:.4f}, "
+          f"{train_s:.0f} s, compiles {metrics['compiles']}", flush=True)
     return run_dir
+
+
+def probe(cfg: FitConfig, arrays: dict, steps: int = 5) -> dict:
+    """Build ``cfg``'s trainer and time it before a long run: the first step (compile + one step), then
+    ``steps`` more; images/s and the compile count. Nothing is written."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    enable_jax_cache()
+    y = arrays["train"][1]
+    targets, weights = _targets(dataclasses.replace(cfg, teachers=[]), y, arrays)
+    with CompileCounter() as compiles:
+        built, model = build_trainer(cfg, max(1, len(y) // cfg.batch))
+        data = FixedBatches(to_input(arrays["train"][0][: cfg.batch * (steps + 1)], built.spec),
+                            targets[: cfg.batch * (steps + 1)], cfg.batch, weights[: cfg.batch * (steps + 1)],
+                            mixup=cfg.mixup)
+        t0 = time.monotonic()
+        model.train_on_batch(*data[0])
+        first = time.monotonic() - t0
+        t1 = time.monotonic()
+        for i in range(1, steps + 1):
+            loss = model.train_on_batch(*data[i % len(data)])
+        float(np.asarray(loss if np.isscalar(loss) else loss[0]))  # wait for the device
+        per_step = (time.monotonic() - t1) / steps
+    out = {"name": cfg.name or cfg.model, "batch": cfg.batch, "first_step_s": round(first, 2),
+           "step_s": round(per_step, 4), "images_per_s": round(cfg.batch / per_step, 1),
+           "compiles": dict(compiles.counts), "backend": keras.backend.backend()}
+    print("probe", json.dumps(out), flush=True)
+    keras.mixed_precision.set_global_policy("float32")
+    return out
 
 
 def load_arrays(cfg: FitConfig, root: Path) -> dict:

@@ -1,21 +1,23 @@
 """Train on a lent GPU (the workplace's ``device`` tool): what to carry there and what to bring back.
 
-    python -m train.lease prepare            # here: fills .gpu/ (data, compact ImageNet weights, wheels)
+    python -m train.lease prepare            # here: fills .gpu/ (data, ImageNet weights, wheels)
     bash train/lease.sh                      # there: the device command (carry [".gpu"])
-    python -m train.lease pack "$OUT"        # there, called by lease.sh: best runs into $OUT
+    python -m train.lease teachers           # there, called by lease.sh: the best phase-1 Lite runs
+    python -m train.lease pack "$OUT"        # there, called by lease.sh: the runs into $OUT
     python -m train.lease unpack FILES_DIR   # here: the returned files into runs/
 
-The lease returns at most 8 files of 16 MiB, so weights travel split and in float16 (1-D arrays such as
-batch-norm statistics stay float32), and everything else of every run travels in one tarball.
+Limits that shape this: the working tree plus what is carried travels at most 64 MiB, and a lease returns
+at most 8 files of 16 MiB (64 MiB together). So the ImageNet weights travel as int8 with a scale per
+output channel (``train.lite.quantize``: at most half a step, 0.4% of a channel's largest weight), and the
+runs come back as one tarball split into 15 MiB parts: every run's records, the students' weights in
+float16, and as many other runs' weights as the budget allows (int8 per channel, the same scheme an int8
+export uses), in order: best DenseNet201, Lite teachers, baselines, other DenseNet201. ``metrics.json``
+says which (``returned_weights``).
 
-What happened on 2026-11-26 (H200, JAX 0.11.2, Keras 3.15.1): the tooling worked end to end (carry,
-install, data decode, model build, pack), but no run finished an epoch. Three groups in parallel
-(DenseNet201 batch 16 with in-graph augmentation, Lite0, Lite2; 470 s) and then DenseNet201 alone
-(batch 64, no augmentation, bf16; 265 s) both compiled (~150-200 s) and then ran far below the
-~1050 img/s measured elsewhere. The cause was not found within the 15-minute budget; leads: Keras'
-NumPy-array data path under JAX, and (on the CPU, where the same JAX steps were measured) depthwise
-convolutions and the image-transform layers being very slow in XLA. Try a short probe (a few timed
-``train_on_batch`` calls per configuration) before a long run.
+History: the first lease (2026-11-26, two attempts) finished no epoch: Keras ran the step eagerly because
+the model held RandomRotation/RandomZoom/RandomTranslation, and each new batch shape recompiled. Since
+then training uses fixed batch shapes and a compiled augmentation (``train.batches``, ``train.augment``),
+and ``python -m train probe`` times the compile and images/s before a long run.
 """
 from __future__ import annotations
 
@@ -28,11 +30,15 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from train.models import load_named, save_named
 
 GPU_DIR = Path(".gpu")
+RUNS = Path("runs")
 WHEELS = ("keras==3.15.1", "namex", "optree")
-FAMILIES = ("densenet201", "efficientnet_lite0", "efficientnet_lite2")
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+PART = 15 * 2**20
 
 
 def prepare(data_root: Path) -> None:
@@ -43,10 +49,9 @@ def prepare(data_root: Path) -> None:
         shutil.copytree(data_root / "train", data)
     cache = GPU_DIR / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    for variant in ("lite0", "lite2"):
+    for variant in ("lite0", "lite1", "lite2"):
         w = {k: v for k, v in lite.imagenet_weights(variant).items() if not k.startswith("_imagenet_fc")}
-        [name] = save_named(w, cache / f"efficientnet-{variant}-imagenet.npz", compact=True,
-                            max_bytes=1 << 40)
+        np.savez(cache / f"efficientnet-{variant}-imagenet.npz", **lite.quantize(w))
     whl = GPU_DIR / "whl"
     whl.mkdir(exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -57,56 +62,111 @@ def prepare(data_root: Path) -> None:
     print(f"{GPU_DIR}: {total / 2**20:.1f} MiB to carry")
 
 
-def pack(out: Path, runs_dir: Path = Path("runs")) -> None:
-    """Best run per family (by validation accuracy) with weights; all runs' records in one tarball."""
-    from train.registry import list_runs
+def _runs(runs_dir: Path) -> list[dict]:
+    """Finished runs (metrics.json and weights), best validation accuracy first."""
+    out = []
+    for d in sorted(runs_dir.glob("*/")):
+        if (d / "metrics.json").exists() and any(d.glob("weights*.npz")):
+            m = json.loads((d / "metrics.json").read_text())
+            cfg = json.loads((d / "config.json").read_text())
+            out.append({"dir": d, "model": m["model"], "val": m["val"]["accuracy"],
+                        "student": bool(cfg.get("teachers")), "protocol": m["protocol"]})
+    return sorted(out, key=lambda r: -r["val"])
 
-    out.mkdir(parents=True, exist_ok=True)
-    chosen = {}
-    for fam in FAMILIES:
-        runs = [Path(r["dir"]) for r in list_runs(runs_dir) if r["model"] == fam]
-        if not runs:  # none finished (cut by the lease's clock): the newest one with weights, if any
-            runs = sorted(d for d in runs_dir.glob(f"*/") if any(d.glob("weights*.npz"))
-                          and json.loads((d / "config.json").read_text())["model"] == fam)[-1:]
-        if runs:
-            chosen[fam] = runs[0].name
-            save_named(load_named(runs[0] / "weights.npz"), out / f"{runs[0].name}.weights.npz",
-                       compact=True)
-    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+
+def teachers(top: int, runs_dir: Path = RUNS) -> list[str]:
+    """The ``top`` phase-1 Lite runs by validation accuracy (grouped protocol, not students)."""
+    runs = [r for r in _runs(runs_dir) if r["model"] in LITES and not r["student"]
+            and r["protocol"] == "grouped"]
+    return [r["dir"].name for r in runs[:top]]
+
+
+def _quantized(weights: dict) -> dict:
+    from train.lite import quantize
+    return quantize(weights)
+
+
+def _blob(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def pack(out: Path, runs_dir: Path = RUNS, budget_mib: float = 60) -> None:
+    """Every run's records plus weights in priority order within the budget, as ``runs.tar.part*``."""
+    runs = _runs(runs_dir)
+    dn = [r for r in runs if r["model"] == "densenet201"]
+    order = ([(r, "float16") for r in runs if r["student"]] + [(r, "int8") for r in dn[:1]]
+             + [(r, "int8") for r in runs if r["model"] in LITES and not r["student"]]
+             + [(r, "int8") for r in runs if r["model"] == "baseline"] + [(r, "int8") for r in dn[1:]])
+    budget, returned = budget_mib * 2**20, {}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for f in sorted(runs_dir.rglob("*")):
             if f.is_file() and not f.name.startswith("weights"):
                 tar.add(f, arcname=str(f.relative_to(runs_dir.parent)))
-        blob = json.dumps(chosen, indent=2).encode()
+        for r, fmt in order:
+            w = load_named(r["dir"] / "weights.npz")
+            blob = _blob({k: v.astype(np.float16) if v.ndim >= 2 else v for k, v in w.items()}
+                         if fmt == "float16" else _quantized(w))
+            if buf.tell() + len(blob) > budget:
+                continue
+            info = tarfile.TarInfo(f"runs/{r['dir'].name}/weights.{fmt}.npz")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+            returned[r["dir"].name] = fmt
+        note = json.dumps({"returned_weights": returned}, indent=2).encode()
         info = tarfile.TarInfo("runs/returned.json")
-        info.size = len(blob)
-        tar.addfile(info, io.BytesIO(blob))
-    print("returned:", json.dumps(chosen))
+        info.size = len(note)
+        tar.addfile(info, io.BytesIO(note))
+    data = buf.getvalue()
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(data), PART):
+        (out / f"runs.tar.part{i // PART}").write_bytes(data[i:i + PART])
+    print(f"packed {len(data) / 2**20:.1f} MiB; weights: {json.dumps(returned)}; "
+          f"records only: {[r['dir'].name for r in runs if r['dir'].name not in returned]}")
 
 
-def unpack(files: Path, runs_dir: Path = Path("runs")) -> None:
-    with tarfile.open(files / "runs.tar.gz") as tar:
+def unpack(files: Path, runs_dir: Path = RUNS) -> None:
+    from train.lite import dequantize
+
+    parts = sorted(files.glob("runs.tar.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    data = b"".join(p.read_bytes() for p in parts)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(runs_dir.parent, filter="data")
-    for f in files.glob("*.weights*.npz"):
-        run_id, rest = f.name.split(".weights", 1)
-        dest = runs_dir / run_id
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, dest / f"weights{rest}")
-        print(f"{dest}/weights{rest}")
+    returned = json.loads((runs_dir / "returned.json").read_text())["returned_weights"]
+    for run_id, fmt in returned.items():
+        src = runs_dir / run_id / f"weights.{fmt}.npz"
+        with np.load(src) as z:
+            stored = {k: z[k] for k in z.files}
+        weights = dequantize(stored) if fmt == "int8" else {k: v.astype(np.float32) for k, v in stored.items()}
+        save_named(weights, runs_dir / run_id / "weights.npz", max_bytes=1 << 40)
+        src.unlink()
+        mpath = runs_dir / run_id / "metrics.json"
+        m = json.loads(mpath.read_text())
+        m["returned_weights"] = fmt
+        mpath.write_text(json.dumps(m, indent=2))
+        print(f"{runs_dir / run_id}: weights ({fmt})")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.lease")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--data")
-    sub.add_parser("pack").add_argument("out")
+    sub.add_parser("prepare").add_argument("--data")
+    t = sub.add_parser("teachers")
+    t.add_argument("--top", type=int, default=3)
+    p = sub.add_parser("pack")
+    p.add_argument("out")
+    p.add_argument("--budget-mib", type=float, default=60)
     sub.add_parser("unpack").add_argument("files")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         from train.data import data_dir
         prepare(data_dir(args.data))
+    elif args.cmd == "teachers":
+        print(",".join(teachers(args.top)))
     elif args.cmd == "pack":
-        pack(Path(args.out))
+        pack(Path(args.out), budget_mib=args.budget_mib)
     else:
         unpack(Path(args.files))
     return 0

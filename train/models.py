@@ -93,6 +93,10 @@ def efficientnet_lite0(input_size: int = 224, weights: str | None = None, dropou
     return _efficientnet_lite("lite0", input_size, weights, dropout)
 
 
+def efficientnet_lite1(input_size: int = 224, weights: str | None = None, dropout: float = 0.2, **_):
+    return _efficientnet_lite("lite1", input_size, weights, dropout)
+
+
 def efficientnet_lite2(input_size: int = 224, weights: str | None = None, dropout: float = 0.3, **_):
     return _efficientnet_lite("lite2", input_size, weights, dropout)
 
@@ -101,6 +105,7 @@ REGISTRY: dict[str, Callable[..., Built]] = {
     "baseline": baseline,
     "densenet201": densenet201,
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite1": efficientnet_lite1,
     "efficientnet_lite2": efficientnet_lite2,
 }
 

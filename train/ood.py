@@ -1,33 +1,63 @@
-"""Fit the out-of-distribution gate (``cxr_edge/ood.py``) and write it into a model bundle.
+"""Fit the input gate (``cxr_edge/ood.py``) of a model bundle and write it into the bundle.
 
-    python -m train.ood BUNDLE_DIR [--data DIR] [--n-train 1500] [--quantile 0.995] [--seed 0]
+    python -m train.ood BUNDLE_DIR [--data DIR] [--gate-dev DIR] [--n-train 1200] [--seed 0]
 
-Fits a PCA basis of standardized 16x16 thumbnails on a seeded subsample of the patient-grouped protocol's
-train split, and sets the rejection threshold to the ``quantile`` of the scores of its validation split (so
-about 0.5% of validation scans are rejected by design). The official test split is never read. Images go
-through ``train.data.load_images`` (``cxr_edge.preprocess.load_gray``, the one preprocessing definition).
-Writes ``ood.npz`` into BUNDLE_DIR and an ``"ood"`` entry (with its sha256) into its ``card.json``; every
-other field of the card is kept.
+The gate's embedding head is a linear softmax over four classes (``frontal_chest``, ``lateral_chest``,
+``other_body_part``, ``not_radiograph``) on the bundle model's own penultimate embedding
+(``cxr_edge.ood.embedder``: ``Classifier.predict_full`` on dual-output bundles, else ``features.tflite``). It is
+fitted (scikit-learn, multinomial logistic regression, balanced class weights) on:
+
+- positives: a seeded subsample of the patient-grouped protocol's **train** split, each scan as it is and one
+  geometric variant (framing, aspect ratio, tilt: ``augment``), plus the adult frontal chest X-rays of
+  ``gate_dev`` (``--gate-dev``, by default ``../shared/data/gate_dev``) with variants;
+- negatives: gate_dev's lateral chest views and radiographs of other body parts, with seeded variants
+  (``variants``: flips, crops, rotations, brightness/contrast/gamma), and generated images that are not
+  radiographs (``make_non_cxr``: document pages, screenshots, photo-like scenes, textures, gray and colour).
+
+The rejection threshold on the score ``logsumexp(other logits) - frontal logit`` is chosen on the grouped
+**validation** split only (``choose_threshold``): the decision boundary 0, raised just enough that at most
+``--max-val-reject`` of the validation scans would be refused. A density check (``fit_density``: Mahalanobis
+distance in the first ``--density-components`` principal components of the frontal training embeddings) catches
+what none of the head's classes describes; its threshold is the ``1 - max_val_reject`` quantile of the
+validation scans' distances. The official test split is never read.
+``gate_dev`` is cross-validated (``cross_validate``: folds grouped by patient / body part and source) and the
+per-category rates go into the card's ``ood.fitted_on.gate_dev_cv``. The 3-class classifier never sees
+gate_dev: this only fits the gate. Writes ``ood.npz`` into BUNDLE_DIR and an ``"ood"`` entry (with its sha256)
+into its ``card.json``; every other field of the card is kept.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from cxr_edge.bundle import CARD_NAME, sha256_file
-from cxr_edge.ood import (DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, DEFAULT_THUMB, CHROMA_LEVEL, features,
-                          ppca_score)
+from cxr_edge.bundle import CARD_NAME, load_bundle, sha256_file
+from cxr_edge.ood import (CHROMA_LEVEL, DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, EMBED_CLASSES, Gate,
+                          density_distance, embedder, head_logits, head_score)
+from cxr_edge.preprocess import load_gray
 
 GATE_FILE = "ood.npz"
-DEFAULT_COMPONENTS = 16
-DEFAULT_QUANTILE = 0.995
+DEFAULT_GATE_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gate_dev"
+GATE_DEV_CLASSES = {"frontal_chest_other": "frontal_chest", "lateral_chest": "lateral_chest",
+                    "non_chest_radiograph": "other_body_part"}
+DEFAULT_MAX_VAL_REJECT = 0.002
+DEFAULT_C = 0.05
+DEFAULT_DENSITY_COMPONENTS = 64
+DEFAULT_VARIANTS = 16
+DEFAULT_SYNTH = 12  # generated non-radiographs of each kind
+EMBED_BATCH = 16
 
 
+# ---------------------------------------------------------------------------------------------------------
+# image variants
 AUGMENTATIONS = ("border crop 5-15%", "central crop to 75-90% of the width or of the height (another aspect "
                  "ratio, squashed back)", "rotation -7..7 degrees", "shift up to 6%")
 
@@ -57,59 +87,401 @@ def augment(gray: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
-def fit_gate(train_gray: np.ndarray, val_gray: np.ndarray, quantile: float = DEFAULT_QUANTILE,
-             thumb: int = DEFAULT_THUMB, n_components: int = DEFAULT_COMPONENTS,
-             max_colour_fraction: float = DEFAULT_MAX_COLOUR_FRACTION, min_std: float = DEFAULT_MIN_STD,
-             augment_seed: int | None = 0) -> tuple[dict, dict]:
-    """(arrays for ``ood.npz``, card parameters without path/sha256) from ``uint8[N, S, S]`` train and
-    validation images. The PCA is fitted on the train images plus one geometric variant of each
-    (``augment``; ``augment_seed=None``: none). The threshold is the ``quantile`` of the scores of the
-    validation images as they are (not augmented)."""
-    if len(train_gray) < 2 or len(val_gray) < 1:
-        raise ValueError("need at least 2 training and 1 validation image")
-    train_gray = np.asarray(train_gray, np.uint8)
-    if augment_seed is not None:
-        train_gray = np.concatenate([train_gray, augment(train_gray, augment_seed)])
-    x, _ = features(train_gray, thumb)
-    d = x.shape[1]
-    k = int(min(n_components, len(x) - 1, d - 1))
-    mean = x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-    var = s ** 2 / max(1, len(x) - 1)
-    var = np.concatenate([var, np.zeros(d - len(var))])
-    floor = max(float(var[0]) * 1e-6, 1e-9)  # a few training images: keep every variance positive
-    eigvals = np.maximum(var[:k], floor)
-    resid_var = max(float(var[k:].mean()), floor)
-    arrays = {"mean": mean, "components": vt[:k], "eigvals": eigvals, "resid_var": np.float64(resid_var)}
+def variants(gray: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` seeded variants of each ``uint8[N, S, S]`` image (``[N * n, S, S]``, image-major): a geometric
+    ``augment``, a horizontal flip half of the time, rotation up to 15 degrees a third of the time, and
+    brightness / contrast / gamma changes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, g in enumerate(np.asarray(gray, np.uint8)):
+        geo = augment(np.repeat(g[None], n, 0), seed * 7919 + i)
+        for v in geo:
+            img = Image.fromarray(v, "L")
+            if rng.random() < 0.5:
+                img = ImageOps.mirror(img)
+            if rng.random() < 0.33:
+                img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR, fillcolor=0)
+            img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.8, 1.2)))
+            img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.75, 1.25)))
+            gamma = float(rng.uniform(0.7, 1.4))
+            img = img.point([int(round(255 * (k / 255) ** gamma)) for k in range(256)])
+            out.append(np.asarray(img, np.uint8))
+    s = np.asarray(gray).shape[-1]
+    return np.stack(out) if out else np.empty((0, s, s), np.uint8)
 
-    xv, sd_val = features(val_gray, thumb)
-    val_scores = ppca_score(xv, mean, vt[:k], eigvals, resid_var)
-    threshold = float(np.quantile(val_scores, quantile))
-    train_scores = ppca_score(x, mean, vt[:k], eigvals, resid_var)
-    params = {
-        "threshold": round(threshold, 4), "thumb": thumb, "components": k,
-        "max_colour_fraction": max_colour_fraction, "chroma_level": CHROMA_LEVEL, "min_std": min_std,
-        "features": (f"load_gray(224) -> {thumb}x{thumb} box-filter thumbnail, standardized per image "
-                     f"(zero mean, unit variance); score = PPCA: squared Mahalanobis distance in {k} principal "
-                     "components + squared reconstruction residual / mean discarded variance. Also rejected: "
-                     f"colour images (share of pixels with max(R,G,B)-min(R,G,B) > {CHROMA_LEVEL} above "
-                     f"{max_colour_fraction}) and uniform images (thumbnail std < {min_std} gray levels)"),
-        "fitted_on": {"train_images": int(len(x)),
-                      "augmentation": "none" if augment_seed is None else
-                      f"each train image + one seeded variant (seed {augment_seed}): " + "; ".join(AUGMENTATIONS),
-                      "val_images": int(len(xv)), "quantile": quantile,
-                      "val_score_median": round(float(np.median(val_scores)), 4),
-                      "train_score_median": round(float(np.median(train_scores)), 4),
-                      "val_rejected_by_score": int((val_scores > threshold).sum()),
-                      "val_rejected_uniform": int((sd_val < min_std).sum()),
-                      "explained_variance": round(float(var[:k].sum() / var.sum()), 4)},
-    }
+
+# ---------------------------------------------------------------------------------------------------------
+# generated images that are not radiographs (also the benchmark's non-CXR set)
+WORDS = ("the of and to in is for on that with as by this are be from at an or which report patient "
+         "results total invoice date page section figure table summary account payment").split()
+
+
+def _text_line(rng, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _document(rng, size=(850, 1100), bg=255, ink=0, columns=1, tilt=0.0, noise=0.0, colour_header=None,
+              scale=2) -> Image.Image:
+    w, h = size
+    small = Image.new("L", (w // scale, h // scale), bg)
+    d = ImageDraw.Draw(small)
+    y = 40 // scale
+    if colour_header is not None:
+        y += 60 // scale
+    col_w = (w // scale - 60 // scale) // columns
+    while y < h // scale - 40 // scale:
+        for c in range(columns):
+            x = 30 // scale + c * col_w
+            if rng.random() < 0.08:
+                continue  # paragraph break
+            d.text((x, y), _text_line(rng, int(rng.integers(3, 9 if columns == 1 else 5))), fill=ink)
+        y += 14 if rng.random() > 0.1 else 24
+    img = small.resize((w, h), Image.Resampling.BILINEAR)
+    if colour_header is not None:
+        img = img.convert("RGB")
+        ImageDraw.Draw(img).rectangle([0, 0, w, 70], fill=colour_header)
+    if tilt:
+        img = img.rotate(tilt, resample=Image.Resampling.BILINEAR, fillcolor=200 if img.mode == "L" else (200,) * 3)
+    if noise:
+        arr = np.asarray(img, np.float32)
+        arr = arr + rng.normal(0, noise, arr.shape)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), img.mode)
+    return img
+
+
+def _screenshot(rng, size=(1280, 800), dark=False, colourful=True) -> Image.Image:
+    w, h = size
+    bg = (30, 30, 30) if dark else (245, 245, 245)
+    fg = (220, 220, 220) if dark else (20, 20, 20)
+    img = Image.new("RGB", size, bg)
+    d = ImageDraw.Draw(img)
+
+    def colour():
+        if not colourful:
+            v = int(rng.integers(60, 200))
+            return (v, v, v)
+        return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+    d.rectangle([0, 0, w, 36], fill=colour())  # title bar
+    d.rectangle([0, 36, 220, h], fill=(50, 50, 50) if dark else (225, 225, 230))  # sidebar
+    for i in range(12):
+        d.text((16, 60 + 28 * i), _text_line(rng, 2), fill=fg)
+    for _ in range(int(rng.integers(4, 9))):  # panels / buttons
+        x0, y0 = int(rng.integers(240, w - 200)), int(rng.integers(60, h - 100))
+        d.rectangle([x0, y0, x0 + int(rng.integers(80, 300)), y0 + int(rng.integers(24, 120))], fill=colour(),
+                    outline=fg)
+    for i in range(int(rng.integers(8, 20))):
+        d.text((250, 70 + 30 * i), _text_line(rng, int(rng.integers(4, 12))), fill=fg)
+    for i in range(6):  # a colour bar chart
+        bh = int(rng.integers(20, 200))
+        d.rectangle([w - 180 + 25 * i, h - 40 - bh, w - 160 + 25 * i, h - 40], fill=colour())
+    return img
+
+
+def _photo_like(rng, size=(640, 480), colour=True) -> Image.Image:
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    chans = []
+    for _ in range(3 if colour else 1):
+        a, b, c = rng.normal(0, 1, 3)
+        base = 128 + 60 * np.sin(a * xx / w * 3 + b * yy / h * 3 + c)
+        chans.append(base)
+    arr = np.stack(chans, -1) if colour else chans[0]
+    for _ in range(int(rng.integers(3, 8))):  # blobs ("objects")
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 150)
+        m = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
+        arr[m] = rng.uniform(0, 255, 3) if colour else rng.uniform(0, 255)
+    arr = arr + rng.normal(0, 12, arr.shape)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB" if colour else "L")
+    return img.filter(ImageFilter.GaussianBlur(1.5))
+
+
+def _texture(rng, kind: str, size=(512, 512)) -> Image.Image:
+    w, h = size
+    if kind == "noise":
+        arr = rng.integers(0, 256, (h, w)).astype(np.uint8)
+        return Image.fromarray(arr, "L")
+    if kind == "cloud":
+        arr = rng.normal(0, 1, (h // 16, w // 16))
+        img = Image.fromarray(((arr - arr.min()) / np.ptp(arr) * 255).astype(np.uint8), "L")
+        return img.resize(size, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(4))
+    if kind == "stripes":
+        xx = np.arange(w)[None, :].repeat(h, 0)
+        return Image.fromarray((127 + 120 * np.sin(xx / rng.uniform(4, 30))).astype(np.uint8), "L")
+    if kind == "checker":
+        n = int(rng.integers(4, 40))
+        yy, xx = np.mgrid[0:h, 0:w]
+        return Image.fromarray((((xx // n + yy // n) % 2) * 255).astype(np.uint8), "L")
+    if kind == "gradient":
+        g = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+        return Image.fromarray(g.astype(np.uint8), "L").rotate(float(rng.uniform(0, 360)))
+    if kind == "wood":
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        r = np.hypot(xx - w * rng.uniform(0, 1), yy - h * rng.uniform(0, 1))
+        arr = 127 + 100 * np.sin(r / rng.uniform(5, 15) + rng.normal(0, 0.5, (h, w)))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    raise ValueError(kind)
+
+
+TEXTURES = ("noise", "cloud", "stripes", "checker", "gradient", "wood")
+
+
+def synth_non_radiographs(seed: int = 0, n: int = DEFAULT_SYNTH) -> list[tuple[Image.Image, str, str]]:
+    """Seeded images that are not radiographs, ``[(image, kind, file name)]``: ``n`` each of document
+    pages, screenshots and photo-like scenes, 6 solid colours, and ``n`` textures."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = _document(rng, columns=1 + i % 2, tilt=float(rng.uniform(-2, 2)) if i % 3 == 0 else 0.0,
+                        noise=8.0 if i % 4 == 1 else 0.0, bg=255 if i % 5 else 235,
+                        colour_header=tuple(int(v) for v in rng.integers(0, 256, 3)) if i % 4 == 3 else None)
+        out.append((img, "document", f"document_{i:02d}.{'jpg' if i % 2 else 'png'}"))
+    for i in range(n):
+        img = _screenshot(rng, size=(1280, 800) if i % 2 else (1920, 1080), dark=i % 3 == 0, colourful=i % 4 != 2)
+        out.append((img, "screenshot", f"screenshot_{i:02d}.{'png' if i % 3 else 'jpg'}"))
+    for i in range(n):
+        img = _photo_like(rng, size=(640, 480) if i % 2 else (480, 640), colour=i % 3 != 0)
+        out.append((img, "photo_like", f"photo_like_{i:02d}.jpg"))
+    for i, c in enumerate([(0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 30), (30, 120, 220),
+                           (250, 240, 200)]):
+        out.append((Image.new("RGB", (400, 300), c), "solid", f"solid_{i:02d}.{'png' if i % 2 else 'jpg'}"))
+    for i in range(n):
+        kind = TEXTURES[i % len(TEXTURES)]
+        out.append((_texture(rng, kind), "texture", f"texture_{kind}_{i:02d}.{'png' if i < n // 2 else 'jpg'}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gate_dev
+@dataclass(frozen=True)
+class DevItem:
+    path: str
+    category: str  # gate_dev folder
+    cls: str  # one of EMBED_CLASSES
+    group: str  # cross-validation group: the patient, or the body part for other radiographs
+
+
+def body_part(file_name: str) -> str:
+    """The body part a ``non_chest_radiograph`` file name starts with (``wrist_pa_...`` -> ``wrist``)."""
+    return Path(file_name).name.split("_")[0].lower()
+
+
+def gate_dev_items(root: str | Path) -> list[DevItem]:
+    """gate_dev's images from its ``MANIFEST.csv`` (``category, file, ...``), or from its folders when there
+    is no manifest. Other radiographs are grouped by body part (a fold never sees the held-out body part),
+    frontal and lateral chest views by file (one patient each)."""
+    root = Path(root)
+    manifest = root / "MANIFEST.csv"
+    if manifest.is_file():
+        with manifest.open(newline="") as f:
+            rows = [(r["category"], r["file"]) for r in csv.DictReader(f)]
+    else:
+        rows = [(p.parent.name, str(p.relative_to(root))) for cat in GATE_DEV_CLASSES
+                for p in sorted((root / cat).glob("*")) if p.is_file()]
+    out = []
+    for category, file in rows:
+        if category not in GATE_DEV_CLASSES:
+            continue
+        cls = GATE_DEV_CLASSES[category]
+        group = f"{category}/{body_part(file) if cls == 'other_body_part' else Path(file).name}"
+        out.append(DevItem(str(root / file), category, cls, group))
+    if not out:
+        raise FileNotFoundError(f"{root}: no gate_dev images (expected MANIFEST.csv or the folders "
+                                f"{', '.join(GATE_DEV_CLASSES)})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# embeddings, head, threshold
+def embed_images(embed: Callable[[np.ndarray], np.ndarray], gray: np.ndarray, batch: int = EMBED_BATCH) -> np.ndarray:
+    """Embeddings ``float32[N, C]`` of ``uint8[N, S, S]`` in batches."""
+    gray = np.asarray(gray, np.uint8)
+    if len(gray) == 0:
+        raise ValueError("no images to embed")
+    return np.concatenate([np.asarray(embed(gray[i:i + batch]), np.float32) for i in range(0, len(gray), batch)])
+
+
+ABSENT_LOGIT = -30.0  # the bias of a class without training images: never the most likely
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, c: float = DEFAULT_C, seed: int = 0) -> dict:
+    """Arrays for ``ood.npz`` (``emb_mean``, ``emb_scale``, ``emb_weights[C, K]``, ``emb_bias[K]``): a
+    multinomial logistic regression with balanced class weights on standardized embeddings ``x[N, C]``,
+    labels ``y`` (indices into ``EMBED_CLASSES``). ``frontal_chest`` and at least one other class must occur; a
+    class without images gets zero weights and bias ``ABSENT_LOGIT``."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y)
+    present = [k for k in range(len(EMBED_CLASSES)) if np.any(y == k)]
+    if 0 not in present or len(present) < 2:
+        raise ValueError("the gate needs frontal chest X-rays and images of at least one other class, got "
+                         f"{[EMBED_CLASSES[k] for k in present]}")
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
+    clf.fit((x - mean) / scale, y)
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(present) == 2:  # scikit-learn's binary form: one row for the second class, against the first
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
+    weights = np.zeros((x.shape[1], len(EMBED_CLASSES)))
+    bias = np.full(len(EMBED_CLASSES), ABSENT_LOGIT)
+    for row, k in enumerate(clf.classes_):
+        weights[:, int(k)], bias[int(k)] = coef[row], icpt[row]
+    return {"emb_mean": mean, "emb_scale": scale, "emb_weights": weights, "emb_bias": bias}
+
+
+def fit_density(x_frontal: np.ndarray, k: int = 64) -> dict:
+    """Arrays ``den_mean``, ``den_scale``, ``den_components[k, C]``, ``den_var[k]``: the first ``k`` principal
+    components of standardized frontal chest X-ray embeddings (``k`` at most a tenth of their number)."""
+    x = np.asarray(x_frontal, np.float64)
+    k = int(min(k, max(1, len(x) // 10), x.shape[1]))
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    _, sv, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
+    var = np.maximum(sv[:k] ** 2 / max(1, len(x) - 1), 1e-9)
+    return {"den_mean": mean, "den_scale": scale, "den_components": vt[:k], "den_var": var}
+
+
+def scores_of(arrays: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(head scores, most likely non-frontal class index) of embeddings ``x[N, C]`` under ``arrays``."""
+    logits = head_logits(x, arrays["emb_mean"], arrays["emb_scale"], arrays["emb_weights"], arrays["emb_bias"])
+    return head_score(logits), 1 + logits[:, 1:].argmax(axis=1)
+
+
+def choose_threshold(val_scores: np.ndarray, max_reject: float = DEFAULT_MAX_VAL_REJECT) -> float:
+    """The threshold from **validation** scans' scores: the head's own decision boundary (0: frontal more
+    likely than anything else), raised to the ``1 - max_reject`` quantile of the validation scores when more
+    than ``max_reject`` of them would be refused at 0."""
+    v = np.asarray(val_scores, np.float64)
+    if v.size == 0:
+        raise ValueError("no validation scores")
+    return float(max(0.0, np.quantile(v, 1.0 - max_reject)))
+
+
+@dataclass
+class GateData:
+    """Embeddings for a fit: ``x[N, C]``, class indices ``y``, and for each row its gate_dev item index
+    (``dev[i]``, -1 for rows that are not from gate_dev: Kermany train scans, generated images)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    dev: np.ndarray
+
+
+def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
+             max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
+             density_components: int = DEFAULT_DENSITY_COMPONENTS) -> tuple[dict, dict]:
+    """(arrays, ``embedding`` card parameters) from training embeddings and validation scans' embeddings. Both
+    thresholds (head score; density distance when ``density_components`` > 0) come from the validation scans."""
+    arrays = fit_head(data.x, data.y, c, seed)
+    val_scores, _ = scores_of(arrays, val_x)
+    threshold = choose_threshold(val_scores, max_val_reject)
+    params = {"classes": list(EMBED_CLASSES), "threshold": round(threshold, 6), "dim": int(data.x.shape[1]),
+              "score": "logsumexp(logits[1:]) - logits[0], logits = ((e - emb_mean) / emb_scale) @ emb_weights "
+                       "+ emb_bias; refused when score > threshold",
+              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "max_val_reject": max_val_reject, "val_images": int(len(val_x)),
+              "val_score_quantiles": {q: round(float(np.quantile(val_scores, float(q))), 4)
+                                      for q in ("0.5", "0.99", "0.998")},
+              "train_rows": {EMBED_CLASSES[k]: int((data.y == k).sum()) for k in range(len(EMBED_CLASSES))},
+              "classes_without_images": [EMBED_CLASSES[k] for k in range(len(EMBED_CLASSES))
+                                         if not np.any(data.y == k)],
+              "C": c}
+    rejected = val_scores > threshold
+    if density_components > 0:
+        arrays.update(fit_density(data.x[data.y == EMBED_CLASSES.index("frontal_chest")], density_components))
+        val_dist = density_distance(val_x, arrays["den_mean"], arrays["den_scale"], arrays["den_components"],
+                                    arrays["den_var"])
+        den_threshold = float(np.quantile(val_dist, 1.0 - max_val_reject))
+        rejected |= val_dist > den_threshold
+        params.update({"density_threshold": round(den_threshold, 4),
+                       "density_components": int(len(arrays["den_var"])),
+                       "density": "squared Mahalanobis distance in the first density_components principal "
+                                  "components of the standardized frontal training embeddings; refused when > "
+                                  f"density_threshold (the {1 - max_val_reject:.4f} quantile of the validation "
+                                  "scans' distances)"})
+    params["val_rejected"] = int(rejected.sum())
     return arrays, params
+
+
+def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], folds: int = 5,
+                   c: float = DEFAULT_C, max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
+                   density_components: int = None) -> dict:
+    """gate_dev cross-validated: its groups (patients; body parts for other radiographs) are dealt into
+    ``folds`` folds per category; each fold's original images are judged by a gate fitted without any row of
+    that fold (nor their variants), its threshold chosen on validation as always. Per-category counts."""
+    density_components = DEFAULT_DENSITY_COMPONENTS if density_components is None else density_components
+    rng = np.random.default_rng(seed)
+    fold_of_group: dict[str, int] = {}
+    for category in sorted({it.category for it in items}):
+        groups = sorted({it.group for it in items if it.category == category})
+        for k, g in enumerate(rng.permutation(groups)):
+            fold_of_group[str(g)] = k % folds
+    item_fold = np.array([fold_of_group[it.group] for it in items])
+    rows: list[dict] = []
+    for k in range(folds):
+        held = np.flatnonzero(item_fold == k)
+        if held.size == 0:
+            continue
+        keep = ~np.isin(data.dev, held)
+        arrays, params = fit_gate(GateData(data.x[keep], data.y[keep], data.dev[keep]), val_x, c, max_val_reject,
+                                  seed, density_components)
+        gate = Gate(arrays, {"embedding": params})
+        orig = np.array([np.flatnonzero((data.dev == i))[0] for i in held])  # first row of an item: the original
+        for i, v in zip(held, gate.embedding_verdicts(data.x[orig])):
+            rows.append({"file": Path(items[i].path).name, "category": items[i].category, "fold": k,
+                         "accepted": v.ok, "score": round(float(v.score), 3), "reason": v.reason})
+    out = {"folds": folds, "grouping": "other radiographs by body part, chest views by patient (file)",
+           "by_category": {}}
+    for category in sorted({r["category"] for r in rows}):
+        rs = [r for r in rows if r["category"] == category]
+        want_accept = GATE_DEV_CLASSES[category] == "frontal_chest"
+        good = sum(r["accepted"] == want_accept for r in rs)
+        out["by_category"][category] = {
+            "n": len(rs), "expected": "accept" if want_accept else "reject",
+            "accepted": sum(r["accepted"] for r in rs), "rejected": sum(not r["accepted"] for r in rs),
+            "correct_rate": round(good / len(rs), 4),
+            "wrong": [f"{r['file']} ({'accepted' if r['accepted'] else 'rejected: ' + r['reason']}, "
+                      f"head score {r['score']})" for r in rs if r["accepted"] != want_accept]}
+    out["rows"] = rows
+    return out
+
+
+def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np.ndarray, val_gray: np.ndarray,
+            items: list[DevItem], n_variants: int = DEFAULT_VARIANTS, seed: int = 0,
+            log: Callable[[str], None] = lambda s: None,
+            n_synth: int = DEFAULT_SYNTH) -> tuple[GateData, np.ndarray]:
+    """Embed everything a fit needs: train scans (+ one ``augment`` variant each) as ``frontal_chest``; each
+    gate_dev item as it is (its first row) and ``n_variants`` variants; generated non-radiographs (+ one
+    variant each). Returns (training data, validation scans' embeddings)."""
+    frontal = EMBED_CLASSES.index("frontal_chest")
+    xs, ys, devs = [], [], []
+
+    def add(gray, cls, dev):
+        xs.append(embed_images(embed, gray))
+        ys.append(np.full(len(gray), cls))
+        devs.append(np.full(len(gray), dev))
+
+    train_gray = np.asarray(train_gray, np.uint8)
+    add(np.concatenate([train_gray, augment(train_gray, seed)]), frontal, -1)
+    log(f"train scans embedded: {2 * len(train_gray)}")
+    for i, it in enumerate(items):
+        g = load_gray(it.path, size)[None]
+        add(np.concatenate([g, variants(g, n_variants, seed + 1 + i)]), EMBED_CLASSES.index(it.cls), i)
+    log(f"gate_dev embedded: {len(items)} x {1 + n_variants}")
+    synth = np.stack([load_gray(img, size) for img, _, _ in synth_non_radiographs(seed + 1, n_synth)])
+    add(np.concatenate([synth, variants(synth, 1, seed + 2)]), EMBED_CLASSES.index("not_radiograph"), -1)
+    log(f"generated non-radiographs embedded: {2 * len(synth)}")
+    val_x = embed_images(embed, val_gray)
+    log(f"validation scans embedded: {len(val_x)}")
+    return GateData(np.concatenate(xs), np.concatenate(ys), np.concatenate(devs)), val_x
 
 
 def write_gate(bundle_dir: str | Path, arrays: dict, card_params: dict) -> dict:
     """Save ``ood.npz`` into ``bundle_dir`` and set the card's ``"ood"`` entry (path, sha256, bytes + params);
     the card's other fields are kept as they are. Returns the new ``"ood"`` entry."""
+    Gate({k: np.asarray(v) for k, v in arrays.items()}, card_params)  # ValueError before anything is written
     root = Path(bundle_dir)
     card_path = root / CARD_NAME
     card = json.loads(card_path.read_text())
@@ -120,43 +492,84 @@ def write_gate(bundle_dir: str | Path, arrays: dict, card_params: dict) -> dict:
     tmp = card_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     tmp.replace(card_path)
+    Gate.from_bundle(root, card)  # what was written loads
     return entry
+
+
+def card_entry(emb_params: dict, fitted_on: dict, cv: dict | None) -> dict:
+    """The card's ``"ood"`` parameters (without path/sha256/bytes)."""
+    return {
+        "max_colour_fraction": DEFAULT_MAX_COLOUR_FRACTION, "chroma_level": CHROMA_LEVEL, "min_std": DEFAULT_MIN_STD,
+        "threshold": emb_params.get("threshold"),  # the embedding head's, as `cxr-edge info` shows it
+        "embedding": emb_params,
+        "features": ("before the model: colour photo (share of pixels with max(R,G,B)-min(R,G,B) > "
+                     f"{CHROMA_LEVEL} above {DEFAULT_MAX_COLOUR_FRACTION}) and blank image (16x16 thumbnail std < "
+                     f"{DEFAULT_MIN_STD} gray levels); after it: a linear softmax head on the model's penultimate "
+                     "global-average-pooled embedding over " + ", ".join(EMBED_CLASSES)),
+        "fitted_on": {**fitted_on, **({"gate_dev_cv": {k: v for k, v in cv.items() if k != "rows"}} if cv else {})},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     from train.data import data_dir, load_images, protocol_splits
-    from cxr_edge.preprocess import load_gray_colour
 
     ap = argparse.ArgumentParser(prog="python -m train.ood", description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", type=Path, help="model bundle folder to write ood.npz + card entry into")
-    ap.add_argument("--data", default=None, help="chest_xray folder (Kaggle layout)")
-    ap.add_argument("--n-train", type=int, default=1500, help="seeded subsample of the train split")
-    ap.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE)
-    ap.add_argument("--components", type=int, default=DEFAULT_COMPONENTS)
+    ap.add_argument("--data", default=None, help="chest_xray folder (Kaggle layout); only train/ is read")
+    ap.add_argument("--gate-dev", type=Path, default=DEFAULT_GATE_DEV, help="gate_dev folder (MANIFEST.csv)")
+    ap.add_argument("--n-train", type=int, default=1200, help="seeded subsample of the grouped train split")
+    ap.add_argument("--variants", type=int, default=DEFAULT_VARIANTS, help="variants per gate_dev image")
+    ap.add_argument("--n-synth", type=int, default=DEFAULT_SYNTH, help="generated non-radiographs per kind")
+    ap.add_argument("--max-val-reject", type=float, default=DEFAULT_MAX_VAL_REJECT)
+    ap.add_argument("--C", type=float, default=DEFAULT_C, help="inverse L2 strength of the head")
+    ap.add_argument("--density-components", type=int, default=DEFAULT_DENSITY_COMPONENTS,
+                    help="principal components of the density check (0: head only)")
+    ap.add_argument("--folds", type=int, default=5, help="gate_dev cross-validation folds (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="inference threads for the embeddings")
     args = ap.parse_args(argv)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f} s] {msg}", flush=True)
+
     if not (args.bundle / CARD_NAME).is_file():
         ap.error(f"{args.bundle} has no {CARD_NAME}")
+    bundle = load_bundle(args.bundle)
+    size = bundle.spec.size
     root = data_dir(args.data)
-    splits = protocol_splits(root, "grouped")
+    splits = protocol_splits(root, "grouped")  # the official test/ is not listed, let alone read
     train, val = splits["train"], splits["val"]
     rng = np.random.default_rng(args.seed)
     if len(train) > args.n_train:
         train = [train[i] for i in sorted(rng.choice(len(train), args.n_train, replace=False))]
-    size = int(json.loads((args.bundle / CARD_NAME).read_text()).get("input", {}).get("size", 224))
-    tr = load_images(train, size, workers=args.workers)
-    va = load_images(val, size, workers=args.workers)
-    arrays, params = fit_gate(tr, va, args.quantile, n_components=args.components)
-    colour = np.array([load_gray_colour(r.path, size)[1] for r in val])
-    params["fitted_on"].update({
-        "data": "train/ grouped protocol (patient-grouped, seed 0): PCA on a seeded subsample of its train "
-                "split, threshold on its val split; official test/ not read",
-        "seed": args.seed, "val_max_colour_fraction": round(float(colour.max()), 4),
-        "val_rejected_colour": int((colour > params["max_colour_fraction"]).sum()),
-        "date": datetime.date.today().isoformat()})
-    entry = write_gate(args.bundle, arrays, params)
-    print(json.dumps(entry, indent=2))
+    items = gate_dev_items(args.gate_dev)
+    embed = embedder(bundle, threads=args.threads)
+    data, val_x = collect(embed, size, load_images(train, size, workers=args.workers),
+                          load_images(val, size, workers=args.workers), items, args.variants, args.seed, log,
+                          args.n_synth)
+    cv = None
+    if args.folds:
+        cv = cross_validate(data, val_x, items, args.folds, args.C, args.max_val_reject, args.seed,
+                            args.density_components)
+        for cat, r in cv["by_category"].items():
+            log(f"gate_dev CV {cat}: {r['accepted']}/{r['n']} accepted (expected: {r['expected']}); "
+                f"wrong: {r['wrong']}")
+    arrays, params = fit_gate(data, val_x, args.C, args.max_val_reject, args.seed, args.density_components)
+    fitted_on = {
+        "data": "train/ grouped protocol (patient-grouped, seed 0): head on a seeded subsample of its train "
+                "split (+ one geometric variant each), threshold on its val split; official test/ not read",
+        "train_images": len(train), "gate_dev": str(args.gate_dev), "gate_dev_images": len(items),
+        "gate_dev_variants": args.variants, "augmentation": "; ".join(AUGMENTATIONS),
+        "generated": "document pages, screenshots, photo-like scenes, solid colours, textures (train.ood."
+                     "synth_non_radiographs, seed %d, %d per kind)" % (args.seed + 1, args.n_synth),
+        "generated_per_kind": args.n_synth, "seed": args.seed, "date": datetime.date.today().isoformat(),
+        "seconds": round(time.monotonic() - t0, 1)}
+    entry = write_gate(args.bundle, arrays, card_entry(params, fitted_on, cv))
+    log(f"wrote {args.bundle / GATE_FILE}: threshold {params['threshold']}, "
+        f"validation scans refused {params['val_rejected']}/{params['val_images']}")
+    print(json.dumps({k: v for k, v in entry.items() if k != "fitted_on"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,30 @@
     for r in clf.classify_many(paths):        # Result, RejectedResult or ErrorResult per path, in order;
         print(r.to_dict())                    #   never raises for a bad input file
 
-Out-of-distribution gate (``cxr_edge.ood``): when the bundle's card has an ``"ood"`` entry, every input is
-first checked by it (``Classifier(..., ood=False)`` bypasses it). Inputs it rejects (photos, documents,
-screenshots, ...) never reach the model and come back as a :class:`RejectedResult` (``status == "rejected"``,
-a one-line ``reason``, no label); accepted ones are :class:`Result` s whose ``to_dict()`` gains
-``"status": "ok"``. Without a gate, results are exactly as before (no ``status`` key).
+One model pass per image gives the probabilities and, for dual-output bundles, the last feature map
+(``predict_full``): its global average is the embedding the non-CXR gate checks, and with
+``Classifier(heatmaps=True)`` each :class:`Result` carries the class-activation map of its label
+(``result.heatmap``, ``cxr_edge.heatmap``).
+
+``classify_many`` decodes in a small thread pool (Pillow releases the GIL while decoding and resizing) while
+the model runs batches in the calling thread; results come back in input order. ``threads`` sets both the
+inference threads and the decode pool's size.
+
+Input gate (``cxr_edge.ood``): when the bundle's card has an ``"ood"`` entry, every input is checked by it
+(``Classifier(..., ood=False)`` bypasses it): ``Gate.check_pixels`` on the decoded image before the model
+(colour photos, blank images), ``Gate.check_embedding`` on the model's embedding after its pass (not a
+radiograph, another body part, a lateral view). DICOM objects that are not frontal chest radiographs are
+refused while reading (:class:`cxr_edge.preprocess.InputRejected`). Refused inputs come back as a
+:class:`RejectedResult` (``status == "rejected"``, a one-line ``reason``, no label); accepted ones are
+:class:`Result` s whose ``to_dict()`` gains ``"status": "ok"``. Without a gate, results are exactly as before
+(no ``status`` key).
 """
 from __future__ import annotations
 
 import math
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping, Optional, Union
@@ -23,13 +37,33 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 import numpy as np
 
 from cxr_edge.bundle import Bundle, BundleError, load_bundle
-from cxr_edge.engines import available_backends, open_engine
+from cxr_edge.engines import EngineError, available_backends, open_engine
+from cxr_edge.heatmap import LegacyFeatures, cam_maps, load_cam_weights
 from cxr_edge.labels import CLASS_NAMES
 from cxr_edge.ood import Gate
-from cxr_edge.preprocess import PreprocessError, _reason, load_gray, load_gray_colour, to_input
+from cxr_edge.preprocess import InputRejected, PreprocessError, load_gray, load_gray_colour, to_input
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_BATCH = 8
+MAX_DECODE_THREADS = 4  # decode pool size when ``threads`` is not given (at most half the CPUs)
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))  # the CPUs this process may use (containers, taskset)
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_split(threads: Optional[int]) -> tuple[int, int]:
+    """(inference threads, decode threads): ``threads`` for both when given; otherwise half the CPUs decode
+    (at most ``MAX_DECODE_THREADS``) and the rest run the model, so that decoding and inference overlap
+    without oversubscribing the CPU (one and one on two cores)."""
+    if threads:
+        return int(threads), int(threads)
+    cpus = _cpus()
+    decode = max(1, min(MAX_DECODE_THREADS, cpus // 2))
+    return max(1, cpus - decode), decode
 
 
 @dataclass(frozen=True)
@@ -52,6 +86,8 @@ class Result:
     probabilities: Mapping[str, float] = field(hash=False)
     model: ModelInfo
     gated: bool = field(default=False, compare=False)  # the OOD gate accepted it: to_dict() has "status"
+    # Classifier(heatmaps=True): the class-activation map of ``label``, float32[h, w] in 0..1 (not in to_dict)
+    heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False, hash=False)
     ok: bool = field(default=True, init=False)
     status: str = field(default="ok", init=False)
 
@@ -124,20 +160,29 @@ class Classifier:
 
     ``model``: a bundle folder or its ``card.json`` (``None``: the embedded default bundle).
     ``backend``: ``"tflite"`` or ``"onnx"`` (``None``: TFLite if importable, else ONNX).
-    ``threads``: CPU threads for inference (``None``: the runtime's default).
-    ``ood``: use the bundle's out-of-distribution gate when its card has one (``False``: bypass it).
-    Raises :class:`BundleError` for a missing/corrupt bundle (including a sha256 mismatch of a model file
-    or of the gate's ``ood.npz``) and
-    :class:`EngineError` when the model file cannot be loaded.
+    ``threads``: CPU threads for inference and the size of ``classify_many``'s decode pool (``None``: half
+    the CPUs decode, at most 4, the others run the model; see :func:`thread_split`).
+    ``ood``: use the bundle's input gate when its card has one (``False``: bypass it).
+    ``heatmaps``: attach the class-activation map of the label to each :class:`Result` (the bundle needs
+    ``cam.npz``; dual-output models give it from the same pass).
+    Raises :class:`BundleError` for a missing/corrupt bundle (including a sha256 mismatch of a model file,
+    of the gate's ``ood.npz`` or, with ``heatmaps``, of ``cam.npz``) and :class:`EngineError` when the model
+    file cannot be loaded.
     """
 
     def __init__(self, model: Optional[PathLike] = None, backend: Optional[str] = None,
-                 threads: Optional[int] = None, batch_size: int = DEFAULT_BATCH, ood: bool = True):
+                 threads: Optional[int] = None, batch_size: int = DEFAULT_BATCH, ood: bool = True,
+                 heatmaps: bool = False, decode_threads: Optional[int] = None):
         self.bundle = load_bundle(model)
         self.backend = backend or default_backend(self.bundle)
         model_path, sha = self.bundle.model_file(self.backend, verify=True)
         self.gate: Optional[Gate] = Gate.from_bundle(self.bundle.root, self.bundle.card) if ood else None
-        self.engine = open_engine(model_path, self.backend, threads=threads)
+        if threads is not None and int(threads) < 1:
+            raise EngineError(f"threads must be >= 1, got {threads}")
+        infer_threads, self.decode_threads = thread_split(threads)
+        if decode_threads is not None:  # 0: decode in the calling thread (one process = one core, as a
+            self.decode_threads = max(0, int(decode_threads))  # batch worker wants)
+        self.engine = open_engine(model_path, self.backend, threads=infer_threads)
         self.spec = self.bundle.spec
         raw = self.bundle.card.get("temperature")
         try:
@@ -149,6 +194,11 @@ class Classifier:
         self.temperature = temperature
         self.model = ModelInfo(self.bundle.name, self.bundle.version, sha, self.backend)
         self.batch_size = max(1, int(batch_size))
+        self.heatmaps = bool(heatmaps)
+        self._cam_weights = load_cam_weights(self.bundle) if heatmaps else None
+        has_features = getattr(self.engine, "has_features", False)
+        self._legacy_features = LegacyFeatures(self.bundle, infer_threads) if heatmaps and not has_features else None
+        self._gate_needs_embedding = bool(self.gate is not None and self.gate.has_embedding)
 
     @property
     def card(self) -> dict:
@@ -159,66 +209,119 @@ class Classifier:
         probs = self.engine.run(to_input(gray, self.spec))
         return calibrate(probs, self.temperature)
 
-    def _result(self, path: PathLike, probs: np.ndarray) -> Result:
-        p = {name: float(v) for name, v in zip(CLASS_NAMES, probs)}
-        return Result(str(path), CLASS_NAMES[int(np.argmax(probs))], MappingProxyType(p), self.model,
-                      gated=self.gate is not None)
+    def predict_full(self, gray: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """``uint8[N, S, S]`` to ``(calibrated probabilities float32[N, 3], embedding float32[N, C] or None,
+        feature map float32[N, h, w, C] or None)`` from one model pass; the embedding is the feature map's
+        global average (the penultimate vector). ``None`` for models with a single output."""
+        probs, features = self.engine.run_full(to_input(gray, self.spec))
+        embedding = None if features is None else features.mean(axis=(1, 2), dtype=np.float32)
+        return calibrate(probs, self.temperature), embedding, features
 
-    def _gray(self, path: PathLike):
-        """``load_gray`` without a gate; with one, the gray image or the gate's :class:`RejectedResult`."""
-        if self.gate is None:
-            return load_gray(path, self.spec.size)
-        gray, colour = load_gray_colour(path, self.spec.size)
-        verdict = self.gate.check(gray, colour)
-        return gray if verdict.ok else RejectedResult(str(path), verdict.reason, verdict.score, self.model)
+    # -- one image's way through: decode + pixel gate (any thread), model pass, embedding gate -------------
+    def _checked(self, source):
+        """The gray image, or the :class:`RejectedResult` that ends this input here (a refused DICOM, or the
+        gate's pixel check). Raises :class:`PreprocessError` for an unreadable input."""
+        try:
+            if self.gate is None:
+                return load_gray(source, self.spec.size)
+            gray, colour = load_gray_colour(source, self.spec.size)
+        except InputRejected as exc:
+            return RejectedResult(str(source), _one_line(exc.reason), float("inf"), self.model)
+        verdict = self.gate.check_pixels(gray, colour)
+        return gray if verdict.ok else RejectedResult(str(source), verdict.reason, verdict.score, self.model)
+
+    def _prepare(self, source):
+        """``_checked`` for the decode pool: an unreadable input becomes its :class:`ErrorResult` (only the
+        input's own errors, :class:`PreprocessError`, are caught)."""
+        try:
+            return self._checked(source)
+        except PreprocessError as exc:
+            return ErrorResult(str(source), _one_line(exc))
+
+    def _infer(self, gray: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """(calibrated probs, embedding or None, heatmaps of the labels or None) for ``uint8[N, S, S]``."""
+        if not (self.heatmaps or self._gate_needs_embedding):
+            return self.predict(gray), None, None
+        probs, embedding, features = self.predict_full(gray)
+        maps = None
+        if self.heatmaps:
+            if features is None:
+                features = self._legacy_features(to_input(gray, self.spec))
+            maps = cam_maps(features, self._cam_weights, probs.argmax(axis=1))
+        return probs, embedding, maps
+
+    def _result(self, source, probs: np.ndarray, embedding: Optional[np.ndarray], heatmap: Optional[np.ndarray]):
+        if self.gate is not None and embedding is not None:
+            verdict = self.gate.check_embedding(embedding)
+            if not verdict.ok:
+                return RejectedResult(str(source), verdict.reason, verdict.score, self.model)
+        p = {name: float(v) for name, v in zip(CLASS_NAMES, probs)}
+        return Result(str(source), CLASS_NAMES[int(np.argmax(probs))], MappingProxyType(p), self.model,
+                      gated=self.gate is not None, heatmap=heatmap)
+
+    def _results(self, items: list, probs, embeddings, maps) -> list:
+        return [self._result(src, probs[i], None if embeddings is None else embeddings[i],
+                             None if maps is None else maps[i]) for i, (src, _) in enumerate(items)]
 
     def classify(self, path: PathLike) -> Union[Result, RejectedResult]:
         """Classify one file. Raises :class:`PreprocessError` when it is not a readable image; returns a
-        :class:`RejectedResult` when the bundle's OOD gate refuses it."""
-        gray = self._gray(path)
-        if isinstance(gray, RejectedResult):
+        :class:`RejectedResult` when the input gate refuses it."""
+        gray = self._checked(path)
+        if not isinstance(gray, np.ndarray):
             return gray
-        return self._result(path, self.predict(gray[None])[0])
+        return self._results([(path, gray)], *self._infer(gray[None]))[0]
 
-    def _load(self, path: PathLike):
-        try:
-            return self._gray(path)
-        except PreprocessError as exc:
-            return ErrorResult(str(path), _one_line(exc))
-        except Exception as exc:  # never let one file stop a batch
-            return ErrorResult(str(path), f"unexpected error: {_one_line(_reason(exc))}")
-
-    def _predict_loaded(self, items: list) -> list:
-        loaded = [(p, g) for p, g in items if not isinstance(g, (ErrorResult, RejectedResult))]
-        out = {}
+    def _finish(self, items: list) -> list:
+        """Results for ``(source, gray or final result)`` pairs, in order; one model pass for the batch."""
+        loaded = [(src, g) for src, g in items if isinstance(g, np.ndarray)]
+        out: list = []
         if loaded:
             try:
-                probs = self.predict(np.stack([g for _, g in loaded]))
-                out = {i: self._result(p, pr) for i, ((p, _), pr) in enumerate(zip(loaded, probs))}
-            except Exception:
-                # A batch failed: retry one by one so that only the culprit (if any) fails.
-                for i, (p, g) in enumerate(loaded):
+                out = self._results(loaded, *self._infer(np.stack([g for _, g in loaded])))
+            except EngineError:
+                # The runtime failed on this batch: one by one, so that only the input it fails on fails.
+                for src, g in loaded:
                     try:
-                        out[i] = self._result(p, self.predict(g[None])[0])
-                    except Exception as exc1:
-                        out[i] = ErrorResult(str(p), f"inference failed: {_one_line(_reason(exc1))}")
-        results, k = [], 0
-        for p, g in items:
-            if isinstance(g, (ErrorResult, RejectedResult)):
-                results.append(g)
-            else:
-                results.append(out[k])
-                k += 1
-        return results
+                        out.append(self._results([(src, g)], *self._infer(g[None]))[0])
+                    except EngineError as exc:
+                        out.append(ErrorResult(str(src), f"inference failed: {_one_line(exc)}"))
+        done = iter(out)
+        return [g if not isinstance(g, np.ndarray) else next(done) for _, g in items]
 
     def classify_many(self, paths: Iterable[PathLike]) -> Iterator[Union[Result, RejectedResult, ErrorResult]]:
-        """Classify files in batches; yields a :class:`Result`, :class:`RejectedResult` (OOD gate) or
-        :class:`ErrorResult` per path, in order."""
-        batch = []
-        for path in paths:
-            batch.append((path, self._load(path)))
-            if len(batch) >= self.batch_size:
-                yield from self._predict_loaded(batch)
+        """Classify files in batches; yields a :class:`Result`, :class:`RejectedResult` (input gate) or
+        :class:`ErrorResult` per path, in input order. Decoding runs ``decode_threads`` ahead of the model,
+        at most two batches in flight (``decode_threads == 0``: in the calling thread, no pool)."""
+        if self.decode_threads == 0:
+            batch = []
+            for source in paths:
+                batch.append((source, self._prepare(source)))
+                if len(batch) == self.batch_size:
+                    yield from self._finish(batch)
+                    batch = []
+            if batch:
+                yield from self._finish(batch)
+            return
+        sources = iter(paths)
+        window = 2 * self.batch_size + self.decode_threads
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cxr-edge-decode")
+        try:
+            pending: deque = deque()
+            batch: list = []
+            for source in sources:
+                pending.append((source, pool.submit(self._prepare, source)))
+                if len(pending) < window:
+                    continue
+                while len(pending) > window - self.batch_size:
+                    src, fut = pending.popleft()
+                    batch.append((src, fut.result()))
+                yield from self._finish(batch)
                 batch = []
-        if batch:
-            yield from self._predict_loaded(batch)
+            while pending:
+                src, fut = pending.popleft()
+                batch.append((src, fut.result()))
+                if len(batch) == self.batch_size or not pending:
+                    yield from self._finish(batch)
+                    batch = []
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

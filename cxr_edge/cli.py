@@ -6,6 +6,8 @@
         --model PATH --backend tflite|onnx --threads N
         --no-ood                     bypass the bundle's out-of-distribution gate
     cxr-edge info [--model PATH] [--json]
+    cxr-edge batch SOURCE... --out RESULTS [--ray auto|local|ray://HOST:PORT] [--workers N]
+                                     an archive into a Parquet dataset, resumable (cxr_edge/batch.py)
 
 Out-of-distribution gate: when the bundle has one (``"ood"`` in its card, ``cxr_edge/ood.py``), inputs that do
 not look like a chest X-ray (colour photos, documents, screenshots, blank images) get no label: the table shows
@@ -16,7 +18,7 @@ status; a summary line on stderr counts the rejected inputs.
 
 Exit status: 0 every input classified or rejected by the gate, 1 any input failed (the others are still
 classified), 2 usage error (bad option, CSV file exists, model bundle or its gate cannot be loaded, e.g. a
-sha256 mismatch). A bad input never gives a traceback: one line on stderr, ``cxr-edge: error: PATH: reason``.
+sha256 mismatch), 3 internal error (a bug in cxr-edge; ``CXR_EDGE_DEBUG=1`` shows its traceback). A bad input never gives a traceback: one line on stderr, ``cxr-edge: error: PATH: reason``.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ PROGRESS_MIN_FILES = 20
 CSV_COLUMNS = ["path", "label", *CLASS_NAMES, "model_name", "model_version", "model_sha256", "error", "status",
                "reason"]
 GLOB_CHARS = set("*?[")
+EXIT_INTERNAL = 3  # an unexpected exception: a bug (1 means an input failed, 2 a usage error)
 
 
 class ModelLoadError(click.ClickException):
@@ -101,10 +104,11 @@ def expand_inputs(args: tuple[str, ...]) -> list:
     return out
 
 
-def _load_classifier(model: Optional[str], backend: Optional[str], threads: Optional[int], ood: bool = True):
+def _load_classifier(model: Optional[str], backend: Optional[str], threads: Optional[int], ood: bool = True,
+                     heatmaps: bool = False):
     from cxr_edge.classifier import Classifier
     try:
-        return Classifier(model=model, backend=backend, threads=threads, ood=ood)
+        return Classifier(model=model, backend=backend, threads=threads, ood=ood, heatmaps=heatmaps)
     except (BundleError, EngineError) as exc:
         raise ModelLoadError(str(exc)) from None
 
@@ -181,8 +185,9 @@ _model_option = click.option("--model", "model", metavar="BUNDLE", default=None,
 @click.option("--no-ood", "no_ood", is_flag=True,
               help="Bypass the bundle's out-of-distribution gate: label every readable image.")
 @click.option("--heatmap", "heatmap_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
-              help="Write a class-activation overlay <name>.heatmap.png per classified scan into DIR "
-                   "(an existing file is an error for that scan unless --overwrite).")
+              help="Write a class-activation overlay <stem>-<hash>.heatmap.png per classified scan into DIR (hash: "
+                   "8 hex digits of the sha256 of the scan's resolved path, so equal names in different "
+                   "folders do not collide; an existing file is an error for that scan unless --overwrite).")
 def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_ood, heatmap_dir) -> None:
     """Classify image files (JPEG, PNG, ..., DICOM), folders (recursively) and glob patterns.
 
@@ -193,8 +198,9 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
     if csv_path is not None and csv_path.exists() and not overwrite:
         raise click.UsageError(f"{csv_path} exists; pass --overwrite to replace it", ctx=click.get_current_context())
     inputs = expand_inputs(paths)
-    clf = _load_classifier(model, backend, threads, ood=not no_ood)
-    heat = _load_heatmapper(clf, threads, heatmap_dir) if heatmap_dir is not None else None
+    if heatmap_dir is not None:
+        _make_heatmap_dir(heatmap_dir)
+    clf = _load_classifier(model, backend, threads, ood=not no_ood, heatmaps=heatmap_dir is not None)
 
     table = None if as_json else _Table(max((len(getattr(i, "path", i)) for i in inputs), default=4))
     failed = done = rejected = 0
@@ -216,8 +222,8 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
         for result in results:
             done += 1
             record = result.to_dict()
-            if heat is not None and result.ok and result.status != "rejected":
-                written, problem = _write_heatmap(heat, clf, result, heatmap_dir, overwrite)
+            if heatmap_dir is not None and result.ok and result.status != "rejected":
+                written, problem = _write_heatmap(result, heatmap_dir, overwrite)
                 if problem:
                     failed += 1
                     _err(result.path, problem)
@@ -243,33 +249,28 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
         sys.exit(1)
 
 
-def _load_heatmapper(clf, threads, out_dir: Path):
-    from cxr_edge.heatmap import Heatmapper
-
+def _make_heatmap_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        return Heatmapper(clf.bundle, threads)
-    except (BundleError, EngineError) as exc:
-        raise click.UsageError(f"--heatmap: {exc}") from None
     except OSError as exc:
         raise click.UsageError(f"--heatmap: cannot create {out_dir}: {exc.strerror or exc}") from None
 
 
-def _write_heatmap(heat, clf, result, out_dir: Path, overwrite: bool):
-    """(path written, None) or (None, one-line reason)."""
+def _write_heatmap(result, out_dir: Path, overwrite: bool):
+    """(path written, None) or (None, one-line reason). The map comes with the result (same model pass); the
+    overlay is drawn on the original image, named by ``cxr_edge.heatmap.heatmap_path``."""
     from cxr_edge.heatmap import heatmap_path, overlay
-    from cxr_edge.preprocess import _open, preprocess
+    from cxr_edge.preprocess import PreprocessError, _open
 
     target = heatmap_path(out_dir, result.path)
     if target.exists() and not overwrite:
         return None, f"heatmap {target} exists; pass --overwrite to replace it"
     try:
-        cam = heat.cam(preprocess(result.path, clf.spec), CLASS_NAMES.index(result.label))
         with _open(result.path) as img:
-            overlay(img, cam).save(target, "PNG")
+            overlay(img, result.heatmap).save(target, "PNG")
         return target, None
-    except Exception as exc:  # a heatmap failure never hides the label already given
-        return None, f"heatmap not written ({type(exc).__name__}: {exc})"
+    except (OSError, PreprocessError) as exc:  # a heatmap failure never hides the label already given
+        return None, f"heatmap not written ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
 
 def _print_card(bundle) -> None:
@@ -331,6 +332,74 @@ def info(model, as_json) -> None:
         _print_card(bundle)
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --token or --insecure-no-auth.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: a free port.")
+@_model_option
+@click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None,
+              help="Inference runtime (default: tflite if installed, else onnx).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for inference.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances serving requests in parallel.")
+@click.option("--token", envvar="CXR_EDGE_TOKEN", default=None,
+              help="Require 'Authorization: Bearer TOKEN' on /v1 (also $CXR_EDGE_TOKEN).")
+@click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback --host without a token.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=64, show_default=True,
+              help="Largest request body; larger ones get 413.")
+@click.option("--no-ood", "no_ood", is_flag=True, help="Bypass the bundle's out-of-distribution gate.")
+def serve(host, port, model, backend, threads, workers, token, insecure_no_auth, max_upload_mb, no_ood) -> None:
+    """Web page and REST API (/v1/classify, /v1/model, /docs) on http://HOST:PORT/."""
+    try:
+        from cxr_edge.serve import serve_command
+    except ImportError as exc:
+        missing = click.ClickException(f'the web service needs its extra ({exc.name} is not installed): '
+                                       f'pip install "cxr-edge[serve]"')
+        missing.exit_code = 2
+        raise missing from None
+    serve_command(host, port, model, backend, threads, workers, token, insecure_no_auth, max_upload_mb,
+                  ood=not no_ood)
+
+
+class _BatchUsage(click.ClickException):
+    exit_code = 2
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@click.option("--out", "out", required=True, metavar="RESULTS", type=click.Path(file_okay=False, path_type=Path),
+              help="Parquet dataset folder; rerun the same command to resume a killed job.")
+@click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
+              help="Run on Ray: auto (the running cluster), local (start one here) or ray://HOST:PORT.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes / Ray actors, each loading the model once (default: one per CPU core).")
+@_model_option
+@click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None,
+              help="Inference runtime (default: tflite if installed, else onnx).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Inference threads per worker.")
+@click.option("--no-ood", "no_ood", is_flag=True, help="Bypass the bundle's out-of-distribution gate.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Paths per output file (default: from the number of inputs, at most 1000).")
+def batch(sources, out, ray_address, workers, model, backend, threads, no_ood, shard_size) -> None:
+    """Classify an archive (files, folders, globs, .txt lists of paths, pyarrow URIs) into a Parquet dataset,
+    one row per input, resumable and exactly once (see cxr_edge/batch.py). Exit status 0 when the job is
+    complete (bad files are error rows), 1 when it stopped part-way (rerun to resume), 2 usage error."""
+    try:
+        from cxr_edge import batch as batch_mod
+    except ImportError as exc:
+        raise click.UsageError(f'batch needs pyarrow ({exc}): pip install "cxr-edge[batch]"') from None
+    try:
+        batch_mod.run_batch(sources, out, ray=ray_address, workers=workers, model=model, backend=backend,
+                            threads=threads, ood=not no_ood, shard_size=shard_size,
+                            log=lambda msg: click.echo(msg, err=True))
+    except batch_mod.BatchError as exc:
+        raise _BatchUsage(str(exc)) from None
+    except batch_mod.BatchFailed as exc:
+        click.echo(f"cxr-edge: error: {exc}", err=True)
+        sys.exit(1)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: no tracebacks for anything but bugs shown with CXR_EDGE_DEBUG=1."""
     try:
@@ -342,8 +411,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as exc:
         if os.environ.get("CXR_EDGE_DEBUG"):
             raise
-        click.echo(f"cxr-edge: error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
-        sys.exit(1)
+        click.echo(f"cxr-edge: internal error (a bug in cxr-edge, not a problem with your input; please report "
+                   f"it with the output of CXR_EDGE_DEBUG=1): {type(exc).__name__}: {' '.join(str(exc).split())}",
+                   err=True)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,23 @@ them:
    ``preprocess`` does for 16-bit PNGs with 12-bit content);
 5. MONOCHROME1 (white = low values) inverted so that bone is bright, as in MONOCHROME2 and in JPEG scans.
 
-Multi-frame objects and objects without pixel data are refused with a :class:`PreprocessError`.
+Before any pixel is decoded, the metadata says whether this is a frontal chest radiograph at all
+(:func:`check_metadata`); a readable object that is not one is refused with
+:class:`cxr_edge.preprocess.InputRejected` (a "rejected" record with its reason, not an error):
+
+- ``Modality``: CR, DX (and RG) go on; OT ("other", e.g. a scanned film) and a missing tag fall through to the
+  image gate; anything else is refused, "not a radiograph (Modality CT)" (CT, MR, US, NM, PT, RTDOSE, SR, ...)
+  or, for X-ray modalities of other body parts (MG, PX, IO), "another body part (Modality MG)";
+- ``BodyPartExamined``: CHEST (THORAX, LUNG) or missing go on; a value naming the chest among others falls
+  through to the image gate; anything else is refused, "another body part (BodyPartExamined HAND)";
+- ``ViewPosition``: PA, AP (or missing, or an oblique/decubitus code) go on; LL, RL, LATERAL, LAT are
+  refused, "lateral view (ViewPosition LL)";
+- pixel data no radiograph has: 32-bit integer or floating-point pixels (RT dose grids, parametric maps)
+  are refused, "not a radiograph (32 bits per pixel)".
+
+PALETTE COLOR images (ultrasound, ...) are expanded through their palette and, like RGB/YBR images, returned in
+colour, so that the pixel gate sees a colour image. Multi-frame objects and objects without pixel data are
+refused with a :class:`PreprocessError` (an error record).
 """
 from __future__ import annotations
 
@@ -23,10 +39,49 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from cxr_edge.preprocess import PreprocessError, _reason
+from cxr_edge.preprocess import InputRejected, PreprocessError, _reason
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
-COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422")
+COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
+PALETTE = "PALETTE COLOR"
+RADIOGRAPH_MODALITIES = {"CR", "DX", "RG"}
+FALL_THROUGH_MODALITIES = {"OT"}  # "other": scanned films, secondary captures; the image gate decides
+OTHER_BODY_PART_MODALITIES = {"MG": "mammography", "PX": "dental panoramic", "IO": "intra-oral"}
+CHEST = {"CHEST", "THORAX", "LUNG", "LUNGS"}
+LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LEFT LATERAL", "RIGHT LATERAL"}
+FLOAT_PIXELS = ("FloatPixelData", "DoubleFloatPixelData")
+
+
+def _text(ds, keyword: str) -> str:
+    """A tag's value as upper-case text, ``""`` when missing/empty (multi-valued: joined with ``\\``)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed element: treated as missing, the image gate still decides
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)
+    return " ".join(str(value).upper().split())
+
+
+def check_metadata(ds) -> None:
+    """Raise :class:`InputRejected` when the DICOM metadata says this is not a frontal chest radiograph
+    (see the module docstring); return quietly when it is one or the tags do not say."""
+    modality = _text(ds, "Modality")
+    if modality and modality not in RADIOGRAPH_MODALITIES | FALL_THROUGH_MODALITIES:
+        if modality in OTHER_BODY_PART_MODALITIES:
+            raise InputRejected(f"another body part (Modality {modality}: {OTHER_BODY_PART_MODALITIES[modality]})")
+        raise InputRejected(f"not a radiograph (Modality {modality})")
+    part = _text(ds, "BodyPartExamined")
+    if part and part.replace("_", " ") not in CHEST and not any(w in part for w in ("CHEST", "THORAX")):
+        raise InputRejected(f"another body part (BodyPartExamined {part})")
+    view = _text(ds, "ViewPosition")
+    if view and (view in LATERAL_VIEWS or view.replace("_", " ") in LATERAL_VIEWS):
+        raise InputRejected(f"lateral view (ViewPosition {view})")
+    for keyword in FLOAT_PIXELS:
+        if keyword in ds:
+            raise InputRejected("not a radiograph (floating-point pixel data)")
 
 
 def _pydicom():
@@ -87,8 +142,28 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
     return out
 
 
+def _palette_rgb(ds, arr: np.ndarray) -> Image.Image:
+    """A PALETTE COLOR image through its lookup tables, as 8-bit RGB."""
+    from pydicom.pixels import apply_color_lut
+
+    if arr.ndim != 2:
+        raise PreprocessError(f"DICOM PALETTE COLOR pixel data has shape {arr.shape}, expected one 2-D frame")
+    try:
+        rgb = np.asarray(apply_color_lut(arr, ds))
+    except Exception as exc:
+        raise PreprocessError(f"cannot apply the DICOM colour palette ({_reason(exc)})") from None
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise PreprocessError(f"DICOM PALETTE COLOR gives shape {rgb.shape}, expected [rows, cols, 3]")
+    if rgb.dtype != np.uint8:  # 16-bit palette entries
+        top = 65535.0 if rgb.max(initial=0) > 255 else 255.0
+        rgb = np.clip(np.rint(rgb.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB")
+
+
 def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image:
-    """A single-frame DICOM image as an 8-bit grayscale (``"L"``) PIL image."""
+    """A single-frame DICOM image as an 8-bit grayscale (``"L"``) PIL image, or 8-bit ``"RGB"`` for colour
+    objects (RGB, YBR, PALETTE COLOR). Raises :class:`InputRejected` for an object that is not a frontal chest
+    radiograph (:func:`check_metadata`), :class:`PreprocessError` for one that cannot be read."""
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
@@ -100,6 +175,7 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image
     except Exception as exc:
         raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
 
+    check_metadata(ds)
     if "PixelData" not in ds:
         kind = ds.get("SOPClassUID")
         what = getattr(kind, "name", None) or str(kind or "unknown SOP class")
@@ -111,29 +187,33 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     except (TypeError, ValueError) as exc:
         raise PreprocessError(f"malformed DICOM image attributes ({_reason(exc)})") from None
+    if bits > 16:  # RT dose grids and the like; radiographs store at most 16 bits
+        raise InputRejected(f"not a radiograph ({bits} bits per pixel; radiographs have at most 16)")
     if frames > 1:
         raise PreprocessError(f"multi-frame DICOM ({frames} frames) is not supported; "
                               "give one radiograph per file")
-    if photometric not in MONOCHROME + COLOR:
+    if photometric not in MONOCHROME + COLOR + (PALETTE,):
         raise PreprocessError(f"DICOM photometric interpretation {photometric or '(missing)'} is not supported")
     limit = Image.MAX_IMAGE_PIXELS  # the same decompression-bomb limit as for other images
     if limit and rows * cols > limit:
         raise PreprocessError(f"image too large ({cols}x{rows} = {rows * cols} pixels, limit {limit}; "
                               "possible decompression bomb)")
-    if not 1 <= bits <= 16:
-        raise PreprocessError(f"DICOM with {bits} bits stored is not supported (8 to 16 bits)")
+    if bits < 1:
+        raise PreprocessError(f"DICOM with {bits} bits stored is not supported (1 to 16 bits)")
     try:
         arr = ds.pixel_array
     except Exception as exc:  # missing decoder plugins, truncated pixel data, ...
         raise PreprocessError(f"cannot decode DICOM pixel data ({_reason(exc)}); compressed transfer "
                               "syntaxes may need pylibjpeg or python-gdcm") from None
 
+    if photometric == PALETTE:
+        return _palette_rgb(ds, arr)
     if photometric in COLOR:
         if bits > 8:
             raise PreprocessError(f"DICOM {photometric} with {bits} bits stored is not supported (8-bit color only)")
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise PreprocessError(f"DICOM {photometric} pixel data has shape {arr.shape}, expected [rows, cols, 3]")
-        return Image.fromarray(np.asarray(arr, dtype=np.uint8), "RGB").convert("L")
+        return Image.fromarray(np.asarray(arr, dtype=np.uint8), "RGB")  # in colour: the pixel gate sees it
     if arr.ndim != 2:
         raise PreprocessError(f"DICOM pixel data has shape {arr.shape}, expected one 2-D frame")
     try:

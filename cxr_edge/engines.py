@@ -1,7 +1,9 @@
 """Inference engines: one small interface over LiteRT (TFLite) and ONNX Runtime.
 
     engine = open_engine("model.tflite", "tflite", threads=2)
-    probs = engine.run(x)          # x: float32[N, S, S, 1] scaled per the card -> float32[N, 3]
+    probs = engine.run(x)                  # x: float32[N, S, S, 1] scaled per the card -> float32[N, 3]
+    probs, features = engine.run_full(x)   # + the last feature map float32[N, h, w, C] (None if the model
+                                           #   has no such output), from the same pass
 
 The model contract: one float32 NHWC input with one channel, already scaled as the model card says, and an
 output of softmax probabilities ``[N, 3]``. Models with int8/uint8 input or output tensors are handled by
@@ -12,9 +14,11 @@ output of softmax probabilities ``[N, 3]``. Models with int8/uint8 input or outp
   its metadata: ``cxr_edge.input_quantization`` / ``cxr_edge.output_quantization`` = ``"<scale>,<zero_point>"``.
   (Models whose QDQ nodes sit inside the graph, with float I/O, need nothing.)
 
-If a model has more than one output (for example a feature map for heatmaps), the probabilities are the
-output whose last dimension is 3. Batches of any size N >= 1 are accepted: a TFLite input tensor is resized
-to the batch; a model with a fixed batch dimension is run in a loop of its own batch size.
+Outputs are told apart by shape: the probabilities are the rank-2 output whose last dimension is 3, the
+feature map (for heatmaps and the non-CXR gate's embedding) the rank-4 output, if there is one. Batches of
+any size N >= 1 are accepted: a TFLite input tensor is resized to the batch; a model whose graph has its
+batch size baked in (resizing fails, or gives outputs of the wrong batch) is run in a loop of its own batch
+size.
 
 Nothing here imports TensorFlow.
 """
@@ -43,6 +47,9 @@ class Engine(Protocol):
     def run(self, x: np.ndarray) -> np.ndarray:  # float32[N,S,S,1] -> float32[N,3]
         ...
 
+    def run_full(self, x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:  # + float32[N,h,w,C] | None
+        ...
+
 
 def _tflite_interpreter_class():
     """LiteRT's Interpreter, or tflite_runtime's; ``None`` when neither is installed."""
@@ -64,6 +71,18 @@ def _onnxruntime():
         return onnxruntime
     except ImportError:
         return None
+
+
+def _ort_errors() -> tuple:
+    """The exceptions ONNX Runtime raises for a model it cannot load or run: its own classes (Fail,
+    InvalidArgument, InvalidGraph, ...; they derive from Exception only) and RuntimeError/ValueError."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+    except ImportError:
+        return (RuntimeError, ValueError)
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
 
 
 def available_backends() -> list[str]:
@@ -119,8 +138,24 @@ def _quiet_native_stderr():
         os.close(saved)
 
 
-def _run_in_chunks(x: np.ndarray, chunk: int, fn) -> np.ndarray:
-    return np.concatenate([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)], axis=0)
+def _run_in_chunks(x: np.ndarray, chunk: int, fn, n: int):
+    """``fn`` over ``x`` in chunks of ``chunk``; its ``(probs, features | None)`` joined and cut to ``n`` rows."""
+    parts = [fn(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+    probs = np.concatenate([p for p, _ in parts], axis=0)[:n]
+    feats = None if parts[0][1] is None else np.concatenate([f for _, f in parts], axis=0)[:n]
+    return probs, feats
+
+
+def _pick_outputs(path: Path, shapes: list) -> tuple[int, Optional[int]]:
+    """Indices of the probabilities output (rank 2, last dimension 3) and of the feature map (rank 4; None
+    when the model has none)."""
+    probs = [i for i, s in enumerate(shapes) if len(s) == 2 and s[-1] == NUM_CLASSES]
+    feats = [i for i, s in enumerate(shapes) if len(s) == 4]
+    if not probs:
+        raise EngineError(f"{path}: no output of shape [N, {NUM_CLASSES}] (outputs: {[list(s) for s in shapes]})")
+    if len(probs) > 1 or len(feats) > 1:
+        raise EngineError(f"{path}: cannot tell the outputs apart (outputs: {[list(s) for s in shapes]})")
+    return probs[0], (feats[0] if feats else None)
 
 
 def load_tflite_interpreter(path: Path, threads: Optional[int] = None):
@@ -149,17 +184,13 @@ class TFLiteEngine:
             raise EngineError(f"{path}: expected one input, model has {len(inputs)}")
         self._input = inputs[0]
         self._batch = self._model_batch = int(self._input["shape"][0])
-        self._fixed_batch = False
+        self._fixed_batch = False  # set when the graph cannot run another batch size (see run_full)
+        signature = self._input.get("shape_signature")
+        self._dynamic_batch = signature is not None and len(signature) > 0 and int(signature[0]) == -1
         self.input_shape = tuple(int(d) for d in self._input["shape"][1:])
-        self._output_index = self._pick_output()
-
-    def _pick_output(self) -> int:
         outs = self._interp.get_output_details()
-        for i, d in enumerate(outs):
-            if len(d["shape"]) == 2 and int(d["shape"][-1]) == NUM_CLASSES:
-                return i
-        raise EngineError(f"{self.path}: no output of shape [N, {NUM_CLASSES}] "
-                          f"(outputs: {[list(d['shape']) for d in outs]})")
+        self._probs_index, self._feats_index = _pick_outputs(path, [tuple(d["shape"]) for d in outs])
+        self.has_features = self._feats_index is not None
 
     def _resize(self, n: int) -> None:
         if n == self._batch:
@@ -170,7 +201,7 @@ class TFLiteEngine:
         self._input = self._interp.get_input_details()[0]
         self._batch = n
 
-    def _run_batch(self, x: np.ndarray) -> np.ndarray:
+    def _invoke(self, x: np.ndarray, full: bool):
         d = self._input
         dtype = np.dtype(d["dtype"])
         if np.issubdtype(dtype, np.integer):
@@ -178,29 +209,51 @@ class TFLiteEngine:
             feed = _quantize(x, dtype, scale, zp)
         else:
             feed = x.astype(dtype, copy=False)
+        self._interp.set_tensor(d["index"], feed)
+        self._interp.invoke()
+        outs = self._interp.get_output_details()
+        wanted = [self._probs_index] + ([self._feats_index] if full and self.has_features else [])
+        got = [_dequantize(np.array(self._interp.get_tensor(outs[i]["index"])), *outs[i]["quantization"])
+               for i in wanted]
+        return got[0], (got[1] if len(got) > 1 else None)
+
+    def _run_batch(self, x: np.ndarray, full: bool = True):
         try:
-            self._interp.set_tensor(d["index"], feed)
-            self._interp.invoke()
-            out = self._interp.get_output_details()[self._output_index]
-            y = self._interp.get_tensor(out["index"])
+            return self._invoke(x, full)
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"{self.path}: inference failed ({' '.join(str(exc).split())})") from None
-        return _dequantize(np.array(y), *out["quantization"])
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def _try_batch(self, x: np.ndarray, full: bool):
+        """Resize the input to ``len(x)`` and run; ``None`` when this graph cannot run that batch size (the
+        resize or the run fails inside the runtime, or the outputs do not have ``len(x)`` rows). Only for
+        graphs with a static batch dimension: a dynamic one is resized and any failure is an error."""
+        n = len(x)
+        if self._dynamic_batch:
+            try:
+                self._resize(n)
+            except (ValueError, RuntimeError) as exc:
+                raise EngineError(f"{self.path}: cannot resize the input to {n} ({exc})") from None
+            return self._run_batch(x, full)
+        try:
+            self._resize(n)
+            probs, feats = self._invoke(x, full)
+        except (ValueError, RuntimeError):  # what LiteRT raises for a shape it cannot allocate or run
+            return None
+        if probs.shape != (n, NUM_CLASSES) or (feats is not None and len(feats) != n):
+            return None
+        return probs, feats
+
+    def run_full(self, x: np.ndarray, full: bool = True):
+        """``(probs float32[N, 3], features float32[N, h, w, C] or None)`` from one pass."""
         x = _check_input(x)
         if x.shape[1:] != self.input_shape:
             raise EngineError(f"model wants input [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
         n = len(x)
         if n != self._batch and not self._fixed_batch:
-            try:
-                self._resize(n)
-                y = self._run_batch(x)
-                if y.shape == (n, NUM_CLASSES):
-                    return y
-            except (ValueError, RuntimeError, EngineError):
-                pass
-            # The graph has its batch size baked in: from now on run it in its own batch size.
+            out = self._try_batch(x, full)
+            if out is not None:
+                return out
+            # The graph has its batch size baked in: it runs in chunks of its own batch size from now on.
             self._fixed_batch = True
             try:
                 self._resize(self._model_batch)
@@ -210,8 +263,11 @@ class TFLiteEngine:
             b = self._batch
             pad = (-n) % b
             padded = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-            return _run_in_chunks(padded, b, self._run_batch)[:n]
-        return self._run_batch(x)
+            return _run_in_chunks(padded, b, lambda c: self._run_batch(c, full), n)
+        return self._run_batch(x, full)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_full(x, full=False)[0]
 
 
 def _parse_quant(meta: dict, key: str):
@@ -242,9 +298,10 @@ class OnnxEngine:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        self._errors = _ort_errors()
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        except self._errors as exc:
             raise EngineError(f"{path}: cannot load ONNX model ({str(exc).splitlines()[0]})") from None
         inputs = self._sess.get_inputs()
         if len(inputs) != 1:
@@ -257,44 +314,50 @@ class OnnxEngine:
         self._batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self.input_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in shape[1:])
         outs = self._sess.get_outputs()
-        picked = [o for o in outs if len(o.shape) == 2 and o.shape[-1] == NUM_CLASSES]
-        if not picked:
-            raise EngineError(f"{path}: no output of shape [N, {NUM_CLASSES}] "
-                              f"(outputs: {[list(o.shape) for o in outs]})")
-        self._output = picked[0].name
+        pi, fi = _pick_outputs(path, [tuple(o.shape) for o in outs])
+        self._output = outs[pi].name
+        self._features = None if fi is None else outs[fi].name
+        self.has_features = fi is not None
+        if fi is not None and outs[fi].type not in ("tensor(float)", "tensor(float16)"):
+            raise EngineError(f"{path}: feature map output is {outs[fi].type}, not float")
         meta = self._sess.get_modelmeta().custom_metadata_map or {}
         self._in_q = _parse_quant(meta, "cxr_edge.input_quantization")
         self._out_q = _parse_quant(meta, "cxr_edge.output_quantization")
         if np.issubdtype(self._in_dtype, np.integer) and self._in_q is None:
             raise EngineError(f"{path}: {self._input.type} input without cxr_edge.input_quantization metadata")
-        out_type = picked[0].type
+        out_type = outs[pi].type
         if out_type in ("tensor(int8)", "tensor(uint8)") and self._out_q is None:
             raise EngineError(f"{path}: {out_type} output without cxr_edge.output_quantization metadata")
 
-    def _run_batch(self, x: np.ndarray) -> np.ndarray:
+    def _run_batch(self, x: np.ndarray, full: bool = True):
         if np.issubdtype(self._in_dtype, np.integer):
             feed = _quantize(x, self._in_dtype, *self._in_q)
         else:
             feed = x.astype(self._in_dtype, copy=False)
+        names = [self._output] + ([self._features] if full and self._features else [])
         try:
-            (y,) = self._sess.run([self._output], {self._input.name: feed})
-        except Exception as exc:
+            got = self._sess.run(names, {self._input.name: feed})
+        except self._errors as exc:
             raise EngineError(f"{self.path}: inference failed ({str(exc).splitlines()[0]})") from None
-        return _dequantize(np.asarray(y), *(self._out_q or (1.0, 0)))
+        probs = _dequantize(np.asarray(got[0]), *(self._out_q or (1.0, 0)))
+        return probs, (np.asarray(got[1], dtype=np.float32) if len(got) > 1 else None)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run_full(self, x: np.ndarray, full: bool = True):
+        """``(probs float32[N, 3], features float32[N, h, w, C] or None)`` from one pass."""
         x = _check_input(x)
         want = self.input_shape
         if any(w is not None and w != g for w, g in zip(want, x.shape[1:])):
             shown = ", ".join("?" if w is None else str(w) for w in want)
             raise EngineError(f"model wants input [N, {shown}], got {list(x.shape)}")
-        if self._batch is not None and len(x) != self._batch:
-            if self._batch != 1:
-                pad = (-len(x)) % self._batch
-                padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)]) if pad else x
-                return _run_in_chunks(padded, self._batch, self._run_batch)[:len(x)]
-            return _run_in_chunks(x, 1, self._run_batch)
-        return self._run_batch(x)
+        n = len(x)
+        if self._batch is not None and n != self._batch:
+            pad = (-n) % self._batch
+            padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)]) if pad else x
+            return _run_in_chunks(padded, self._batch, lambda c: self._run_batch(c, full), n)
+        return self._run_batch(x, full)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_full(x, full=False)[0]
 
 
 def open_engine(path: str | os.PathLike, backend: Optional[str] = None, threads: Optional[int] = None) -> Engine:

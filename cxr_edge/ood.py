@@ -1,30 +1,48 @@
-"""Out-of-distribution gate: refuse inputs that are not chest X-rays (photos, documents, screenshots) before
-the model gives them a pneumonia label. It needs no model internals, so it works with any bundle.
+"""Input gate: refuse inputs that are not frontal chest radiographs before they get a pneumonia label.
 
-Three checks, in order, on what ``cxr_edge.preprocess.load_gray_colour`` already produces:
+Three layers, each saying what it saw:
 
-1. **colour**: X-rays are gray. The share of pixels of a thumbnail of the original image whose chroma
-   ``max(R,G,B) - min(R,G,B)`` exceeds ``CHROMA_LEVEL`` gray levels; above ``max_colour_fraction`` (card) the
-   image is rejected. Gray JPEGs/PNGs/DICOMs cost nothing; RGB JPEGs with three equal channels pass.
-2. **uniform**: a thumbnail with (almost) no contrast (a solid colour, a blank page) is rejected.
-3. **appearance**: the ``uint8[S, S]`` gray image is averaged down to a ``T x T`` thumbnail (box filter),
-   standardized per image (zero mean, unit variance: brightness/contrast do not matter), and scored under a
-   probabilistic PCA model fitted on training chest X-rays (``train/ood.py``): the squared Mahalanobis distance
-   in the first ``k`` principal components plus the squared reconstruction error divided by the mean
-   variance of the discarded components. Scores above the card's ``threshold`` (a high quantile of the scores
-   of patient-grouped validation images, never the official test) are rejected.
+1. **DICOM metadata** (``cxr_edge/dicom.py``, before any pixel is decoded): Modality, BodyPartExamined and
+   ViewPosition refuse a CT/MR/US/... object, another body part or a lateral view
+   (:class:`cxr_edge.preprocess.InputRejected`).
+2. **Pixels** (:meth:`Gate.check_pixels`, before the model), on what ``load_gray_colour`` produces:
 
-Bundle: ``ood.npz`` (arrays ``mean[D]``, ``components[k, D]``, ``eigvals[k]``, ``resid_var[]``) beside the
-model files, and in ``card.json``::
+   - *colour photo*: X-rays are gray. The share of pixels of a thumbnail of the original image whose chroma
+     ``max(R,G,B) - min(R,G,B)`` exceeds ``CHROMA_LEVEL`` gray levels; above ``max_colour_fraction`` (card)
+     the image is refused. RGB files with three equal channels pass.
+   - *blank image*: a thumbnail with (almost) no contrast (a solid colour, an empty page).
+   - *appearance* (older gates only, ``ood.npz`` with ``mean``/``components``): a 16x16 standardized
+     thumbnail scored under a probabilistic PCA model of training scans.
 
-    "ood": {"path": "ood.npz", "sha256": "...", "bytes": 1234, "threshold": 87.5, "thumb": 16,
-            "max_colour_fraction": 0.02, "min_std": 2.0, "features": "...", "fitted_on": {...}}
+3. **Embedding** (:meth:`Gate.check_embedding`, after the model's single pass): the classifier's penultimate
+   global-average-pooled feature vector ``e`` (``float32[C]``, contract 3: ``features.mean(axis=(1, 2))``)
+   goes through a linear softmax head over four classes, ``frontal_chest``, ``lateral_chest``,
+   ``other_body_part`` and ``not_radiograph``: ``logits = ((e - emb_mean) / emb_scale) @ emb_weights +
+   emb_bias`` (one ``C x 4`` product: microseconds, no second network). The score is
+   ``logsumexp(logits[1:]) - logits[0]`` (higher = less like a frontal chest X-ray); above the card's
+   ``embedding.threshold`` (chosen on the patient-grouped validation split, never the official test) the
+   image is refused, with the most likely other class as the reason: "lateral view", "another body part"
+   or "not a radiograph". A second score, optional (``den_*`` arrays), catches what none of the head's
+   classes describes: the squared Mahalanobis distance of the standardized embedding in the first ``k``
+   principal components of the frontal chest X-rays the gate was fitted on; above ``embedding.
+   density_threshold`` (also from validation) the image is refused too, with the head's most likely other
+   class as the reason. Fitted by ``python -m train.ood BUNDLE``.
+
+Bundle: ``ood.npz`` beside the model files (arrays ``emb_mean[C]``, ``emb_scale[C]``, ``emb_weights[C, 4]``,
+``emb_bias[4]``, optionally ``den_mean[C]``, ``den_scale[C]``, ``den_components[k, C]``, ``den_var[k]``; older
+gates: ``mean[D]``, ``components[k, D]``, ``eigvals[k]``, ``resid_var[]``; neither: the pixel checks only), and
+in ``card.json``::
+
+    "ood": {"path": "ood.npz", "sha256": "...", "bytes": 1234, "max_colour_fraction": 0.02, "min_std": 2.0,
+            "embedding": {"classes": [...], "threshold": 0.0, "dim": 1280, ...},   # new gates
+            "threshold": 87.5, "thumb": 16,                                        # older gates
+            "features": "...", "fitted_on": {...}}
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -35,6 +53,13 @@ from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour
 DEFAULT_THUMB = 16
 DEFAULT_MAX_COLOUR_FRACTION = 0.02
 DEFAULT_MIN_STD = 2.0  # gray levels (0..255) of the thumbnail
+
+EMBED_CLASSES = ("frontal_chest", "lateral_chest", "other_body_part", "not_radiograph")
+REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body part",
+           "not_radiograph": "not a radiograph", "colour": "colour photo", "blank": "blank image"}
+EMBED_ARRAYS = ("emb_mean", "emb_scale", "emb_weights", "emb_bias")
+DENSITY_ARRAYS = ("den_mean", "den_scale", "den_components", "den_var")
+THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
 
 
 def thumbnail(gray: np.ndarray, side: int = DEFAULT_THUMB) -> np.ndarray:
@@ -68,6 +93,29 @@ def ppca_score(x: np.ndarray, mean: np.ndarray, components: np.ndarray, eigvals:
     return (z * z / eigvals).sum(axis=1) + (resid * resid).sum(axis=1) / resid_var
 
 
+def head_logits(embedding: np.ndarray, mean: np.ndarray, scale: np.ndarray, weights: np.ndarray,
+                bias: np.ndarray) -> np.ndarray:
+    """The embedding head's logits ``[N, 4]`` for embeddings ``[N, C]`` (or ``[C]`` -> ``[4]``)."""
+    e = np.asarray(embedding, np.float64)
+    return ((e - mean) / scale) @ weights + bias
+
+
+def density_distance(embedding: np.ndarray, mean: np.ndarray, scale: np.ndarray, components: np.ndarray,
+                     var: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance ``[N]`` of embeddings ``[N, C]`` in the principal subspace ``components
+    [k, C]`` (variances ``var[k]``) of standardized frontal chest X-ray embeddings."""
+    z = ((np.asarray(embedding, np.float64) - mean) / scale) @ components.T
+    return (z * z / var).sum(axis=-1)
+
+
+def head_score(logits: np.ndarray) -> np.ndarray:
+    """``logsumexp(logits[..., 1:]) - logits[..., 0]``: how much more likely anything but a frontal chest
+    X-ray is (log odds; higher = less like one)."""
+    rest = logits[..., 1:]
+    m = rest.max(axis=-1)
+    return m + np.log(np.exp(rest - m[..., None]).sum(axis=-1)) - logits[..., 0]
+
+
 @dataclass(frozen=True)
 class Verdict:
     ok: bool
@@ -78,25 +126,61 @@ class Verdict:
         return iter((self.ok, self.reason, self.score))
 
 
+OK = Verdict(True, "", 0.0)
+
+
 class Gate:
-    """A fitted OOD gate. ``Gate.from_bundle(root, card)`` loads and verifies ``ood.npz``;
-    ``check(gray, colour_fraction)`` -> ``(ok, reason, score)``; ``check_source(path)`` decodes first."""
+    """A fitted input gate. ``Gate.from_bundle(root, card)`` loads and verifies ``ood.npz``;
+    ``check_pixels(gray, colour_fraction)`` before the model, ``check_embedding(embedding)`` after it;
+    ``check(gray, colour_fraction, embedding=None)`` does both."""
 
     def __init__(self, arrays: dict, params: dict):
-        self.mean = np.asarray(arrays["mean"], np.float64)
-        self.components = np.asarray(arrays["components"], np.float64)
-        self.eigvals = np.asarray(arrays["eigvals"], np.float64)
-        self.resid_var = float(np.asarray(arrays["resid_var"]))
         self.params = dict(params)
-        self.threshold = float(params["threshold"])
-        self.thumb = int(params.get("thumb", DEFAULT_THUMB))
         self.max_colour_fraction = float(params.get("max_colour_fraction", DEFAULT_MAX_COLOUR_FRACTION))
         self.min_std = float(params.get("min_std", DEFAULT_MIN_STD))
-        d = self.thumb * self.thumb
-        if (self.mean.shape != (d,) or self.components.ndim != 2 or self.components.shape[1] != d
-                or self.eigvals.shape != (self.components.shape[0],) or not np.all(self.eigvals > 0)
-                or not self.resid_var > 0 or not np.isfinite(self.threshold)):
-            raise ValueError("inconsistent OOD gate arrays/parameters")
+        self.thumb = int(params.get("thumb", DEFAULT_THUMB))
+        self.has_appearance = all(k in arrays for k in THUMB_ARRAYS)
+        self.has_embedding = all(k in arrays for k in EMBED_ARRAYS)
+        self.threshold = float("nan")
+        if self.has_appearance:
+            self.mean = np.asarray(arrays["mean"], np.float64)
+            self.components = np.asarray(arrays["components"], np.float64)
+            self.eigvals = np.asarray(arrays["eigvals"], np.float64)
+            self.resid_var = float(np.asarray(arrays["resid_var"]))
+            self.threshold = float(params["threshold"])
+            d = self.thumb * self.thumb
+            if (self.mean.shape != (d,) or self.components.ndim != 2 or self.components.shape[1] != d
+                    or self.eigvals.shape != (self.components.shape[0],) or not np.all(self.eigvals > 0)
+                    or not self.resid_var > 0 or not np.isfinite(self.threshold)):
+                raise ValueError("inconsistent OOD gate arrays/parameters (thumbnail model)")
+        if self.has_embedding:
+            emb = params.get("embedding") or {}
+            self.emb_mean = np.asarray(arrays["emb_mean"], np.float64)
+            self.emb_scale = np.asarray(arrays["emb_scale"], np.float64)
+            self.emb_weights = np.asarray(arrays["emb_weights"], np.float64)
+            self.emb_bias = np.asarray(arrays["emb_bias"], np.float64)
+            self.emb_classes = tuple(emb.get("classes", EMBED_CLASSES))
+            self.emb_threshold = float(emb.get("threshold", float("nan")))
+            c = self.emb_mean.shape[0] if self.emb_mean.ndim == 1 else -1
+            k = len(self.emb_classes)
+            if (c < 1 or self.emb_scale.shape != (c,) or not np.all(self.emb_scale > 0)
+                    or self.emb_weights.shape != (c, k) or self.emb_bias.shape != (k,)
+                    or self.emb_classes[0] != "frontal_chest" or not np.isfinite(self.emb_threshold)
+                    or not all(np.all(np.isfinite(a)) for a in (self.emb_mean, self.emb_weights, self.emb_bias))):
+                raise ValueError("inconsistent OOD gate arrays/parameters (embedding head)")
+            self.emb_dim = c
+        self.has_density = self.has_embedding and all(k in arrays for k in DENSITY_ARRAYS)
+        if self.has_density:
+            self.den_mean = np.asarray(arrays["den_mean"], np.float64)
+            self.den_scale = np.asarray(arrays["den_scale"], np.float64)
+            self.den_components = np.asarray(arrays["den_components"], np.float64)
+            self.den_var = np.asarray(arrays["den_var"], np.float64)
+            self.den_threshold = float(emb.get("density_threshold", float("nan")))
+            k = self.den_var.shape[0] if self.den_var.ndim == 1 else -1
+            if (k < 1 or self.den_mean.shape != (c,) or self.den_scale.shape != (c,) or not np.all(self.den_scale > 0)
+                    or self.den_components.shape != (k, c) or not np.all(self.den_var > 0)
+                    or not np.isfinite(self.den_threshold)):
+                raise ValueError("inconsistent OOD gate arrays/parameters (embedding density)")
 
     @classmethod
     def from_bundle(cls, root: Path, card: dict, verify: bool = True) -> Optional["Gate"]:
@@ -109,36 +193,140 @@ class Gate:
         try:
             path = verified_file(root, params, "OOD gate file", verify)
             with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in ("mean", "components", "eigvals", "resid_var")}
+                arrays = {k: npz[k] for k in npz.files}
             return cls(arrays, params)
         except BundleError:
             raise
         except Exception as exc:
             raise BundleError(f"bundle {root}: unusable OOD gate ({type(exc).__name__}: {exc})") from None
 
+    # -- pixels, before the model ------------------------------------------------------------------------
     def scores(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(appearance scores, thumbnail standard deviations) for ``uint8[N, S, S]``."""
+        """(appearance scores, or NaN without a thumbnail model; thumbnail standard deviations) for
+        ``uint8[N, S, S]``."""
         x, sd = features(gray, self.thumb)
+        if not self.has_appearance:
+            return np.full(len(x), np.nan), sd
         return ppca_score(x, self.mean, self.components, self.eigvals, self.resid_var), sd
 
-    def check(self, gray: np.ndarray, colour_fraction: float = 0.0) -> Verdict:
-        """Verdict for one ``uint8[S, S]`` image (from ``load_gray``) and its chroma fraction."""
+    def check_pixels(self, gray: np.ndarray, colour_fraction: float = 0.0) -> Verdict:
+        """Verdict for one ``uint8[S, S]`` image (from ``load_gray_colour``) and its chroma fraction, before
+        the model: colour photo, blank image (and, for older gates, the thumbnail appearance model)."""
         if colour_fraction > self.max_colour_fraction:
-            return Verdict(False, f"colour image ({colour_fraction:.0%} of pixels in colour; X-rays are gray)",
-                           float("inf"))
+            return Verdict(False, f"{REASONS['colour']} ({colour_fraction:.0%} of pixels in colour; X-rays are "
+                                  "gray)", float("inf"))
         score, sd = self.scores(np.asarray(gray)[None])
         score, sd = float(score[0]), float(sd[0])
         if sd < self.min_std:
-            return Verdict(False, "uniform image (no contrast; not an X-ray)", float("inf"))
-        if not score <= self.threshold:
+            return Verdict(False, f"{REASONS['blank']} (no contrast; not an X-ray)", float("inf"))
+        if self.has_appearance and not score <= self.threshold:
             return Verdict(False, f"does not look like a chest X-ray (OOD score {score:.1f} > "
                                   f"threshold {self.threshold:.1f})", score)
-        return Verdict(True, "", score)
+        return Verdict(True, "", 0.0 if np.isnan(score) else score)
 
-    def check_source(self, source: Source, size: int = 224) -> Verdict:
-        """Decode ``source`` (``cxr_edge.preprocess.load_gray_colour``) and check it."""
+    # -- embedding, after the model ----------------------------------------------------------------------
+    def embedding_scores(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(head scores ``[N]``, most likely non-frontal class index ``[N]``, 1..3) for embeddings ``[N, C]``."""
+        logits = head_logits(np.asarray(embeddings).reshape(-1, self.emb_dim), self.emb_mean, self.emb_scale,
+                             self.emb_weights, self.emb_bias)
+        return head_score(logits), 1 + logits[:, 1:].argmax(axis=1)
+
+    def density(self, embeddings: np.ndarray) -> np.ndarray:
+        """Density distances ``[N]`` (zeros when this gate has no density part)."""
+        e = np.asarray(embeddings).reshape(-1, self.emb_dim)
+        if not self.has_density:
+            return np.zeros(len(e))
+        return density_distance(e, self.den_mean, self.den_scale, self.den_components, self.den_var)
+
+    def embedding_verdicts(self, embeddings: np.ndarray) -> list[Verdict]:
+        """:meth:`check_embedding` for embeddings ``[N, C]``."""
+        e = np.asarray(embeddings, np.float64).reshape(-1, self.emb_dim)
+        scores, cls = self.embedding_scores(e)
+        dist = self.density(e)
+        out = []
+        for score, k, d in zip(scores.tolist(), cls.tolist(), dist.tolist()):
+            what = REASONS[self.emb_classes[int(k)]]
+            if not score <= self.emb_threshold:  # NaN (a broken embedding) is refused too
+                out.append(Verdict(False, f"{what} (gate score {score:.2f} > {self.emb_threshold:.2f}; "
+                                          "expects a frontal chest X-ray)", score))
+            elif self.has_density and not d <= self.den_threshold:
+                out.append(Verdict(False, f"{what} (unlike the frontal chest X-rays the gate knows: distance "
+                                          f"{d:.0f} > {self.den_threshold:.0f})", score))
+            else:
+                out.append(Verdict(True, "", score))
+        return out
+
+    def check_embedding(self, embedding: Optional[np.ndarray]) -> Verdict:
+        """Verdict for one penultimate embedding ``float32[C]``; ok when this gate has no embedding head
+        (older gates) or the model gives no embedding (``None``)."""
+        if not self.has_embedding or embedding is None:
+            return OK
+        e = np.asarray(embedding, np.float64).reshape(-1)
+        if e.shape != (self.emb_dim,):
+            raise ValueError(f"gate expects a {self.emb_dim}-d embedding, got shape {np.shape(embedding)}")
+        return self.embedding_verdicts(e[None])[0]
+
+    # -- both ----------------------------------------------------------------------------------------------
+    def check(self, gray: np.ndarray, colour_fraction: float = 0.0,
+              embedding: Optional[np.ndarray] = None) -> Verdict:
+        """``check_pixels``, then ``check_embedding`` when an embedding is given."""
+        v = self.check_pixels(gray, colour_fraction)
+        return v if not v.ok else self.check_embedding(embedding)
+
+    def check_source(self, source: Source, size: int = 224,
+                     embed: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Verdict:
+        """Decode ``source`` (``cxr_edge.preprocess.load_gray_colour``) and check it; ``embed`` (see
+        :func:`embedder`) supplies the embedding for the head."""
         gray, colour = load_gray_colour(source, size)
-        return self.check(gray, colour)
+        v = self.check_pixels(gray, colour)
+        if not v.ok or embed is None or not self.has_embedding:
+            return v
+        return self.check_embedding(embed(gray[None])[0])
 
 
-__all__ = ["Gate", "Verdict", "features", "thumbnail", "ppca_score", "CHROMA_LEVEL"]
+def embedder(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``uint8[N, S, S]`` (from ``load_gray``) -> penultimate embeddings ``float32[N, C]``.
+
+    ``model``: a :class:`cxr_edge.Classifier`, a :class:`cxr_edge.bundle.Bundle` or a bundle folder. When the
+    classifier's model gives its feature map (``Classifier.predict_full``, dual-output bundles, contract 3),
+    that is used: the very numbers the runtime gate sees. Otherwise (single-output bundles) the bundle's
+    ``features.tflite`` (card entry ``"cam"``: image -> last feature map), global-average-pooled."""
+    from cxr_edge.bundle import Bundle, load_bundle
+    from cxr_edge.classifier import Classifier
+    from cxr_edge.preprocess import to_input
+
+    clf = model if isinstance(model, Classifier) else None
+    bundle = clf.bundle if clf else model if isinstance(model, Bundle) else load_bundle(model)
+    if clf is None:
+        clf = Classifier(model=bundle.root, threads=threads, ood=False)
+    if hasattr(clf, "predict_full"):
+        probe = np.zeros((1, bundle.spec.size, bundle.spec.size), np.uint8)
+        if clf.predict_full(probe)[1] is not None:
+            return lambda gray: np.asarray(clf.predict_full(np.asarray(gray, np.uint8))[1], np.float32)
+    entry = bundle.card.get("cam")
+    if not isinstance(entry, dict):
+        raise BundleError(f"bundle {bundle.root}: its model gives no feature map and it has no features.tflite "
+                          "(card entry 'cam'); cannot compute embeddings")
+    from cxr_edge.engines import _dequantize, load_tflite_interpreter
+
+    interp = load_tflite_interpreter(verified_file(bundle.root, entry, "feature model"), threads)
+    spec = bundle.spec
+
+    def embed(gray: np.ndarray) -> np.ndarray:
+        x = to_input(np.asarray(gray, np.uint8), spec)
+        inp = interp.get_input_details()[0]
+        if int(inp["shape"][0]) != len(x):
+            interp.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
+            interp.allocate_tensors()
+            inp = interp.get_input_details()[0]
+        interp.set_tensor(inp["index"], x.astype(np.float32))
+        interp.invoke()
+        out = interp.get_output_details()[0]
+        f = _dequantize(np.array(interp.get_tensor(out["index"])), *out["quantization"])
+        return f.mean(axis=(1, 2)).astype(np.float32)
+
+    return embed
+
+
+__all__ = ["Gate", "Verdict", "EMBED_CLASSES", "REASONS", "embedder", "features", "thumbnail", "ppca_score",
+           "head_logits", "head_score", "density_distance", "CHROMA_LEVEL"]

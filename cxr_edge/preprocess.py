@@ -3,15 +3,19 @@
 Two steps, kept apart so that training can cache the expensive one:
 
 1. ``load_gray(source, size)``: decode any Pillow-readable image (8/16-bit, L/RGB/RGBA/CMYK/palette,
-   EXIF orientation applied), convert to 8-bit grayscale and squash it (aspect ratio not kept) to
-   ``size x size`` with Lanczos. Returns ``uint8[size, size]``.
+   EXIF orientation applied) or DICOM, convert to 8-bit grayscale and squash it (aspect ratio not kept) to
+   ``size x size``. Returns ``uint8[size, size]``.
 2. ``to_input(gray, spec)``: scale to the model's input as its model card says,
    ``x * spec.scale + spec.offset``. Returns ``float32[N, size, size, 1]``.
 
-Large JPEGs are decoded with Pillow's ``draft()`` at a reduced DCT scale (1/2 .. 1/8) that still leaves
-at least ``DRAFT_FACTOR * size`` pixels a side before the Lanczos resize. Against a full decode this
-changes pixels by at most a few gray levels (mean absolute difference under ``DRAFT_TOLERANCE`` gray
-levels; ``tests/test_preprocess.py`` measures it on real scans).
+The reduction is the same whatever the container, so that a scan gives the same answer as a JPEG, PNG
+(8/16-bit, RGBA), TIFF or DICOM: the decoded 8-bit gray image is first reduced by an integer factor ``f``
+with ``Image.reduce`` (a box filter; ``f`` is the largest power of two that keeps both sides at least
+``KEEP * size``, ``reduction_factor``), then squashed to ``size x size`` by one Lanczos resize. The same
+pixels in any container therefore give the same array, bit for bit. (libjpeg's DCT scaling, ``draft()``,
+would save part of a JPEG's decode, but it only approximates the box filter, and the int8 models turn its
+sub-gray-level differences into probability differences of a few hundredths; colour JPEGs are decoded as
+luminance only.) Training images already ``size`` pixels a side are not resized at all.
 """
 from __future__ import annotations
 
@@ -27,13 +31,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 Source = Union[str, os.PathLike, bytes, Image.Image]
 
 DEFAULT_SIZE = 224
-DRAFT_FACTOR = 2
-DRAFT_TOLERANCE = 1.0  # mean |draft - full decode| in gray levels, on 0..255
+# The integer reduction keeps at least KEEP * size pixels a side, so that the Lanczos resize still does the
+# last 2x of the filtering: the result stays close to a Lanczos squash of the full decode (how the training
+# images were made); KEEP = 1 is faster but blurrier (box filter over a whole output pixel).
+KEEP = 2
 MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
 
 
 class PreprocessError(ValueError):
     """The input could not be turned into a model input (not an image, too small, ...)."""
+
+
+class InputRejected(PreprocessError):
+    """A readable input that the model is not for (a CT slice, a lateral view, ...): it is refused with
+    ``reason`` (a ``"rejected"`` record), not reported as an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,7 @@ class InputSpec:
 
     def to_card(self) -> dict:
         return {"size": self.size, "channels": 1, "layout": "NHWC", "color": "grayscale",
-                "resize": "squash, Pillow LANCZOS", "scale": self.scale, "offset": self.offset,
+                "resize": "reduce by 2^k (JPEG: DCT scaling), then squash, Pillow LANCZOS", "scale": self.scale, "offset": self.offset,
                 "formula": "x = gray_uint8 * scale + offset"}
 
 
@@ -169,26 +184,39 @@ def _jpeg_chroma(source: Source) -> float:
         return _chroma_fraction(img)
 
 
-def _load(source: Source, size: int, draft: bool, colour: bool) -> tuple[np.ndarray, float]:
+def reduction_factor(width: int, height: int, size: int) -> int:
+    """The integer reduction applied before the final resize: the largest power of two ``f`` with
+    ``min(width, height) // (KEEP * size) >= f`` (1 for images under twice ``size``), applied with
+    ``Image.reduce`` to every format."""
+    m = min(width // (KEEP * size), height // (KEEP * size))
+    f = 1
+    while f * 2 <= m:
+        f *= 2
+    return f
+
+
+def _load(source: Source, size: int, colour: bool) -> tuple[np.ndarray, float]:
     img = opened = _open(source)
     chroma = 0.0
     try:
-        drafted = draft and img.format == "JPEG"
-        if drafted:
-            if colour and img.mode != "L":
+        w0, h0 = img.size
+        if min(w0, h0) < MIN_SIDE:
+            raise PreprocessError(f"image is {w0}x{h0} pixels, smaller than {MIN_SIDE} a side")
+        factor = reduction_factor(w0, h0, size)
+        luminance = img.format == "JPEG" and img.mode != "L"
+        if luminance:  # a colour JPEG: decode its luminance only, at full size (no DCT scaling)
+            if colour:
                 chroma = _jpeg_chroma(source)
-            want = DRAFT_FACTOR * size
-            img.draft("L", (want, want))
+            img.draft("L", None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = ImageOps.exif_transpose(img)
             img.load()
-        w, h = img.size
-        if min(w, h) < MIN_SIDE:
-            raise PreprocessError(f"image is {w}x{h} pixels, smaller than {MIN_SIDE} a side")
-        if colour and not drafted:
+            img = ImageOps.exif_transpose(img)
+        if colour and not luminance:
             chroma = _chroma_fraction(img)
         gray = _to_gray8(img)
+        if factor > 1:
+            gray = gray.reduce(factor)
         if gray.size != (size, size):
             gray = gray.resize((size, size), Image.Resampling.LANCZOS)
         return np.asarray(gray, dtype=np.uint8), chroma
@@ -205,17 +233,18 @@ def _load(source: Source, size: int, draft: bool, colour: bool) -> tuple[np.ndar
             opened.close()
 
 
-def load_gray(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -> np.ndarray:
-    """Decode ``source`` and return it as ``uint8[size, size]`` grayscale (squashed, Lanczos)."""
-    return _load(source, size, draft, colour=False)[0]
+def load_gray(source: Source, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """Decode ``source`` and return it as ``uint8[size, size]`` grayscale (reduced, then squashed with
+    Lanczos)."""
+    return _load(source, size, colour=False)[0]
 
 
-def load_gray_colour(source: Source, size: int = DEFAULT_SIZE, *, draft: bool = True) -> tuple[np.ndarray, float]:
+def load_gray_colour(source: Source, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, float]:
     """``load_gray`` (same pixels) plus the image's chroma fraction: the share of its pixels with real colour
     (``max(R,G,B) - min(R,G,B) > CHROMA_LEVEL``), measured on a thumbnail of the original before the gray
     conversion. 0.0 for gray images (L, 16-bit, DICOM) at no extra cost; a colour JPEG costs one more decode
     at 1/8 DCT scale (the gray pixels are decoded with ``draft("L")``, which drops colour)."""
-    return _load(source, size, draft, colour=True)
+    return _load(source, size, colour=True)
 
 
 def to_input(gray: np.ndarray, spec: InputSpec) -> np.ndarray:

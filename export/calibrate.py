@@ -21,9 +21,23 @@ from train.fit import RUNS_DIR
 from train.metrics import apply_temperature, calibration_bins, classification_metrics, fit_temperature
 
 
+def temperature_record(y, probs, backend: str, fitted_on: str = "validation split") -> dict:
+    """The temperature minimising negative log-likelihood of validation labels ``y`` under the model's
+    validation probabilities ``probs``, and the card's ``"calibration"`` record (log loss and expected
+    calibration error before and after). Callers pass validation data only."""
+    t = fit_temperature(y, probs)
+    after = apply_temperature(probs, t)
+    return {"method": "temperature scaling", "fitted_on": fitted_on, "backend": backend, "n": int(len(y)),
+            "temperature": t,
+            "val_log_loss": {"before": classification_metrics(y, probs)["log_loss"],
+                             "after": classification_metrics(y, after)["log_loss"]},
+            "val_ece": {"before": calibration_bins(y, probs)["ece"], "after": calibration_bins(y, after)["ece"]}}
+
+
 def calibrate_bundle(bundle_dir: Path, run_dir: Path, backend: str = "tflite", data: str | None = None,
                      val: tuple | None = None) -> dict:
-    """``val``: the run's validation (inputs, labels) when the caller has them decoded already."""
+    """Fit and write a bundle's temperature on its run's validation split. ``val``: the run's validation
+    (inputs, labels) when the caller has them decoded already."""
     bundle = load_bundle(bundle_dir)
     if val is None:
         cfg = json.loads((run_dir / "config.json").read_text())
@@ -32,15 +46,8 @@ def calibrate_bundle(bundle_dir: Path, run_dir: Path, backend: str = "tflite", d
         val = (to_input(data_mod.load_images(recs, bundle.spec.size), bundle.spec), data_mod.labels_of(recs))
     x, y = val
     engine = open_engine(bundle.model_file(backend)[0], backend)
-    probs = engine.run(x)
-    t = fit_temperature(y, probs)
-    after = apply_temperature(probs, t)
-    record = {"method": "temperature scaling", "fitted_on": f"validation split of {run_dir.name}",
-              "backend": backend, "n": int(len(y)), "temperature": t,
-              "val_log_loss": {"before": classification_metrics(y, probs)["log_loss"],
-                               "after": classification_metrics(y, after)["log_loss"]},
-              "val_ece": {"before": calibration_bins(y, probs)["ece"], "after": calibration_bins(y, after)["ece"]}}
-    card = dict(bundle.card, temperature=t, calibration=record)
+    record = temperature_record(y, engine.run(x), backend, f"validation split of {run_dir.name}")
+    card = dict(bundle.card, temperature=record["temperature"], calibration=record)
     (Path(bundle_dir) / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return record
 

@@ -3,7 +3,9 @@
     python -m export.convert [--run ID] [--out DIR] [--calibration N] [--install-default]
 
 Without ``--run`` the best finished run by *validation* metric (``train.registry.best_run``) is exported.
-Writes, under ``--out`` (default ``runs/<id>/bundles``):
+A run is a folder ``runs/<id>/`` with ``config.json`` and ``weights.npz`` (or ``weights.part*.npz``, as the
+GPU lease brings them back), for any model ``train.models`` builds. Writes, under ``--out`` (default
+``runs/<id>/bundles``):
 
 * ``<name>-float32/``: model.tflite + model.onnx in float32,
 * ``<name>-float16/``: model.tflite with float16 weights,
@@ -11,10 +13,20 @@ Writes, under ``--out`` (default ``runs/<id>/bundles``):
 * ``parity.json`` / ``parity.md``: every artifact against the Keras float model, on the validation
   split and the official test set.
 
-Int8 must lose at most 0.5 pp validation accuracy; when it does not, the int8 conversion is retried
-(more calibration images; for ONNX also the classifier head kept in float), and the command exits with
-status 3 and says why if no attempt passes. ``--install-default`` (gate passed only) copies the int8
-bundle to ``cxr_edge/models/default/`` and the report to ``benchmarks/results/``.
+Every model file has two outputs when the model has a ``features`` layer (``export.cam``): the
+probabilities ``[N, 3]`` and the last feature map ``[N, h, w, C]``, so that a label and its heatmap cost
+one network pass; the bundle carries the dense head as ``cam.npz``.
+
+Only the validation split decides anything: int8 must lose at most 0.5 pp validation accuracy; when it
+does not, the int8 conversion is retried (more calibration images; for ONNX also the classifier head kept
+in float), and the command exits with status 3 and says why if no attempt passes. The temperature is
+fitted on validation. The official test set is measured and reported, never consulted. Calibration
+images come from the training split. ``--install-default`` (gate passed, size limits kept) copies the
+int8 bundle to ``cxr_edge/models/default/`` and the report to ``benchmarks/results/``; a bundle over the
+size limits (a model file over 6 MiB, the bundle over 8 MiB) is not installed (exit status 4) unless
+``--allow-oversize``.
+
+``make_bundle`` (used by the tests) runs the same path, ``export_model``, for any Keras model.
 """
 from __future__ import annotations
 
@@ -25,18 +37,22 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cxr_edge.bundle import CARD_NAME, DEFAULT_BUNDLE, Bundle, write_bundle  # noqa: E402
+from cxr_edge.bundle import DEFAULT_BUNDLE, Bundle, load_bundle, write_bundle  # noqa: E402
 from cxr_edge.preprocess import InputSpec, to_input  # noqa: E402
+from export import cam  # noqa: E402
 from export import onnx as onnx_x  # noqa: E402
 from export import parity  # noqa: E402
 from export import savedmodel, tflite  # noqa: E402
+from export.calibrate import temperature_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -47,6 +63,12 @@ FORMATS = {"tflite-float32": ("tflite", "float32"), "tflite-float16": ("tflite",
 FILE_NAMES = {"tflite": "model.tflite", "onnx": "model.onnx"}
 BUNDLE_GROUPS = {"float32": ("tflite-float32", "onnx-float32"), "float16": ("tflite-float16",),
                  "int8": ("tflite-int8", "onnx-int8")}
+MAX_MODEL_BYTES, MAX_BUNDLE_BYTES = parity.MAX_MODEL_BYTES, parity.MAX_BUNDLE_BYTES
+CAM_CHECK_IMAGES = 32  # validation images on which each artifact's heatmap is compared with Keras's
+
+
+class ExportError(RuntimeError):
+    pass
 
 
 def _check_formats(formats) -> None:
@@ -74,32 +96,219 @@ def build_artifact(saved_model: Path, fmt: str, dest: Path, calibration: np.ndar
     return onnx_x.quantize_int8(fp32, dest, calibration, **options)
 
 
-def _card(name: str, version: str, spec: InputSpec, formats, extra: dict | None) -> dict:
-    card = {"name": name, "version": version, "input": spec.to_card(),
-            "files": {FORMATS[f][0]: {"precision": FORMATS[f][1], "format": f} for f in formats},
-            "precision": "+".join(sorted({FORMATS[f][1] for f in formats})),
-            "date": time.strftime("%Y-%m-%d"), "exported_by": "export.convert"}
-    card.update(extra or {})
+# ---- what the export reads ---------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    x: np.ndarray  # float32[N, S, S, 1] model inputs
+    y: np.ndarray  # labels
+
+
+@dataclass
+class ExportData:
+    """Validation decides (int8 retries, the temperature); the official test set is only reported;
+    ``calibration(n)`` gives n training images for int8 calibration."""
+    val: Split
+    test: Split | None
+    calibration: Callable[[int], np.ndarray]
+
+    def splits(self) -> dict[str, Split]:
+        return {"validation": self.val, **({"official_test": self.test} if self.test is not None else {})}
+
+
+@dataclass
+class Target:
+    """One bundle folder to write: its formats (one per backend) and card name."""
+    group: str
+    dir: Path
+    formats: tuple
+    name: str
+
+
+@dataclass
+class _Ref:
+    probs: dict  # split -> Keras float probabilities
+    features: np.ndarray | None  # Keras feature map on the first CAM_CHECK_IMAGES validation images
+    cam_weights: np.ndarray | None
+    extra: dict = field(default_factory=dict)
+
+
+def _ladder(fmt: str, n: int) -> list[dict]:
+    """Int8 attempts, in order, until one passes the gate: more and fewer calibration images (activation
+    ranges from a different sample), then, for ONNX, the classifier head kept in float."""
+    sizes = [{"calibration": n}, {"calibration": max(50, n // 3)}, {"calibration": 3 * n}]
+    if fmt == "tflite-int8":
+        return sizes
+    head = ("Softmax", "MatMul", "Gemm")
+    return sizes + [{"calibration": 3 * n, "exclude_op_types": head},
+            {"calibration": 3 * n, "exclude_op_types": head, "activations": "uint8"}]
+
+
+def int8_with_retries(fmt: str, ladder: list[dict], attempt: Callable[[dict], tuple[dict, dict]],
+                      ref_val_accuracy: float) -> dict:
+    """Run ``attempt(options) -> (measurement, options used)`` along ``ladder`` until the measurement's
+    *validation* accuracy is within the gate of the float model's; the last measurement, with every
+    attempt recorded. Nothing but ``measurement["validation"]`` is read."""
+    tried = []
+    for opts in ladder:
+        res, used = attempt(dict(opts))
+        drop = parity.drop_pp(ref_val_accuracy, res["validation"]["accuracy"])
+        tried.append({**used, "validation_accuracy": res["validation"]["accuracy"], "drop_pp": round(drop, 3)})
+        if drop <= parity.MAX_INT8_DROP_PP + 1e-9:
+            break
+        print(f"  {fmt}: {drop:.2f} pp below float on validation, retrying", flush=True)
+    res["attempts"], res["options"] = tried, used
+    return res
+
+
+# ---- the one export path -----------------------------------------------------------------------------
+
+def _reference(model, data: ExportData) -> _Ref:
+    probs = {s: model.predict(d.x, batch_size=32, verbose=0) for s, d in data.splits().items()}
+    if not cam.has_features(model):
+        return _Ref(probs, None, None)
+    feats = cam.keras_features(model, data.val.x[:CAM_CHECK_IMAGES])
+    return _Ref(probs, feats, model.get_layer("probs").get_weights()[0])
+
+
+def _measure(fmt: str, path: Path, data: ExportData, ref: _Ref, threads: int) -> dict:
+    backend, precision = FORMATS[fmt]
+    res = {"format": fmt, "backend": backend, "precision": precision, "bytes": path.stat().st_size}
+    probs = {}
+    for s, d in data.splits().items():
+        probs[s] = parity.predict(path, backend, d.x, threads)
+        res[s] = parity.compare(d.y, probs[s], ref.probs[s])
+    if ref.features is not None:
+        feats = parity.features(path, backend, data.val.x[:CAM_CHECK_IMAGES], threads)
+        labels = ref.probs["validation"][:CAM_CHECK_IMAGES].argmax(1)
+        res["cam_diff"] = parity.cam_diff(feats, ref.features, ref.cam_weights, labels)
+    res["_val_probs"] = probs["validation"]  # for the temperature; not written to the report
+    v, c = res["validation"], res.get("cam_diff")
+    print(f"  {fmt:<15} {res['bytes'] / 2**20:6.2f} MiB  val acc {v['accuracy']:.4f} agree {v['agreement']:.4f} "
+          f"max|dp| {v['max_abs_diff']:.4f}" + (f"  heatmap |d| mean {c['mean']:.4f} max {c['max']:.4f}" if c else ""),
+          flush=True)
+    return res
+
+
+def _build_measured(saved: Path, fmt: str, dest: Path, work: Path, data: ExportData, ref: _Ref,
+                    n_calibration: int, threads: int) -> dict:
+    if FORMATS[fmt][1] != "int8":
+        build_artifact(saved, fmt, dest, None, work)
+        return _measure(fmt, dest, data, ref, threads)
+
+    def attempt(opts: dict) -> tuple[dict, dict]:
+        calib = np.asarray(data.calibration(opts.pop("calibration")), np.float32)
+        build_artifact(saved, fmt, dest, calib, work, **opts)
+        return _measure(fmt, dest, data, ref, threads), {"calibration": len(calib), **opts}
+
+    ref_acc = parity.compare(data.val.y, ref.probs["validation"], ref.probs["validation"])["accuracy"]
+    return int8_with_retries(fmt, _ladder(fmt, n_calibration), attempt, ref_acc)
+
+
+def _card(target: Target, version: str, spec: InputSpec, arts: dict, extra: dict) -> dict:
+    primary = arts[target.formats[0]]
+    splits = [s for s in ("validation", "official_test") if s in primary]
+    card = {"name": target.name, "version": version, "input": spec.to_card(),
+            "files": {FORMATS[f][0]: {"precision": FORMATS[f][1], "format": f} for f in target.formats},
+            "precision": "+".join(sorted({FORMATS[f][1] for f in target.formats})),
+            "date": time.strftime("%Y-%m-%d"), "exported_by": "export.convert", **extra}
+    card["metrics"] = {**{s: primary[s]["metrics"] for s in splits}, "measured_with": target.formats[0],
+                       "by_backend": {FORMATS[f][0]: {s: arts[f][s]["metrics"] for s in splits}
+                                      for f in target.formats},
+                       "parity": {FORMATS[f][0]: {s: {k: v for k, v in arts[f][s].items() if k != "metrics"}
+                                                  for s in splits} for f in target.formats}}
+    if any(FORMATS[f][1] == "int8" for f in target.formats):
+        card["calibration_images"] = {FORMATS[f][0]: arts[f]["options"]["calibration"]
+                                      for f in target.formats if "options" in arts[f]}
     return card
+
+
+def _write_bundle(model, target: Target, version: str, spec: InputSpec, arts: dict, data: ExportData,
+                  extra: dict, fitted_on: str | None) -> Bundle:
+    """card.json (metrics, temperature fitted on validation, heatmap entry) + cam.npz."""
+    card = _card(target, version, spec, arts, extra)
+    if fitted_on:
+        rec = temperature_record(data.val.y, arts[target.formats[0]]["_val_probs"],
+                                 FORMATS[target.formats[0]][0], fitted_on=fitted_on)
+        card.update(temperature=rec["temperature"], calibration=rec)
+    entry = cam.write_cam(model, target.dir)
+    if entry:
+        card["cam"] = entry
+    files = {FORMATS[f][0]: target.dir / FILE_NAMES[FORMATS[f][0]] for f in target.formats}
+    return write_bundle(target.dir, card, files)
+
+
+def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target], *, version: str = "0.0.0",
+                 n_calibration: int = 300, threads: int = 2, card_extra: dict | None = None,
+                 report_extra: dict | None = None, fitted_on: str | None = "validation split",
+                 n_calibration_onnx: int | None = None) -> dict:
+    """Export a Keras inference model into ``targets`` (bundle folders), each artifact built (int8: along
+    the retry ladder), measured against the float model, gated on validation, and its card written with
+    the temperature fitted on validation (``fitted_on`` names the split; ``None``: no temperature).
+    Returns the parity report (``report["gate"]["passed"]``)."""
+    for t in targets:
+        _check_formats(t.formats)
+    ref = _reference(model, data)
+    report = {**(report_extra or {}), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads,
+              "input": spec.to_card(), "keras": {s: parity.compare(d.y, ref.probs[s], ref.probs[s])
+                                                 for s, d in data.splits().items()}, "artifacts": []}
+    print(f"  {'keras-float32':<15}             val acc {report['keras']['validation']['accuracy']:.4f}", flush=True)
+    arts: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
+        work = Path(tmp)
+        saved = savedmodel.save(cam.dual_output(model), work / "saved_model", spec.size)
+        for t in targets:
+            t.dir.mkdir(parents=True, exist_ok=True)
+            for fmt in t.formats:
+                dest = t.dir / FILE_NAMES[FORMATS[fmt][0]]
+                n = n_calibration_onnx if fmt.startswith("onnx") and n_calibration_onnx else n_calibration
+                arts[fmt] = _build_measured(saved, fmt, dest, work, data, ref, n, threads)
+                arts[fmt]["path"] = str(dest)
+    for t in targets:
+        b = _write_bundle(model, t, version, spec, arts, data, card_extra or {}, fitted_on)
+        for f in t.formats:
+            arts[f]["sha256"] = b.card["files"][FORMATS[f][0]]["sha256"]
+    report["artifacts"] = [{k: v for k, v in a.items() if not k.startswith("_")} for a in arts.values()]
+    report["calibration"] = {"requested": n_calibration,
+                             "used": {f: a["options"]["calibration"] for f, a in arts.items() if "options" in a}}
+    failures = parity.gate(report)
+    report["gate"] = {"split": "validation", "max_int8_drop_pp": parity.MAX_INT8_DROP_PP,
+                      "passed": not failures, "failures": failures}
+    report["size"] = {t.group: size_check(t.dir) for t in targets}
+    return report
+
+
+def size_check(bundle_dir: Path) -> dict:
+    """Bytes of every file in a bundle, against MAX_MODEL_BYTES (model files) and MAX_BUNDLE_BYTES."""
+    b = load_bundle(bundle_dir)
+    files = {f.name: f.stat().st_size for f in sorted(Path(bundle_dir).iterdir()) if f.is_file()}
+    models = {b.card["files"][k]["path"] for k in b.backends()}
+    problems = [f"{n}: {s / 2**20:.2f} MiB > {MAX_MODEL_BYTES / 2**20:.0f} MiB" for n, s in files.items()
+                if n in models and s > MAX_MODEL_BYTES]
+    if sum(files.values()) > MAX_BUNDLE_BYTES:
+        problems.append(f"bundle: {sum(files.values()) / 2**20:.2f} MiB > {MAX_BUNDLE_BYTES / 2**20:.0f} MiB")
+    return {"bytes": files, "total_bytes": sum(files.values()), "problems": problems}
 
 
 def make_bundle(model, spec: InputSpec, out_dir: str | Path, calibration: np.ndarray,
                 formats=("tflite-int8", "onnx-int8"), name: str = "cxr-edge", version: str = "0.0.0",
-                card_extra: dict | None = None) -> Bundle:
-    """Export a Keras inference model into one bundle folder (one model file per backend).
-    ``calibration``: float32[N, S, S, 1] model inputs (preprocessed with ``spec``) for int8."""
-    _check_formats(formats)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                card_extra: dict | None = None, val: tuple | None = None, test: tuple | None = None,
+                threads: int = 1, temperature: bool = False) -> Bundle:
+    """``export_model`` into one bundle folder. ``calibration``: float32[N, S, S, 1] model inputs
+    (preprocessed with ``spec``) for int8; ``val`` / ``test``: ``(inputs, labels)``. Without ``val`` the
+    calibration images labelled by the float model itself stand in (the gate then measures agreement).
+    ``temperature``: fit one on ``val`` (off by default: a handful of test images gives a degenerate one).
+    Raises :class:`ExportError` when int8 fails the gate."""
     calibration = np.asarray(calibration, np.float32)
-    with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
-        work = Path(tmp)
-        saved = savedmodel.save(model, work / "saved_model", spec.size)
-        files = {}
-        for fmt in formats:
-            backend = FORMATS[fmt][0]
-            files[backend] = build_artifact(saved, fmt, out_dir / FILE_NAMES[backend], calibration, work)
-    return write_bundle(out_dir, _card(name, version, spec, formats, card_extra), files)
+    if val is None:
+        val = (calibration, model.predict(calibration, verbose=0).argmax(1))
+    data = ExportData(Split(*val), Split(*test) if test is not None else None, lambda n: calibration[:n])
+    report = export_model(model, spec, data, [Target("bundle", Path(out_dir), tuple(formats), name)],
+                          version=version, n_calibration=len(calibration), threads=threads,
+                          card_extra=card_extra, fitted_on="validation split" if temperature else None)
+    if not report["gate"]["passed"]:
+        raise ExportError("; ".join(report["gate"]["failures"]))
+    return load_bundle(out_dir)
 
 
 # ---- the CLI: a run to bundles + parity report ---------------------------------------------------------
@@ -119,55 +328,55 @@ def _resolve_run(run: str | None) -> tuple[Path, dict]:
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if not metrics:
-        print(f"warning: {run_dir.name} has no metrics.json (unfinished run?); exporting its last weights",
-              file=sys.stderr)
+        print(f"warning: {run_dir.name} has no metrics.json (a run brought back without it, or unfinished); "
+              "exporting its weights", file=sys.stderr)
     return run_dir, metrics
 
 
-class _Data:
-    """Validation, official test, and a seeded pool of calibration images of the run's protocol."""
+def run_data(cfg: dict, spec: InputSpec, data_arg: str | None) -> ExportData:
+    """The run's protocol: its validation split, the official test set, and a seeded pool of its
+    training images for calibration (decoded as needed)."""
+    from train import data
 
-    def __init__(self, cfg: dict, spec: InputSpec, data_arg: str | None):
-        from train import data
+    root = data.data_dir(data_arg)
+    splits = data.protocol_splits(root, cfg.get("protocol", "grouped"), cfg.get("val_fraction", 0.15),
+                                  cfg.get("seed", 0))
 
-        self.data, self.spec = data, spec
-        root = data.data_dir(data_arg)
-        splits = data.protocol_splits(root, cfg.get("protocol", "grouped"), cfg.get("val_fraction", 0.15),
-                                      cfg.get("seed", 0))
-        self.train = splits["train"]
-        self.order = np.random.default_rng(cfg.get("seed", 0)).permutation(len(self.train))
-        self.val, self.test = splits["val"], data.list_split(root, "test")
-        self._calib = np.empty((0, spec.size, spec.size, 1), np.float32)
+    def arrays(records) -> Split:
+        return Split(to_input(data.load_images(records, spec.size), spec), data.labels_of(records))
 
-    def arrays(self, records):
-        return to_input(self.data.load_images(records, self.spec.size), self.spec), self.data.labels_of(records)
+    train = splits["train"]
+    order = np.random.default_rng(cfg.get("seed", 0)).permutation(len(train))
+    pool = [np.empty((0, spec.size, spec.size, 1), np.float32)]
 
-    def calibration(self, n: int) -> np.ndarray:
-        n = min(n, len(self.train))
-        if len(self._calib) < n:
-            more = [self.train[i] for i in self.order[len(self._calib):n]]
-            self._calib = np.concatenate([self._calib, self.arrays(more)[0]])
-        return self._calib[:n]
+    def calibration(n: int) -> np.ndarray:
+        n = min(n, len(train))
+        if len(pool[0]) < n:
+            more = arrays([train[i] for i in order[len(pool[0]):n]]).x
+            pool[0] = np.concatenate([pool[0], more])
+        return pool[0][:n]
 
-
-def _ladder(fmt: str, n: int) -> list[dict]:
-    """Int8 attempts, in order, until one passes the gate."""
-    if fmt == "tflite-int8":
-        return [{"calibration": n}, {"calibration": 3 * n}]
-    head = ("Softmax", "MatMul", "Gemm")
-    return [{"calibration": n}, {"calibration": 3 * n},
-            {"calibration": 3 * n, "exclude_op_types": head},
-            {"calibration": 3 * n, "exclude_op_types": head, "activations": "uint8"}]
+    t0 = time.monotonic()
+    d = ExportData(arrays(splits["val"]), arrays(data.list_split(root, "test")), calibration)
+    print(f"{len(d.val.y)} validation / {len(d.test.y)} official test images ({time.monotonic() - t0:.0f} s)")
+    return d
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m export.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="run id or folder (default: best finished run by validation metric)")
     ap.add_argument("--out", help="output folder (default runs/<id>/bundles)")
-    ap.add_argument("--calibration", type=int, default=300, help="training images for int8 calibration")
+    ap.add_argument("--calibration", type=int, default=300, help="training images for int8 calibration "
+                    "(the retry ladder may use 3x as many)")
+    ap.add_argument("--calibration-onnx", type=int, default=None,
+                    help="the same for the ONNX model (default: --calibration); each format's sample starts "
+                         "its own ladder, decided on validation")
     ap.add_argument("--install-default", action="store_true",
                     help="install the int8 bundle as the runtime's embedded default model")
+    ap.add_argument("--allow-oversize", action="store_true",
+                    help=f"install even if a model file exceeds {MAX_MODEL_BYTES / 2**20:.0f} MiB or the "
+                    f"bundle {MAX_BUNDLE_BYTES / 2**20:.0f} MiB")
     ap.add_argument("--name", help="bundle name (default cxr-edge-<model>)")
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the parity measurement")
@@ -176,144 +385,92 @@ def main(argv=None) -> int:
                     help="artifacts to build (default all); --install-default needs both int8 ones")
     ap.add_argument("--no-ood-gate", dest="ood_gate", action="store_false",
                     help="do not fit the non-CXR gate (train.ood) into the int8 bundle")
-    a = ap.parse_args(argv)
+    return ap
 
-    run_dir, run_metrics = _resolve_run(a.run)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    out = Path(a.out) if a.out else run_dir / "bundles"
-    name = a.name or "cxr-edge-" + cfg["model"].replace("efficientnet_", "").replace("_", "-")
-    if cfg.get("protocol", "grouped") != "grouped":
-        print(f"warning: run protocol {cfg.get('protocol')!r} trains on images of the official test set; "
-              "its official-test numbers are not a held-out measurement", file=sys.stderr)
-    from train.registry import load_run
 
-    model, spec, _ = load_run(run_dir)  # the inference model (no augmentation), best weights
-    pretrained = run_metrics.get("pretrained") or cfg.get("weights") or "none"
-
-    t0 = time.monotonic()
-    d = _Data(cfg, spec, a.data)
-    x_val, y_val = d.arrays(d.val)
-    x_test, y_test = d.arrays(d.test)
-    print(f"{len(x_val)} validation / {len(x_test)} official test images ({time.monotonic() - t0:.0f} s)")
-    ref = {"validation": model.predict(x_val, batch_size=32, verbose=0),
-           "official_test": model.predict(x_test, batch_size=32, verbose=0)}
-    ys = {"validation": y_val, "official_test": y_test}
-    xs = {"validation": x_val, "official_test": x_test}
-    report = {"training_run": run_dir.name, "model": cfg["model"], "pretrained": pretrained,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": a.threads, "calibration": a.calibration,
-              "protocol": cfg.get("protocol", "grouped"), "input": spec.to_card(),
-              "keras": {s: parity.compare(ys[s], ref[s], ref[s]) for s in ys}, "artifacts": []}
-
-    def measure(fmt: str, path: Path) -> dict:
-        backend, precision = FORMATS[fmt]
-        res = {"format": fmt, "backend": backend, "precision": precision, "bytes": path.stat().st_size}
-        for s in ys:
-            res[s] = parity.compare(ys[s], parity.predict(path, backend, xs[s], a.threads), ref[s])
-        print(f"  {fmt:<15} {res['bytes'] / 2**20:6.2f} MiB  val acc {res['validation']['accuracy']:.4f} "
-              f"agree {res['validation']['agreement']:.4f} max|dp| {res['validation']['max_abs_diff']:.4f}  "
-              f"test acc {res['official_test']['accuracy']:.4f}", flush=True)
-        return res
-
-    ref_acc = report["keras"]["validation"]["accuracy"]
-    print(f"  {'keras-float32':<15}             val acc {ref_acc:.4f}  "
-          f"test acc {report['keras']['official_test']['accuracy']:.4f}", flush=True)
-    bundles: dict[str, tuple[Path, dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
-        work = Path(tmp)
-        saved = savedmodel.save(model, work / "saved_model", spec.size)
-        for group, formats in BUNDLE_GROUPS.items():
-            formats = tuple(f for f in formats if f in a.formats)
-            if not formats:
-                continue
+def _targets(out: Path, name: str, formats) -> list[Target]:
+    targets = []
+    for group, fmts in BUNDLE_GROUPS.items():
+        fmts = tuple(f for f in fmts if f in formats)
+        if fmts:
             bdir = out / f"{name}-{group}"
             if bdir.exists():
                 shutil.rmtree(bdir)
-            bdir.mkdir(parents=True)
-            files = {}
-            for fmt in formats:
-                backend, precision = FORMATS[fmt]
-                dest = bdir / FILE_NAMES[backend]
-                attempts = _ladder(fmt, a.calibration) if precision == "int8" else [{}]
-                tried = []
-                for opts in attempts:
-                    opts = dict(opts)
-                    n = opts.pop("calibration", 0)
-                    calib = d.calibration(n) if n else None
-                    build_artifact(saved, fmt, dest, calib, work, **opts)
-                    res = measure(fmt, dest)
-                    drop = 100 * (ref_acc - res["validation"]["accuracy"])
-                    tried.append({"calibration": len(calib) if calib is not None else 0, **opts,
-                                  "validation_accuracy": res["validation"]["accuracy"], "drop_pp": round(drop, 3)})
-                    if precision != "int8" or drop <= parity.MAX_INT8_DROP_PP + 1e-9:
-                        break
-                    print(f"  {fmt}: {drop:.2f} pp below float on validation, retrying", flush=True)
-                if precision == "int8":
-                    res["attempts"], res["options"] = tried, {k: v for k, v in tried[-1].items()
-                                                              if k not in ("validation_accuracy", "drop_pp")}
-                res["path"] = str(dest.relative_to(out))
-                report["artifacts"].append(res)
-                files[backend] = dest
-            bundles[group] = (bdir, formats, files)
+            targets.append(Target(group, bdir, fmts, name if group == "int8" else f"{name}-{group}"))
+    return targets
 
-    failures = parity.gate(report)
-    report["gate"] = {"split": "validation", "max_int8_drop_pp": parity.MAX_INT8_DROP_PP,
-                      "passed": not failures, "failures": failures}
-    by_fmt = {r["format"]: r for r in report["artifacts"]}
-    for group, (bdir, formats, files) in bundles.items():
-        primary = by_fmt[formats[0]]
-        metrics = {"validation": primary["validation"]["metrics"],
-                   "official_test": primary["official_test"]["metrics"], "measured_with": formats[0],
-                   "by_backend": {FORMATS[f][0]: {s: by_fmt[f][s]["metrics"] for s in ys} for f in formats},
-                   "parity": {FORMATS[f][0]: {s: {k: v for k, v in by_fmt[f][s].items() if k != "metrics"}
-                                              for s in ys} for f in formats}}
-        extra = {"training_run": run_dir.name, "model": cfg["model"], "pretrained": pretrained,
-                 "metrics": metrics}
-        if group == "int8":
-            extra["calibration_images"] = {FORMATS[f][0]: by_fmt[f]["options"]["calibration"] for f in formats}
-        b = write_bundle(bdir, _card(f"{name}" if group == "int8" else f"{name}-{group}", a.version, spec,
-                                     formats, extra), files)
-        for f in formats:
-            entry = b.card["files"][FORMATS[f][0]]
-            by_fmt[f]["sha256"] = entry["sha256"]
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    from train.registry import load_run
+
+    run_dir, run_metrics = _resolve_run(a.run)
+    model, spec, cfg = load_run(run_dir)  # the inference model (no augmentation), best weights
+    out = Path(a.out) if a.out else run_dir / "bundles"
+    name = a.name or "cxr-edge-" + cfg["model"].replace("efficientnet_", "").replace("_", "-")
+    protocol = cfg.get("protocol", "grouped")
+    if protocol != "grouped":
+        print(f"warning: run protocol {protocol!r} trains on images of the official test set; "
+              "its official-test numbers are not a held-out measurement", file=sys.stderr)
+    pretrained = run_metrics.get("pretrained") or cfg.get("weights") or "none"
+    data = run_data(cfg, spec, a.data)
+    targets = _targets(out, name, a.formats)
+    info = {"training_run": run_dir.name, "model": cfg["model"], "pretrained": pretrained}
+    report = export_model(model, spec, data, targets, version=a.version, n_calibration=a.calibration,
+                          n_calibration_onnx=a.calibration_onnx, threads=a.threads, report_extra={**info, "protocol": protocol},
+                          card_extra=info, fitted_on=f"validation split of {run_dir.name}")
+    int8 = next((t for t in targets if t.group == "int8"), None)
+    if report["gate"]["passed"] and int8 and a.ood_gate:
+        from train.ood import main as fit_ood_gate
+
+        fit_ood_gate([str(int8.dir)] + (["--data", a.data] if a.data else []))
+        report["size"]["int8"] = size_check(int8.dir)  # with the gate's ood.npz
+    _write_report(report, out)
+    return _finish(report, int8, out, a)
+
+
+def _write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "parity.md").write_text(parity.to_markdown(report))
     print(f"bundles and parity report in {out}")
-    if failures:
-        print("EXPORT FAILED: int8 accuracy gate (validation split):\n  " + "\n  ".join(failures),
-              file=sys.stderr)
+
+
+def _finish(report: dict, int8: Target | None, out: Path, a) -> int:
+    if report["gate"]["failures"]:
+        print("EXPORT FAILED: int8 accuracy gate (validation split):\n  "
+              + "\n  ".join(report["gate"]["failures"]), file=sys.stderr)
         return 3
-    if "int8" in bundles:  # what ships with the int8 bundle: calibration and the non-CXR gate
-        from export.calibrate import calibrate_bundle
-
-        int8_dir, int8_formats, _ = bundles["int8"]
-        rec = calibrate_bundle(int8_dir, run_dir, FORMATS[int8_formats[0]][0], val=(x_val, y_val))
-        print(f"temperature {rec['temperature']:.3f} fitted on validation (ECE {rec['val_ece']['before']:.3f}"
-              f" -> {rec['val_ece']['after']:.3f})")
-        from export.cam import add_cam
-
-        if add_cam(model, spec.size, int8_dir):
-            print("class-activation model (features.tflite, cam.npz) added to the int8 bundle")
-        if a.ood_gate:
-            from train.ood import main as fit_ood_gate
-
-            fit_ood_gate([str(int8_dir)] + (["--data", a.data] if a.data else []))
-    if a.install_default:
-        if "int8" not in bundles or len(bundles["int8"][1]) != 2:
-            print("--install-default needs the tflite-int8 and onnx-int8 artifacts", file=sys.stderr)
-            return 2
-        install_default(bundles["int8"][0], out)
+    for group, s in report["size"].items():  # the limits are the shipped (int8) bundle's; float ones are
+        for p in s["problems"]:  # reference artifacts, reported only
+            print(f"size limit exceeded ({group}{'' if group == 'int8' else ', not shipped'}): {p}", file=sys.stderr)
+    oversize = report["size"].get("int8", {}).get("problems", []) if int8 else []
+    if not a.install_default:
+        return 0
+    if int8 is None or len(int8.formats) != 2:
+        print("--install-default needs the tflite-int8 and onnx-int8 artifacts", file=sys.stderr)
+        return 2
+    if oversize and not a.allow_oversize:
+        print("not installed: the int8 bundle breaks the size limits (--allow-oversize to install anyway)",
+              file=sys.stderr)
+        return 4
+    install_default(int8.dir, out)
     return 0
 
 
 def install_default(bundle_dir: Path, report_dir: Path, dest: Path | None = None,
                     results: Path | None = None) -> Path:
-    """Copy an int8 bundle (model.tflite, model.onnx, card.json, ood.npz) to the runtime's embedded default
-    folder and the parity report to ``benchmarks/results/``."""
+    """Replace the runtime's embedded default bundle with an int8 bundle (every file in it: model files,
+    card.json, cam.npz, the gate's ood.npz) and copy the parity report to ``benchmarks/results/``. Files of
+    the previous default that the new bundle lacks (an old ``features.tflite``) are removed."""
     dest, results = Path(dest or DEFAULT_BUNDLE), Path(results or RESULTS_DIR)
     dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted(bundle_dir.iterdir()):  # model files, card.json and the gate's ood.npz
-        if f.is_file():
-            shutil.copyfile(f, dest / f.name)
+    new = {f.name for f in bundle_dir.iterdir() if f.is_file()}
+    for f in dest.iterdir():
+        if f.is_file() and f.name not in new:
+            f.unlink()
+    for name in sorted(new):
+        shutil.copyfile(bundle_dir / name, dest / name)
     results.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(report_dir / "parity.json", results / "parity.json")
     shutil.copyfile(report_dir / "parity.md", results / "parity.md")

@@ -2,13 +2,9 @@
 
 int8: QDQ format, per-channel symmetric int8 weights and int8 activations (S8S8, onnxruntime's documented
 first choice) calibrated (MinMax) on the same preprocessed images as TFLite's int8; input and output stay
-float32. Measured on an EfficientNet-Lite0 run (745 validation images, float ONNX as reference):
-
-    S8S8, full 8-bit weights       label agreement 99.6 %, mean |dp| 0.0074
-    U8S8, reduce_range (7-bit w)   label agreement 98.0 %, mean |dp| 0.0150
-    U8U8                           label agreement 98.7 %, about 7x slower, int32 bias overflow warnings
-
-so S8S8 without ``reduce_range`` is the default; the other settings stay available as options."""
+float32. S8S8 without ``reduce_range`` is the default; the other settings stay available as options and
+the export's retry ladder (``export.convert._ladder``) tries some of them; what each attempt measured is
+in the export's parity report (``parity.md``, "Int8 attempts"), never typed here."""
 from __future__ import annotations
 
 import os
@@ -75,7 +71,10 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: np.ndarray, pe
         prepped = Path(tmp) / "prepped.onnx"
         try:
             quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
-        except Exception:  # optional step; quantize the plain float model instead
+        except Exception as exc:  # noqa: BLE001 - onnx / onnxruntime raise many types; the step is optional
+            print(f"warning: onnxruntime quant_pre_process failed on {fp32.name} ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); quantizing the float model without it",
+                  file=sys.stderr)
             prepped = fp32
         name = _input_name(prepped)
 

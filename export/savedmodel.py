@@ -1,9 +1,10 @@
 """Keras 3 model -> TensorFlow SavedModel, the common source of the TFLite and ONNX conversions.
 
 The serving signature takes ``image: float32[batch, S, S, 1]`` (batch left dynamic) and returns the
-model's softmax probabilities. Keras traces the model in inference mode, so dropout is an identity and
-batch normalization uses its moving statistics; augmentation layers are never part of the inference
-model (``train.fit`` only puts them in its training wrapper)."""
+model's outputs: the softmax probabilities, and for models with a ``features`` layer also that feature map
+(``export.cam.dual_output``; the runtime tells them apart by rank). Keras traces the model in inference
+mode, so dropout is an identity and batch normalization uses its moving statistics; augmentation layers
+are never part of the inference model (``train.fit`` only puts them in its training wrapper)."""
 from __future__ import annotations
 
 from pathlib import Path

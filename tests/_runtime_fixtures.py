@@ -7,8 +7,11 @@ runtime tests against another bundle instead (the tests only assume classes and 
 ``float_io_bundle_dir`` / ``int8_io_bundle_dir`` are built here, for the engine's quantized-I/O path: the same
 tiny CNN (fixed seed, a few steps on the test images) converted to full-integer TFLite twice, once with float32
 input/output tensors and once with int8 ones (plus an int8 QDQ ONNX model via tf2onnx + onnxruntime
-quantization). TensorFlow is only imported here, in the test process, never by the runtime. Built bundles are
-cached in pytest's cache folder (``.pytest_cache``), so reruns take no TensorFlow time.
+quantization). Like exported bundles (contract 1) every model has two outputs, the probabilities ``[N, 3]`` and
+the feature map ``[N, 15, 15, 16]`` (layer ``features``), and the bundle carries ``cam.npz`` (except the
+fixed-batch one, whose head is not global-average-pooled). TensorFlow is only imported here, in the test
+process, never by the runtime. Built bundles are cached in pytest's cache folder (``.pytest_cache``), so
+reruns take no TensorFlow time.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from cxr_edge.preprocess import InputSpec, load_gray, to_input
 DATA = Path(__file__).resolve().parent / "data" / "chest_xray"
 SIZE = 64
 SPEC = InputSpec(size=SIZE, scale=1.0 / 128.0, offset=-127.0 / 128.0)
-BUILD_VERSION = "3"  # bump when the builder changes
+BUILD_VERSION = "4"  # bump when the builder changes (4: dual outputs + cam.npz)
 BUNDLE_ENV = "CXR_EDGE_TEST_BUNDLE"
 
 
@@ -59,16 +62,19 @@ def build_bundle(root: Path, int8_io: bool = False, fixed_batch: bool = False) -
     root.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(0)
     x, y = _dataset()
-    model = keras.Sequential([
-        keras.Input((SIZE, SIZE, 1)),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
-        keras.layers.MaxPooling2D(8) if fixed_batch else keras.layers.GlobalAveragePooling2D(),
-        *([keras.layers.Flatten()] if fixed_batch else []),
-        keras.layers.Dense(3, activation="softmax"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    model.fit(x, y, epochs=40, batch_size=len(x), verbose=0)
+    inp = keras.Input((SIZE, SIZE, 1))
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inp)
+    h = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(h)
+    features = keras.layers.Activation("linear", name="features")(h)
+    if fixed_batch:
+        h = keras.layers.Flatten()(keras.layers.MaxPooling2D(8)(features))
+    else:
+        h = keras.layers.GlobalAveragePooling2D()(features)
+    probs = keras.layers.Dense(3, activation="softmax", name="dense" if fixed_batch else "probs")(h)
+    classifier = keras.Model(inp, probs)
+    classifier.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    classifier.fit(x, y, epochs=40, batch_size=len(x), verbose=0)
+    model = keras.Model(inp, [probs, features])  # same layers: one pass, two outputs
 
     sig = [tf.TensorSpec([1 if fixed_batch else None, SIZE, SIZE, 1], tf.float32, name="input")]
     fn = tf.function(lambda t: model(t, training=False), input_signature=sig)
@@ -107,6 +113,11 @@ def build_bundle(root: Path, int8_io: bool = False, fixed_batch: bool = False) -
     card = {"name": "cxr-edge-test-tiny", "version": "0.0.1", "classes": list(CLASS_NAMES),
             "input": SPEC.to_card(), "training_run": "tests", "date": "2026-01-01",
             "files": {"tflite": {"precision": "int8"}, "onnx": {"precision": "int8"}}}
+    from export.cam import write_cam
+
+    cam = write_cam(classifier, root)  # None for the fixed-batch head
+    if cam:
+        card["cam"] = cam
     write_bundle(root, card, {"tflite": root / "model.tflite", "onnx": root / "model.onnx"})
     return root
 

@@ -1,8 +1,10 @@
-"""The benchmark suite runs end to end in its quick mode, so that it cannot rot."""
+"""The benchmark suite runs end to end in its quick mode, so that it cannot rot; the README's results
+block is written from results.json by the benchmark, never by hand, and never by a quick run."""
 import json
 from pathlib import Path
 
 from benchmarks.__main__ import main
+from benchmarks.report import README_END, README_START, readme_block, write_readme
 
 MINI = Path(__file__).parent / "data" / "chest_xray"
 
@@ -10,9 +12,20 @@ MINI = Path(__file__).parent / "data" / "chest_xray"
 def test_quick_benchmark_writes_json_markdown_and_plots(tiny_bundle, tmp_path):
     out = tmp_path / "results"
     scan = MINI / "test" / "NORMAL" / "NORMAL2-IM-0219-0001.jpeg"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_START}\nhand-typed 99.9%\n{README_END}\n\ntail\n")
+    before = readme.read_text()
     assert main(["--quick", "--bundle", str(tiny_bundle), "--data", str(MINI), "--out", str(out),
-                 "--scan", str(scan)]) == 0
+                 "--scan", str(scan), "--readme", str(readme)]) == 0
+    assert readme.read_text() == before  # --quick never writes the README
     results = json.loads((out / "results.json").read_text())
+    assert results["bootstrap_resamples"] == 100  # quick: the count said in the report is the one used
+    assert "(100 resamples)" in (out / "REPORT.md").read_text()
+    assert main(["--readme-from", str(out / "results.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(f"# x\n\n{README_START}\n") and text.endswith(f"\n{README_END}\n\ntail\n")
+    assert text[text.index(README_START) + len(README_START):text.index(README_END)].strip() == \
+        readme_block(results)
     assert results["test_images"] == 3 and results["machine"]["logical_cores"] >= 1
     formats = {r["format"] for r in results["accuracy"]}
     assert formats == {"tflite", "onnx"}
@@ -29,3 +42,37 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tiny_bundle, tmp_path):
     assert "Accuracy on the official test set" in report and "bare JPEG decode" in report
     for png in results["plots"]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def _results(acc_tflite: float) -> dict:
+    def row(name, fmt, acc, size):
+        m = {"accuracy": acc, "macro_f1": 0.5, "recall": {"normal": 0.25, "bacterial": 0.5, "viral": 0.75},
+             "binary": {"accuracy": 0.875, "sensitivity": 0.9, "specificity": 0.8}}
+        return {"artifact": name, "format": fmt, "metrics": m, "ci95": {"accuracy": [acc - 0.01, acc + 0.02]},
+                "file_bytes": size}
+    return {"command": "python -m benchmarks", "date": "2030-01-02 03:04", "test_images": 624,
+            "bootstrap_resamples": 1000, "machine": {"cpu": "Test CPU", "usable_cores": 2},
+            "accuracy": [row("m / TFLite int8 (shipped)", "tflite", acc_tflite, 3 * 2**20),
+                         row("m / TFLite float32", "tflite", 0.5, 2**20),
+                         row("m / Keras float32 (r)", "keras", 0.8125, None)],
+            "targets": [{"target": "shipped int8 model, 3-class accuracy on the official test >= 0.91",
+                         "measured": f"{acc_tflite:.4f}", "met": acc_tflite >= 0.91}],
+            "calibration": {"temperature": 1.25, "raw": {"ece": 0.0771}, "calibrated": {"ece": 0.0502}}}
+
+
+def test_readme_block_comes_from_the_results(tmp_path):
+    block = readme_block(_results(0.8093))
+    assert "Test CPU (2 cores), 2030-01-02 03:04" in block and "624 images" in block and "1000 resamples" in block
+    assert "| m / TFLite int8 (shipped) | 80.9 [79.9, 82.9] | 50.0 | 75.0 | 87.5 | 3.00 MiB |" in block
+    assert "| m / Keras float32 (r) | 81.2 [80.2, 83.2]" in block and "TFLite float32" not in block
+    assert "**Accuracy target (0.91) not met.**" in block and "Normal recall 25.0%" in block
+    assert "temperature 1.25" in block and "0.077 raw, 0.050 calibrated" in block
+    assert "**Accuracy target (0.91) met.**" in readme_block(_results(0.9200))
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"head\n{README_START}\nold\n{README_END}\nfoot\n")
+    assert write_readme(_results(0.8093), readme)
+    assert readme.read_text() == f"head\n{README_START}\n{block}\n{README_END}\nfoot\n"
+    assert write_readme(_results(0.8093), readme) and readme.read_text().count(README_START) == 1
+    readme.write_text("no markers\n")
+    assert not write_readme(_results(0.8093), readme) and readme.read_text() == "no markers\n"

@@ -219,3 +219,34 @@ def test_progress_bar_when_stderr_is_a_terminal(bundle_dir, tmp_path):
     assert proc.returncode == 0
     assert len(jsonl(out.decode())) == 25  # stdout stays clean JSON Lines
     assert b"classifying" in b"".join(chunks)
+
+
+def test_shipped_model_labels_the_shipped_scans_through_the_cli():
+    """``cxr-edge classify --json`` with the embedded default model on tests/data: the labels are the
+    model's (8 of the 9 scans right; see test_engines), not a schema-shaped stub."""
+    from _runtime_fixtures import label_of
+
+    result = run("classify", DATA, "--json", "--threads", 2)
+    assert result.exit_code == 0, result.output
+    rows = jsonl(result.stdout)
+    assert len(rows) == 9
+    right = [CLASS_NAMES.index(r["label"]) == label_of(Path(r["path"])) for r in rows]
+    assert sum(right) >= 8, rows
+    assert {r["label"] for r in rows} == set(CLASS_NAMES)
+
+
+def test_an_internal_error_has_its_own_exit_status_and_says_it_is_a_bug(monkeypatch, capsys):
+    from cxr_edge import cli as cli_mod
+    from cxr_edge.classifier import Classifier
+
+    def broken(self, paths):
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(Classifier, "classify_many", broken)
+    monkeypatch.delenv("CXR_EDGE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_mod.main(["classify", str(image_files("test")[0])])
+    assert exit_info.value.code == cli_mod.EXIT_INTERNAL == 3
+    err = capsys.readouterr().err
+    assert "internal error" in err and "bug" in err and "ZeroDivisionError: simulated bug" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -1,4 +1,7 @@
-"""DICOM input: files written with pydicom from a real scan classify like the JPEG they came from."""
+"""DICOM input: files written with pydicom from a real scan classify like the JPEG they came from; objects whose
+metadata (Modality, BodyPartExamined, ViewPosition) or pixel format says they are not a frontal chest radiograph
+are refused with a reason (``InputRejected``), never an error or a traceback. All DICOM files are synthetic,
+made here."""
 from __future__ import annotations
 
 import json
@@ -18,7 +21,7 @@ from _runtime_fixtures import bundle_dir, image_files  # noqa: E402,F401  (fixtu
 from cxr_edge import Classifier  # noqa: E402
 from cxr_edge.cli import cli  # noqa: E402
 from cxr_edge.labels import CLASS_NAMES  # noqa: E402
-from cxr_edge.preprocess import PreprocessError, load_gray  # noqa: E402
+from cxr_edge.preprocess import InputRejected, PreprocessError, load_gray, load_gray_colour  # noqa: E402
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -49,7 +52,11 @@ def write_dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MO
             ds.NumberOfFrames = frames
         ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
     for key, value in extra.items():
-        setattr(ds, key, value)
+        if value is None:  # Modality=None: the tag is absent
+            if key in ds:
+                delattr(ds, key)
+        else:
+            setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -159,3 +166,109 @@ def test_missing_pydicom_says_how_to_install(scan, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
     with pytest.raises(PreprocessError, match=r"pip install 'cxr-edge\[dicom\]'"):
         load_gray(path)
+
+
+# -- refusal by metadata and pixel format (issue 11) ------------------------------------------------------
+def _small(scan) -> np.ndarray:
+    return np.ascontiguousarray(scan[1][::8, ::8])
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "US", "NM", "PT", "RTDOSE", "XA"])
+def test_non_radiograph_modality_is_refused(scan, tmp_path, modality):
+    # a CT-like 16-bit slice with a soft-tissue window: refused for what it is, before any windowing
+    pixels = (_small(scan).astype(np.uint16) * 8 + 24).astype(np.uint16)
+    path = write_dicom(tmp_path / f"{modality}.dcm", pixels, bits_stored=16, Modality=modality,
+                       RescaleSlope="1", RescaleIntercept="-1024", WindowCenter="40", WindowWidth="400")
+    with pytest.raises(InputRejected, match=rf"^not a radiograph \(Modality {modality}\)$") as info:
+        load_gray(path, 64)
+    assert info.value.reason == f"not a radiograph (Modality {modality})"
+
+
+def test_xray_modality_of_another_body_part_is_refused(scan, tmp_path):
+    path = write_dicom(tmp_path / "mammo.dcm", _small(scan), Modality="MG")
+    with pytest.raises(InputRejected, match=r"^another body part \(Modality MG"):
+        load_gray(path, 64)
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "OT", None])
+def test_radiograph_or_unknown_modality_goes_on(scan, tmp_path, modality):
+    path = write_dicom(tmp_path / "x.dcm", _small(scan), Modality=modality, BodyPartExamined="CHEST",
+                       ViewPosition="PA")
+    ref = load_gray(Image.fromarray(_small(scan)), 64)
+    assert np.abs(load_gray(path, 64).astype(int) - ref.astype(int)).mean() < 1.0
+
+
+@pytest.mark.parametrize("part,refused", [("HAND", True), ("KNEE", True), ("SKULL", True), ("CHEST", False),
+                                          ("THORAX", False), ("ABDOMEN", True), ("", False), (None, False)])
+def test_body_part_examined(scan, tmp_path, part, refused):
+    path = write_dicom(tmp_path / "x.dcm", _small(scan), BodyPartExamined=part)
+    if refused:
+        with pytest.raises(InputRejected, match=rf"^another body part \(BodyPartExamined {part}\)$"):
+            load_gray(path, 64)
+    else:
+        assert load_gray(path, 64).shape == (64, 64)
+
+
+@pytest.mark.parametrize("view,refused", [("LL", True), ("RL", True), ("LATERAL", True), ("PA", False),
+                                          ("AP", False), (None, False)])
+def test_view_position(scan, tmp_path, view, refused):
+    path = write_dicom(tmp_path / "x.dcm", _small(scan), BodyPartExamined="CHEST", ViewPosition=view)
+    if refused:
+        with pytest.raises(InputRejected, match=rf"^lateral view \(ViewPosition {view}\)$"):
+            load_gray(path, 64)
+    else:
+        assert load_gray(path, 64).shape == (64, 64)
+
+
+def _palette_dicom(path: Path, modality: str | None) -> Path:
+    """An 8-bit PALETTE COLOR image (a colour ultrasound-like frame) with 16-bit palette entries."""
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 256, (96, 128)).astype(np.uint8)
+    ramp = np.arange(256, dtype=np.uint16)
+    luts = {"Red": ramp * 257, "Green": (255 - ramp) * 257, "Blue": ((ramp * 7) % 256) * 257}
+    extra = {f"{c}PaletteColorLookupTableDescriptor": [256, 0, 16] for c in luts}
+    extra.update({f"{c}PaletteColorLookupTableData": lut.astype("<u2").tobytes() for c, lut in luts.items()})
+    return write_dicom(path, index, photometric="PALETTE COLOR", Modality=modality, **extra)
+
+
+def test_palette_colour_is_refused_or_seen_in_colour(tmp_path):
+    with pytest.raises(InputRejected, match=r"^not a radiograph \(Modality US\)$"):
+        load_gray(_palette_dicom(tmp_path / "us.dcm", "US"), 64)
+    # without a Modality it is decoded through its palette, in colour, so the pixel gate calls it a colour image
+    gray, colour = load_gray_colour(_palette_dicom(tmp_path / "palette.dcm", None), 64)
+    assert gray.shape == (64, 64) and colour > 0.5
+
+
+def _dose_dicom(path: Path, modality: str | None, float_pixels: bool = False) -> Path:
+    """An RT-dose-like grid: 32-bit unsigned integers (or 32-bit floats), 2 frames."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.2"  # RT Dose Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    if modality:
+        ds.Modality = modality
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 16, 16, 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = 32
+    grid = np.arange(2 * 16 * 16).reshape(2, 16, 16)
+    if float_pixels:
+        ds.FloatPixelData = grid.astype("<f4").tobytes()
+    else:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 31, 0
+        ds.DoseGridScaling = "0.0001"
+        ds.PixelData = grid.astype("<u4").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("modality,float_pixels,reason", [
+    ("RTDOSE", False, r"^not a radiograph \(Modality RTDOSE\)$"),
+    (None, False, r"^not a radiograph \(32 bits per pixel"),
+    (None, True, r"^not a radiograph \(floating-point pixel data\)$")])
+def test_32_bit_and_float_pixels_are_refused(tmp_path, modality, float_pixels, reason):
+    path = _dose_dicom(tmp_path / "dose.dcm", modality, float_pixels)
+    with pytest.raises(InputRejected, match=reason):
+        load_gray(path, 64)

@@ -1,5 +1,5 @@
-"""Class-activation heatmaps: the exported feature model reproduces the Keras CAM, and the CLI writes
-overlays without overwriting anything."""
+"""Class-activation heatmaps from the classifying pass: the bundle's dual-output model reproduces the Keras
+CAM, and the CLI writes one overlay per input path without overwriting anything."""
 import json
 import shutil
 import subprocess
@@ -10,54 +10,47 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr_edge import Classifier
 from cxr_edge.bundle import load_bundle
+from cxr_edge.heatmap import cam_maps, heatmap_path
 from cxr_edge.labels import CLASS_NAMES
 
 MINI = Path(__file__).parent / "data" / "chest_xray"
 SCAN = MINI / "test" / "PNEUMONIA" / "person100_bacteria_477.jpeg"
+# int8 feature maps against the float Keras ones: a few quantization steps of a map scaled to 0..1
+CAM_TOL = 0.1
 
 
-@pytest.fixture(scope="module")
-def cam_bundle(tiny_export, tmp_path_factory):
-    """A tiny GAP + dense model with a ``features`` layer, exported with its CAM artifacts."""
-    import keras
-    from keras import layers
-
-    from export.cam import add_cam
-    from export.convert import make_bundle
-
-    keras.utils.set_random_seed(1)
-    spec = tiny_export.spec
-    inp = layers.Input((spec.size, spec.size, 1))
-    x = layers.Conv2D(8, 3, strides=2, activation="relu")(inp)
-    x = layers.Conv2D(16, 3, strides=2, activation="relu")(x)
-    f = layers.Activation("linear", name="features")(x)
-    out = layers.Dense(3, activation="softmax", name="probs")(layers.GlobalAveragePooling2D()(f))
-    model = keras.Model(inp, out)
-    root = tmp_path_factory.mktemp("cam") / "bundle"
-    make_bundle(model, spec, root, calibration=tiny_export.x, formats=("tflite-int8",), name="cam-test",
-                version="0.0.1", card_extra={"training_run": "tests"})
-    entry = add_cam(model, spec.size, root)
-    assert entry and load_bundle(root).card["cam"]["path"] == "features.tflite"
-    return model, spec, root
-
-
-def test_cam_matches_the_keras_feature_map(cam_bundle, tiny_export):
+def test_heatmap_comes_from_the_classifying_pass_and_matches_keras(tiny_export):
     import keras
 
-    from cxr_edge.heatmap import Heatmapper
-
-    model, spec, root = cam_bundle
+    model, bundle = tiny_export.model, tiny_export.bundle
     feats = keras.Model(model.inputs, model.get_layer("features").output).predict(tiny_export.x, verbose=0)
     w = model.get_layer("probs").get_weights()[0]
-    heat = Heatmapper(load_bundle(root))
-    for i in range(3):
-        for k in range(3):
-            want = np.maximum(feats[i] @ w[:, k], 0)
-            want = want / want.max() if want.max() > 0 else want
-            got = heat.cam(tiny_export.x[i:i + 1], k)
-            assert got.shape == want.shape and 0 <= got.min() and got.max() <= 1
-            np.testing.assert_allclose(got, want, atol=0.02)  # float16 weights
+    for backend in ("tflite", "onnx"):
+        clf = Classifier(model=bundle, backend=backend, heatmaps=True, ood=False)
+        assert clf.engine.has_features  # dual-output model: no second network
+        results = list(clf.classify_many(tiny_export.files))
+        assert all(r.ok and r.heatmap is not None for r in results)
+        _, engine_feats = clf.engine.run_full(tiny_export.x)
+        for i, r in enumerate(results):
+            k = CLASS_NAMES.index(r.label)
+            # the map is the one of this very pass: the model's own feature map and the dense head
+            np.testing.assert_allclose(r.heatmap, cam_maps(engine_feats[i:i + 1], w, [k])[0], atol=1e-5)
+            want = cam_maps(feats[i:i + 1], w, [k])[0]  # the Keras float model's CAM
+            assert r.heatmap.shape == want.shape and 0 <= r.heatmap.min() and r.heatmap.max() <= 1
+            assert np.abs(r.heatmap - want).mean() < CAM_TOL, (backend, i)
+
+
+def test_cam_maps_by_hand():
+    f = np.zeros((1, 2, 2, 2), np.float32)
+    f[0, 0, 0] = [1.0, 0.0]
+    f[0, 1, 1] = [0.0, 2.0]
+    f[0, 0, 1] = [-1.0, 0.0]
+    w = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], np.float32)
+    np.testing.assert_allclose(cam_maps(f, w, [0])[0], [[1.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(cam_maps(f, w, [2])[0], [[1.0, 0.0], [0.0, 1.0]])  # 2 and 2, relu(-2) = 0
+    np.testing.assert_allclose(cam_maps(f, w, [1])[0], [[0.0, 0.0], [0.0, 1.0]])
 
 
 def _cli(*args):
@@ -65,31 +58,50 @@ def _cli(*args):
                           capture_output=True, text=True)
 
 
-def test_cli_writes_overlays_and_never_overwrites(cam_bundle, tmp_path):
-    _, _, root = cam_bundle
+def test_cli_writes_one_overlay_per_input_path_and_never_overwrites(tiny_bundle, tmp_path):
+    a, b = tmp_path / "a" / "x.jpeg", tmp_path / "b" / "x.jpeg"  # one name, two folders
+    for dst, src in ((a, SCAN), (b, MINI / "test" / "NORMAL" / "NORMAL2-IM-0219-0001.jpeg")):
+        dst.parent.mkdir()
+        shutil.copy(src, dst)
     out = tmp_path / "heat"
-    r = _cli("--json", "--model", root, "--heatmap", out, SCAN)
+    r = _cli("--json", "--model", tiny_bundle, "--heatmap", out, a, b)
     assert r.returncode == 0, r.stderr
-    rec = json.loads(r.stdout)
-    png = Path(rec["heatmap"])
-    assert png == out / "person100_bacteria_477.heatmap.png" and rec["label"] in CLASS_NAMES
-    with Image.open(png) as im, Image.open(SCAN) as scan:
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    pngs = [Path(rec["heatmap"]) for rec in recs]
+    assert len(set(pngs)) == 2 and all(p.is_file() for p in pngs)
+    assert pngs == [heatmap_path(out, str(a)), heatmap_path(out, str(b))]
+    assert all(p.parent == out and p.name.startswith("x-") and p.name.endswith(".heatmap.png") for p in pngs)
+    assert heatmap_path(out, str(a)) == heatmap_path(out, str(tmp_path / "b" / ".." / "a" / "x.jpeg"))  # stable
+    with Image.open(pngs[0]) as im, Image.open(SCAN) as scan:
         assert im.mode == "RGB" and abs(im.size[0] / im.size[1] - scan.size[0] / scan.size[1]) < 0.01
-    before = png.read_bytes()
-    again = _cli("--model", root, "--heatmap", out, SCAN)
+    before = pngs[0].read_bytes()
+    again = _cli("--model", tiny_bundle, "--heatmap", out, a)
     assert again.returncode == 1 and "exists" in again.stderr and "Traceback" not in again.stderr
-    assert png.read_bytes() == before
-    assert _cli("--model", root, "--heatmap", out, "--overwrite", SCAN).returncode == 0
+    assert pngs[0].read_bytes() == before
+    assert _cli("--model", tiny_bundle, "--heatmap", out, "--overwrite", a).returncode == 0
 
 
-def test_cam_files_are_checksummed_and_required(cam_bundle, tiny_bundle, tmp_path):
-    _, _, root = cam_bundle
+def test_cam_file_is_checksummed_and_required(tiny_bundle, tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(root, bad)
+    shutil.copytree(tiny_bundle, bad)
     data = bytearray((bad / "cam.npz").read_bytes())
     data[-10] ^= 0xFF
     (bad / "cam.npz").write_bytes(bytes(data))
     r = _cli("--model", bad, "--heatmap", tmp_path / "h", SCAN)
     assert r.returncode == 2 and "sha256" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("--model", tiny_bundle, "--heatmap", tmp_path / "h", SCAN)  # no CAM in that bundle
-    assert r.returncode == 2 and "cam" in r.stderr.lower()
+    none = tmp_path / "none"
+    shutil.copytree(tiny_bundle, none)
+    card = json.loads((none / "card.json").read_text())
+    del card["cam"]
+    (none / "card.json").write_text(json.dumps(card))
+    r = _cli("--model", none, "--heatmap", tmp_path / "h", SCAN)
+    assert r.returncode == 2 and "cam" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert _cli("--model", none, SCAN).returncode == 0  # without --heatmap it classifies as before
+
+
+def test_shipped_model_gives_heatmaps():
+    """The embedded default bundle (dual output, or an older one with features.tflite) gives a map per label."""
+    clf = Classifier(heatmaps=True)
+    r = clf.classify(SCAN)
+    assert r.heatmap is not None and r.heatmap.ndim == 2 and r.heatmap.max() == pytest.approx(1.0)
+    assert load_bundle(None).card["cam"]["weights"]["path"] == "cam.npz"

@@ -1,5 +1,6 @@
 """Metrics on hand-checked cases; temperature scaling undoes over-confidence."""
 import numpy as np
+import pytest
 
 from train.metrics import (apply_temperature, bootstrap_ci, calibration_bins, classification_metrics,
                            fit_temperature)
@@ -38,3 +39,27 @@ def test_temperature_scaling_fixes_over_confidence():
     assert 2.0 < t < 4.0
     assert calibration_bins(y, apply_temperature(p, t))["ece"] < calibration_bins(y, p)["ece"] / 2
     np.testing.assert_array_equal(apply_temperature(p, t).argmax(1), p.argmax(1))
+
+
+def test_temperature_and_its_record_match_hand_computed_values():
+    """Eight scans, all given [0.9, 0.05, 0.05]; six are class 0, one each class 1 and 2. The likelihood
+    is best when the calibrated class-0 probability equals 6/8 = 0.75, i.e. 1 / (1 + 2 r^(1/T)) = 0.75
+    with r = 0.05 / 0.9, so T = ln(r) / ln(1/6) = 1.6131... By hand: ECE 0.15 before (confidence 0.9,
+    accuracy 0.75), 0 after; log loss -(6 ln 0.9 + 2 ln 0.05) / 8 = 0.82795 before, -(6 ln 0.75 + 2 ln 0.125)
+    / 8 = 0.73562 after."""
+    from export.calibrate import temperature_record
+
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 2])
+    p = np.tile([0.9, 0.05, 0.05], (8, 1))
+    t = np.log(0.05 / 0.9) / np.log(1 / 6)
+    assert abs(t - 1.6131) < 1e-4
+    rec = temperature_record(y, p, "tflite", fitted_on="validation split of r")
+    assert rec["temperature"] == pytest.approx(t, abs=1e-3) and fit_temperature(y, p) == rec["temperature"]
+    assert rec["n"] == 8 and rec["fitted_on"] == "validation split of r"
+    assert rec["val_ece"]["before"] == pytest.approx(0.15) and rec["val_ece"]["after"] == pytest.approx(0, abs=1e-3)
+    assert rec["val_log_loss"]["before"] == pytest.approx(0.82795, abs=1e-5)
+    assert rec["val_log_loss"]["after"] == pytest.approx(0.73562, abs=1e-4)
+    # softmax(log p / T) by hand for one row
+    q = np.array([0.9, 0.05, 0.05]) ** (1 / 2.0)
+    np.testing.assert_allclose(apply_temperature(p[:1], 2.0)[0], q / q.sum(), rtol=1e-6)
+    np.testing.assert_allclose(apply_temperature(p[:1], t)[0], [0.75, 0.125, 0.125], atol=1e-6)

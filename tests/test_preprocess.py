@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from _runtime_fixtures import image_files
-from cxr_edge.preprocess import (DRAFT_FACTOR, DRAFT_TOLERANCE, MIN_SIDE, InputSpec, PreprocessError, load_gray,
-                                 preprocess, to_input)
+from cxr_edge.preprocess import MIN_SIDE, InputSpec, PreprocessError, load_gray, preprocess, reduction_factor, to_input
 
 SIZE = 128
 
@@ -99,18 +98,29 @@ def test_exif_orientation_rotates(tmp_path):
     assert _mad(out, upright) < 3.0
 
 
-@pytest.mark.parametrize("path", image_files("test"), ids=lambda p: p.name)
-@pytest.mark.parametrize("size", [224, 64])
-def test_jpeg_draft_is_close_to_full_decode(path, size):
-    with Image.open(path) as img:
-        full_size = img.size
-        img.draft("L", (DRAFT_FACTOR * size, DRAFT_FACTOR * size))
-        reduced = img.size != full_size
-    if size == 64:
-        assert reduced  # the full-resolution originals really take the draft path at small sizes
-    fast = load_gray(path, size, draft=True)
-    full = load_gray(path, size, draft=False)
-    assert _mad(fast, full) < DRAFT_TOLERANCE
+def test_a_jpeg_and_a_png_of_the_same_pixels_give_the_same_array(tmp_path):
+    """The reduction does not depend on the decoder: a JPEG and a PNG of its decoded pixels give the same
+    array, bit for bit, also when the scan is big enough to be reduced first (an enlarged scan at 224, the
+    originals at 64)."""
+    with Image.open(image_files("test")[0]) as img:
+        big = img.convert("L").resize((img.size[0] * 2, img.size[1] * 2), Image.Resampling.BICUBIC)
+    jpeg = _save(big, tmp_path / "big.jpeg", quality=90)
+    cases = [(jpeg, 224)] + [(f, 64) for f in image_files("test")]
+    for path, size in cases:
+        with Image.open(path) as img:
+            assert reduction_factor(*img.size, size) > 1
+            png = _save(img.convert("L"), tmp_path / "same.png", compress_level=1)
+        assert np.array_equal(load_gray(path, size), load_gray(png, size)), (path, size)
+
+
+@pytest.mark.parametrize("w, h, size, want", [(224, 224, 224, 1), (447, 1000, 224, 1), (448, 1000, 224, 1),
+                                              (896, 900, 224, 2), (1266, 1044, 224, 2), (2900, 2000, 224, 4),
+                                              (4000, 4000, 224, 8), (8000, 8000, 224, 16), (1000, 700, 64, 4)])
+def test_reduction_factor(w, h, size, want):
+    # the largest power of two that leaves both sides at least twice the target
+    assert reduction_factor(w, h, size) == want == reduction_factor(h, w, size)
+    assert min(w, h) // want >= 2 * size or want == 1
+
 
 
 @pytest.mark.parametrize("size", [224, 64, 32])
@@ -163,3 +173,56 @@ def test_too_small_is_refused():
     buf = io.BytesIO()
     Image.new("L", (MIN_SIDE, MIN_SIDE), 128).save(buf, "PNG")
     assert load_gray(buf.getvalue(), 64).shape == (64, 64)
+
+
+# --- one answer whatever the container ----------------------------------------------------------------------
+
+FORMAT_TOL = 0.02  # max |probability difference| from the original JPEG, through the shipped model
+
+
+def _containers(jpeg, root, upscale: int = 1) -> dict:
+    """The scan of ``jpeg`` (a full-resolution original) saved as each container a user may have: its own
+    bytes, and its decoded pixels as the other formats. ``upscale``: first enlarge it and save that as the
+    baseline JPEG, for a scan big enough to be reduced before the resize (the originals here are not)."""
+    if upscale > 1:
+        with Image.open(jpeg) as img:
+            big = img.convert("L").resize((img.size[0] * upscale, img.size[1] * upscale), Image.Resampling.LANCZOS)
+        jpeg = _save(big, root / "baseline.jpeg", quality=95)
+    with Image.open(jpeg) as img:
+        gray = img.convert("L")
+    arr = np.asarray(gray)
+    rgba = Image.merge("RGB", [gray] * 3)
+    rgba.putalpha(255)
+    out = {"baseline.jpeg": jpeg}
+    # a progressive JPEG can only be written by re-encoding; it is compared with a baseline re-encode at the
+    # same quality (same coefficients), the other containers with the original
+    for name, (img, kw) in {"progressive.jpeg": (gray, {"progressive": True, "quality": 95}),
+                            "baseline_q95.jpeg": (gray, {"quality": 95}),
+                            "8bit.png": (gray, {"compress_level": 1}), "rgba.png": (rgba, {"compress_level": 1}),
+                            "16bit.png": (Image.fromarray(arr.astype(np.uint16) * 257), {"compress_level": 1}),
+                            "scan.tif": (gray, {})}.items():
+        out[name] = _save(img, root / name, **kw)
+    pydicom = pytest.importorskip("pydicom")  # noqa: F841  (the [dicom] extra; part of [test])
+    from test_dicom import write_dicom
+    out["scan.dcm"] = write_dicom(root / "scan.dcm", arr, BodyPartExamined="CHEST", ViewPosition="PA")
+    return out
+
+
+@pytest.mark.parametrize("jpeg, upscale", [(image_files("test")[0], 1), (image_files("test")[2], 2)],
+                         ids=lambda v: getattr(v, "name", f"x{v}"))
+def test_every_container_gives_the_same_probabilities(jpeg, upscale, tmp_path):
+    """The same scan as baseline JPEG, progressive JPEG, 8-bit PNG, 16-bit PNG, RGBA PNG, TIFF and DICOM:
+    the same reduction whatever the decoder, so the shipped model's probabilities agree within FORMAT_TOL."""
+    from cxr_edge import Classifier
+    from cxr_edge.labels import CLASS_NAMES
+
+    files = _containers(jpeg, tmp_path, upscale)
+    if upscale > 1:
+        with Image.open(files["baseline.jpeg"]) as img:
+            assert reduction_factor(*img.size, 224) > 1  # this one takes the reduction (DCT vs Image.reduce)
+    clf = Classifier(ood=False)
+    results = dict(zip(files, clf.classify_many(list(files.values()))))
+    probs = {k: np.array([r.probabilities[c] for c in CLASS_NAMES]) for k, r in results.items()}
+    for name, p in probs.items():
+        ref = probs["baseline_q95.jpeg" if name == "progressive.jpeg" else "baseline.jpeg"]
+        assert np.abs(p - ref).max() <= FORMAT_TOL, (name, p, ref)

@@ -5,6 +5,7 @@
     python -m train.lease teachers           # there, called by lease.sh: the best phase-1 Lite runs
     python -m train.lease pack "$OUT"        # there, called by lease.sh: the runs into $OUT
     python -m train.lease unpack FILES_DIR   # here: the returned files into runs/
+    python -m train.lease revalidate         # here: validation metrics of the returned weights
 
 Limits that shape this: the working tree plus what is carried travels at most 64 MiB, and a lease returns
 at most 8 files of 16 MiB (64 MiB together). So the ImageNet weights travel as int8 with a scale per
@@ -149,6 +150,33 @@ def unpack(files: Path, runs_dir: Path = RUNS) -> None:
         print(f"{runs_dir / run_id}: weights ({fmt})")
 
 
+def revalidate(runs_dir: Path = RUNS) -> None:
+    """Re-measure validation metrics of runs whose weights came back from a lease (float32 here, the
+    weights as returned: int8- or float16-rounded), so that the registry ranks the weights we have. The
+    lease's own figure (bf16 inference, unrounded weights) is kept as ``val_on_lease``."""
+    from cxr_edge.preprocess import to_input
+    from train import data
+    from train.metrics import classification_metrics
+    from train.registry import load_run
+
+    cache: dict = {}
+    for mpath in sorted(runs_dir.glob("*/metrics.json")):
+        m = json.loads(mpath.read_text())
+        if "returned_weights" not in m or "val_on_lease" in m:
+            continue
+        model, spec, cfg = load_run(mpath.parent)
+        key = (cfg["protocol"], cfg["val_fraction"], cfg["seed"], spec.size)
+        if key not in cache:
+            recs = data.protocol_splits(data.data_dir(), cfg["protocol"], cfg["val_fraction"], cfg["seed"])["val"]
+            cache[key] = (data.load_images(recs, spec.size), data.labels_of(recs))
+        gray, y = cache[key]
+        probs = model.predict(to_input(gray, spec), batch_size=32, verbose=0)
+        m["val_on_lease"], m["val"] = m["val"], classification_metrics(y, probs)
+        mpath.write_text(json.dumps(m, indent=2))
+        print(f"{mpath.parent.name}: val accuracy {m['val_on_lease']['accuracy']:.4f} on the lease, "
+              f"{m['val']['accuracy']:.4f} here ({m['returned_weights']} weights)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.lease")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -159,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--budget-mib", type=float, default=60)
     sub.add_parser("unpack").add_argument("files")
+    sub.add_parser("revalidate")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         from train.data import data_dir
@@ -167,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(",".join(teachers(args.top)))
     elif args.cmd == "pack":
         pack(Path(args.out), budget_mib=args.budget_mib)
+    elif args.cmd == "revalidate":
+        revalidate()
     else:
         unpack(Path(args.files))
     return 0

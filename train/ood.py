@@ -301,6 +301,11 @@ def embed_images(embed: Callable[[np.ndarray], np.ndarray], gray: np.ndarray, ba
     return np.concatenate([np.asarray(embed(gray[i:i + batch]), np.float32) for i in range(0, len(gray), batch)])
 
 
+def _f32(arrays: dict) -> dict:
+    """Stored as float32 (half the bytes); thresholds are computed from these very numbers."""
+    return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+
 ABSENT_LOGIT = -30.0  # the bias of a class without training images: never the most likely
 
 
@@ -328,7 +333,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, c: float = DEFAULT_C, seed: int = 0) 
     bias = np.full(len(EMBED_CLASSES), ABSENT_LOGIT)
     for row, k in enumerate(clf.classes_):
         weights[:, int(k)], bias[int(k)] = coef[row], icpt[row]
-    return {"emb_mean": mean, "emb_scale": scale, "emb_weights": weights, "emb_bias": bias}
+    return _f32({"emb_mean": mean, "emb_scale": scale, "emb_weights": weights, "emb_bias": bias})
 
 
 def fit_density(x_frontal: np.ndarray, k: int = 64) -> dict:
@@ -340,7 +345,7 @@ def fit_density(x_frontal: np.ndarray, k: int = 64) -> dict:
     scale = np.maximum(x.std(axis=0), 1e-6)
     _, sv, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
     var = np.maximum(sv[:k] ** 2 / max(1, len(x) - 1), 1e-9)
-    return {"den_mean": mean, "den_scale": scale, "den_components": vt[:k], "den_var": var}
+    return _f32({"den_mean": mean, "den_scale": scale, "den_components": vt[:k], "den_var": var})
 
 
 def scores_of(arrays: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -544,7 +549,10 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     if len(train) > args.n_train:
         train = [train[i] for i in sorted(rng.choice(len(train), args.n_train, replace=False))]
-    items = gate_dev_items(args.gate_dev)
+    try:
+        items = gate_dev_items(args.gate_dev)
+    except FileNotFoundError as exc:
+        ap.error(f"{exc}; pass --gate-dev DIR (see ../shared/data/gate_dev/README.md)")
     embed = embedder(bundle, threads=args.threads)
     data, val_x = collect(embed, size, load_images(train, size, workers=args.workers),
                           load_images(val, size, workers=args.workers), items, args.variants, args.seed, log,

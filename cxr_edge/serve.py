@@ -1,0 +1,462 @@
+"""``cxr-edge serve``: the classifier behind a REST API and a web page (extra ``pip install "cxr-edge[serve]"``).
+
+    cxr-edge serve [--host 127.0.0.1] [--port 8000] [--model BUNDLE] [--backend tflite|onnx] [--threads N]
+                   [--workers N] [--token TOKEN | --insecure-no-auth] [--max-upload-mb 64] [--no-ood]
+
+Endpoints (OpenAPI schema at ``/openapi.json``, its docs page at ``/docs``; every asset is served from the
+installed packages, nothing from a CDN):
+
+- ``GET /`` the web page (``cxr_edge/web/``): drop scans, see label, probabilities and heatmap, download CSV.
+- ``GET /healthz`` 200 ``{"status": "ready", ...}`` once the model is loaded; 503 ``loading`` / ``failed`` before.
+- ``POST /v1/classify[?heatmap=true]`` one or more files as multipart field ``file`` (repeatable) or one file
+  as the raw body (``?name=`` names it); answers ``{"results": [record, ...]}`` with the records of
+  ``cxr-edge classify --json`` (``path`` is the uploaded file name). With ``heatmap=true`` each classified
+  record also has ``"heatmap": "data:image/png;base64,..."``. Status 200 when at least one file was classified
+  or rejected, 422 with a one-line ``detail`` when every file was unreadable, 400 for a malformed request,
+  413 past the upload limit, 401 without the bearer token when one is set, 503 while the model loads.
+- ``POST /v1/heatmap`` one file in the same way; answers the overlay as ``image/png`` (label in ``X-Label``).
+- ``GET /v1/model`` the model card.
+
+Everything goes through :class:`cxr_edge.Classifier` (``classify_many``) and ``Result.to_dict()``; uploads are
+decoded from memory (``load_gray`` takes bytes) and never written to disk: the multipart parser's spool file
+never rolls over, and the request body is refused past the limit before it is all read. The model loads
+once, in the background after the socket is bound; ``--workers`` model instances (default 1) serve requests,
+each used by one request at a time, so concurrent requests never share an interpreter.
+"""
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import ipaddress
+import logging
+import queue
+import socket
+import sys
+import threading
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from cxr_edge import __version__
+from cxr_edge.labels import CLASS_NAMES
+
+DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
+HEATMAP_SIDE = 512  # overlays sent over HTTP are at most this many pixels a side
+WEB = Path(__file__).resolve().parent / "web"
+NOTICE = ("Not a medical device: a research demonstration, not validated clinically, not cleared by any "
+          "regulator; never use it to diagnose, treat or triage anyone.")
+log = logging.getLogger("cxr_edge.serve")
+
+
+class Upload(bytes):
+    """An uploaded file's bytes that print as its file name: ``load_gray`` decodes bytes in memory, and the
+    Classifier's records (``str(path)``) carry the name the client sent."""
+
+    def __new__(cls, data: bytes, name: str):
+        obj = super().__new__(cls, data)
+        obj.name = name
+        return obj
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Upload({self.name!r}, {len(self)} bytes)"
+
+
+def clean_name(raw: Optional[str], default: str) -> str:
+    """The last component of a client's file name, printable, at most 255 characters."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    return name[:255] or default
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Slot:
+    """One model instance: a Classifier, with heatmaps from its classifying pass when the bundle has them
+    (``heat``; ``heat_error`` says why not)."""
+
+    clf: Any
+    heat: bool = False
+    heat_error: Optional[str] = None
+
+
+class ModelPool:
+    """``size`` model instances; :meth:`slot` lends one to one request at a time."""
+
+    def __init__(self, slots: list[Slot]):
+        self._free: "queue.Queue[Slot]" = queue.Queue()
+        for s in slots:
+            self._free.put(s)
+        self.first = slots[0]
+        self.size = len(slots)
+
+    @classmethod
+    def load(cls, model=None, backend=None, threads=None, workers: int = 1, ood: bool = True) -> "ModelPool":
+        from cxr_edge.bundle import BundleError
+        from cxr_edge.classifier import Classifier
+        from cxr_edge.engines import EngineError
+
+        slots = []
+        for _ in range(max(1, int(workers))):
+            try:
+                slots.append(Slot(Classifier(model=model, backend=backend, threads=threads, ood=ood,
+                                             heatmaps=True), True))
+            except (BundleError, EngineError) as exc:  # a bundle without (usable) heatmap data still
+                clf = Classifier(model=model, backend=backend, threads=threads, ood=ood)  # classifies; the
+                slots.append(Slot(clf, False, _one_line(exc)))  # reason shows in /healthz and heatmap_error
+        return cls(slots)
+
+    @contextmanager
+    def slot(self):
+        s = self._free.get()
+        try:
+            yield s
+        finally:
+            self._free.put(s)
+
+    @property
+    def model(self) -> dict:
+        clf = self.first.clf
+        heat = {"heatmaps": self.first.heat}
+        if self.first.heat_error:
+            heat["heatmap_error"] = self.first.heat_error
+        return {**clf.model.to_dict(), "backend": clf.backend, **heat}
+
+    @property
+    def card(self) -> dict:
+        return self.first.clf.card
+
+
+def _one_line(exc: BaseException | str) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def heatmap_png(slot: Slot, data: bytes, result) -> bytes:
+    """The class-activation overlay (``cxr_edge.heatmap``) of one classified scan, as PNG bytes; the map
+    itself came from the classifying pass (``Result.heatmap``)."""
+    from cxr_edge.heatmap import overlay
+    from cxr_edge.preprocess import _open
+
+    cam = getattr(result, "heatmap", None)
+    if not slot.heat or cam is None:
+        raise RuntimeError(slot.heat_error or "this model has no heatmap data")
+    with _open(data) as img:
+        picture = overlay(img, cam)
+    picture.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE))
+    buf = io.BytesIO()
+    picture.save(buf, "PNG", optimize=False)
+    return buf.getvalue()
+
+
+def classify_uploads(pool: ModelPool, uploads: list[Upload], heatmap: bool) -> list[dict]:
+    """The ``cxr-edge classify --json`` record of each upload, in order (runs in a worker thread)."""
+    with pool.slot() as slot:
+        records = []
+        for up, result in zip(uploads, slot.clf.classify_many(uploads)):
+            record = result.to_dict()
+            if heatmap and result.status == "ok":
+                try:
+                    png = heatmap_png(slot, up, result)
+                    record["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+                except Exception as exc:  # a heatmap failure never hides the label already given
+                    record["heatmap_error"] = f"heatmap not made ({_one_line(exc)})"
+            records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ the request
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _InMemoryParser(MultiPartParser):
+    """Starlette's multipart parser with a spool file that never rolls over to disk (the request body is
+    already bounded by the upload limit)."""
+
+    spool_max_size = sys.maxsize
+
+
+async def _bounded(request: Request, limit: int):
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _TooLarge
+        yield chunk
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"upload too large: the limit is {limit} bytes ({limit / 2**20:g} MB); "
+                              "start the server with a larger --max-upload-mb")
+
+
+async def read_uploads(request: Request, limit: int, name: Optional[str]) -> list[Upload]:
+    """The files of a request: multipart field ``file`` (repeatable) or the raw body."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    ctype = request.headers.get("content-type", "")
+    try:
+        if ctype.lower().startswith("multipart/form-data"):
+            parser = _InMemoryParser(request.headers, _bounded(request, limit), max_files=1000, max_fields=100)
+            form = await parser.parse()
+            try:
+                uploads = []
+                for i, value in enumerate(form.getlist("file")):
+                    if not isinstance(value, UploadFile):
+                        raise HTTPException(400, "multipart field 'file' must be a file upload (with a filename)")
+                    value.file.seek(0)
+                    uploads.append(Upload(value.file.read(), clean_name(value.filename, f"upload-{i + 1}")))
+            finally:
+                await form.close()
+            if not uploads:
+                raise HTTPException(400, "no multipart field 'file' in the request")
+            return uploads
+        body = b"".join([chunk async for chunk in _bounded(request, limit)])
+    except _TooLarge:
+        raise _too_large(limit) from None
+    except MultiPartException as exc:
+        raise HTTPException(400, f"malformed multipart request ({_one_line(exc.message)})") from None
+    if not body:
+        raise HTTPException(400, "empty request: send the scan as multipart field 'file' or as the raw body")
+    return [Upload(body, clean_name(name, "upload"))]
+
+
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                 "description": "one or more scans (JPEG, PNG, DICOM, ...): repeat the field"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "one scan as the raw body; ?name= gives its name"},
+}}}
+_EXAMPLE = {"results": [
+    {"path": "scan.jpeg", "status": "ok", "label": "bacterial",
+     "probabilities": {"normal": 0.03, "bacterial": 0.81, "viral": 0.16},
+     "model": {"name": "cxr-edge-lite0", "version": "1.0.0", "sha256": "570b3b28..."}},
+    {"path": "photo.jpg", "status": "rejected", "reason": "colour image (not a radiograph)",
+     "model": {"name": "cxr-edge-lite0", "version": "1.0.0", "sha256": "570b3b28..."}},
+    {"path": "broken.jpg", "error": "cannot decode image (OSError: image file is truncated)"}]}
+
+
+def _err(what: str) -> dict:
+    return {"description": what, "content": {"application/json": {"example": {"detail": "one-line reason"}}}}
+
+
+# ------------------------------------------------------------------------------------------------ app
+
+
+def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
+               max_upload: int = DEFAULT_MAX_UPLOAD,
+               on_ready: Optional[Callable[[ModelPool], None]] = None,
+               on_error: Optional[Callable[[str], None]] = None):
+    """The ASGI app. ``loader`` builds the model pool; it runs once, in a background thread, when the app
+    starts (``/healthz`` says ``loading`` until it returns)."""
+    state: dict = {"status": "loading", "pool": None, "error": None}
+
+    def load() -> None:
+        try:
+            pool = loader()
+        except Exception as exc:
+            state.update(status="failed", error=_one_line(exc))
+            if on_error:
+                on_error(state["error"])
+            else:
+                log.error("cannot load the model: %s", state["error"])
+            return
+        state.update(status="ready", pool=pool)
+        if on_ready:
+            on_ready(pool)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=load, name="cxr-edge-model-load", daemon=True).start()
+        yield
+
+    app = FastAPIOffline(title="cxr-edge", version=__version__, lifespan=lifespan,
+                         description="Pediatric chest X-ray classifier (normal / bacterial / viral pneumonia). "
+                                     + NOTICE)
+    app.state.model = state
+    bearer = HTTPBearer(auto_error=False, description="Required when the server was started with --token.")
+
+    async def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (send the header Authorization: Bearer TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def ready_pool() -> ModelPool:
+        if state["status"] == "failed":
+            raise HTTPException(503, f"the model failed to load: {state['error']}")
+        if state["pool"] is None:
+            raise HTTPException(503, "the model is still loading; retry in a moment", headers={"Retry-After": "1"})
+        return state["pool"]
+
+    @app.get("/healthz", tags=["service"], summary="Readiness: 200 once the model is loaded, 503 before")
+    async def healthz() -> JSONResponse:
+        body = {"status": state["status"], "version": __version__, "auth": token is not None,
+                "max_upload_bytes": max_upload, "notice": NOTICE}
+        if state["pool"] is not None:
+            body.update(model=state["pool"].model, workers=state["pool"].size, classes=list(CLASS_NAMES))
+        if state["error"]:
+            body["error"] = state["error"]
+        return JSONResponse(body, status_code=200 if state["status"] == "ready" else 503)
+
+    @app.get("/v1/model", tags=["model"], summary="The model card", dependencies=[Depends(authorized)],
+             responses={401: _err("bearer token missing or wrong"), 503: _err("model not loaded")})
+    async def model_card() -> JSONResponse:
+        return JSONResponse(ready_pool().card)
+
+    @app.post("/v1/classify", tags=["classify"], summary="Classify one or more scans",
+              dependencies=[Depends(authorized)], openapi_extra=_UPLOAD_BODY,
+              responses={200: {"description": "one record per file, as `cxr-edge classify --json` prints them",
+                               "content": {"application/json": {"example": _EXAMPLE}}},
+                         400: _err("malformed request (no file, bad multipart)"),
+                         401: _err("bearer token missing or wrong"),
+                         413: _err("request body larger than the upload limit"),
+                         422: _err("no file could be read (not an image, truncated, decompression bomb)"),
+                         503: _err("model not loaded yet")})
+    async def classify(request: Request,
+                       heatmap: bool = Query(False, description="add the class-activation overlay of each "
+                                                                "classified scan as a PNG data URL"),
+                       name: Optional[str] = Query(None, description="file name of a raw-body upload")):
+        pool = ready_pool()
+        uploads = await read_uploads(request, max_upload, name)
+        records = await run_in_threadpool(classify_uploads, pool, uploads, heatmap)
+        if all("error" in r for r in records):
+            first = records[0]
+            detail = f"{first['path']}: {first['error']}"
+            if len(records) > 1:
+                detail = f"none of {len(records)} files could be read; first: {detail}"
+            return JSONResponse({"detail": detail, "results": records}, status_code=422)
+        return JSONResponse({"results": records})
+
+    @app.post("/v1/heatmap", tags=["classify"], summary="The heatmap overlay of one scan, as a PNG",
+              dependencies=[Depends(authorized)], openapi_extra=_UPLOAD_BODY,
+              response_class=Response,
+              responses={200: {"description": "PNG overlay; the label is in the X-Label header",
+                               "content": {"image/png": {}}},
+                         401: _err("bearer token missing or wrong"), 413: _err("too large"),
+                         422: _err("unreadable or rejected file, or the model has no heatmap data")})
+    async def heatmap_only(request: Request, name: Optional[str] = Query(None)):
+        pool = ready_pool()
+        uploads = await read_uploads(request, max_upload, name)
+        if len(uploads) != 1:
+            raise HTTPException(400, f"send exactly one file (got {len(uploads)})")
+        record = (await run_in_threadpool(classify_uploads, pool, uploads, True))[0]
+        if "heatmap" not in record:
+            reason = record.get("error") or record.get("heatmap_error") or f"rejected: {record.get('reason')}"
+            raise HTTPException(422, f"{record['path']}: {reason}")
+        png = base64.b64decode(record["heatmap"].split(",", 1)[1])
+        return Response(png, media_type="image/png", headers={"X-Label": record["label"]})
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB / "index.html", headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                                       "script-src 'self'; connect-src 'self'; object-src 'none'",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=WEB), name="web")
+    return app
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (``port`` 0: a free one)."""
+    info = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(info[4])
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+class _Failed(click.ClickException):
+    exit_code = 2
+
+
+def serve_command(host: str, port: int, model, backend, threads, workers: int, token: Optional[str],
+                  insecure_no_auth: bool, max_upload_mb: float, ood: bool, log_level: str = "info") -> None:
+    """What ``cxr-edge serve`` runs: checks, bind, load the model in the background, serve until Ctrl-C."""
+    import uvicorn
+
+    if token is not None and not token.strip():
+        raise click.UsageError("--token must not be empty")
+    if not is_loopback(host) and token is None and not insecure_no_auth:
+        raise click.UsageError(f"binding to {host} exposes the service beyond this machine: pass --token TOKEN "
+                               "(clients send Authorization: Bearer TOKEN) or, knowingly, --insecure-no-auth")
+    from cxr_edge.bundle import BundleError, load_bundle
+
+    try:  # a missing or unreadable bundle fails here, before the port opens (file checks run in the loader)
+        load_bundle(model)
+    except BundleError as exc:
+        raise _Failed(f"cannot load the model: {_one_line(exc)}") from None
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise _Failed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    url = url_of(sock)
+    failure: list[str] = []
+    server: Optional[uvicorn.Server] = None
+
+    def ready(pool: ModelPool) -> None:
+        m = pool.model
+        click.echo(f"cxr-edge: serving {m['name']} {m['version']} ({m['backend']}) at {url}  "
+                   f"(API docs {url}docs; Ctrl-C stops)", err=True)
+
+    def failed(reason: str) -> None:
+        failure.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(lambda: ModelPool.load(model, backend, threads, workers, ood), token=token,
+                     max_upload=int(max_upload_mb * 2**20), on_ready=ready, on_error=failed)
+    click.echo(f"cxr-edge: loading the model; listening on {url} ({'bearer token required' if token else 'no auth'})",
+               err=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failure:
+        raise _Failed(f"cannot load the model: {failure[0]}")

@@ -1,0 +1,184 @@
+// cxr-edge web page: uploads each dropped file to POST /v1/classify?heatmap=true and shows its record.
+// No framework, no CDN: this file, index.html and style.css are all the page needs.
+"use strict";
+
+const CLASSES = ["normal", "bacterial", "viral"];
+const CSV_COLUMNS = ["path", "status", "label", ...CLASSES, "reason", "model_name", "model_version", "model_sha256"];
+const PARALLEL = 2;
+const $ = (id) => document.getElementById(id);
+const rows = [];
+const pending = [];
+let running = 0;
+let health = null;
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function authHeaders() {
+  const token = $("token").value.trim();
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+async function checkHealth() {
+  try {
+    const resp = await fetch("/healthz", { cache: "no-store" });
+    health = await resp.json();
+    $("token-row").hidden = !health.auth;
+    $("version").textContent = "cxr-edge " + health.version;
+    if (health.status === "ready") {
+      const m = health.model;
+      $("model").textContent = `model ${m.name} ${m.version} (${m.backend})` + (m.heatmaps ? "" : ", no heatmaps");
+      $("model").className = "model ready";
+      pump();
+      return;
+    }
+    $("model").textContent = health.status === "failed" ? "the model failed to load: " + health.error
+                                                        : "loading the model\u2026";
+  } catch (err) {
+    $("model").textContent = "server not reachable; retrying\u2026";
+  }
+  if (!health || health.status !== "failed") setTimeout(checkHealth, 1000);
+}
+
+function newCard(file) {
+  const card = el("article", "card pending");
+  card.append(el("h3", "name", file.name), el("p", "state", "waiting\u2026"));
+  $("cards").append(card);
+  return card;
+}
+
+function bars(probabilities, label) {
+  const box = el("div", "bars");
+  for (const c of CLASSES) {
+    const p = probabilities[c];
+    const row = el("div", "bar-row" + (c === label ? " top" : ""));
+    const track = el("div", "bar");
+    const fill = el("span", "fill " + c);
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    track.append(fill);
+    row.append(el("span", "bar-name", c), track, el("span", "bar-value", (100 * p).toFixed(1) + "%"));
+    box.append(row);
+  }
+  return box;
+}
+
+function render(card, record) {
+  card.querySelector(".state").remove();
+  if (record.error !== undefined) {
+    card.className = "card error";
+    card.append(el("p", "verdict", "Unreadable file"), el("p", "reason", record.error));
+  } else if (record.status === "rejected") {
+    card.className = "card rejected";
+    card.append(el("p", "verdict", "Rejected: not a chest X-ray"), el("p", "reason", record.reason));
+  } else {
+    card.className = "card ok";
+    card.append(el("p", "verdict label", record.label), bars(record.probabilities, record.label));
+    if (record.heatmap) {
+      const img = el("img", "heatmap");
+      img.alt = "heatmap of " + record.path;
+      img.src = record.heatmap;
+      card.append(img);
+    } else if (record.heatmap_error) {
+      card.append(el("p", "reason", record.heatmap_error));
+    }
+  }
+  addRow(record);
+}
+
+function addRow(record) {
+  const status = record.error !== undefined ? "error" : (record.status || "ok");
+  const probs = record.probabilities || {};
+  const model = record.model || {};
+  const row = {
+    path: record.path, status, label: record.label || "",
+    normal: probs.normal ?? "", bacterial: probs.bacterial ?? "", viral: probs.viral ?? "",
+    reason: record.reason || record.error || "",
+    model_name: model.name || "", model_version: model.version || "", model_sha256: model.sha256 || "",
+  };
+  rows.push(row);
+  const tr = el("tr", status);
+  for (const key of ["path", "status", "label", ...CLASSES, "reason"]) {
+    const v = row[key];
+    tr.append(el("td", "", typeof v === "number" ? v.toFixed(3) : v));
+  }
+  document.querySelector("#results tbody").append(tr);
+  $("csv").disabled = $("clear").disabled = false;
+}
+
+async function upload(file, card) {
+  card.querySelector(".state").textContent = "classifying\u2026";
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let record;
+  try {
+    const resp = await fetch("/v1/classify?heatmap=true", { method: "POST", body: form, headers: authHeaders() });
+    const body = await resp.json().catch(() => ({}));
+    if (body.results && body.results.length) {
+      record = body.results[0];
+    } else {
+      const why = body.detail || `HTTP ${resp.status}`;
+      record = { path: file.name, error: resp.status === 401 ? why + " (enter the access token above)" : why };
+      if (resp.status === 401) $("token-row").hidden = false;
+    }
+  } catch (err) {
+    record = { path: file.name, error: "upload failed: " + err.message };
+  }
+  render(card, record);
+}
+
+function pump() {
+  if (!health || health.status !== "ready") return;
+  while (running < PARALLEL && pending.length) {
+    const [file, card] = pending.shift();
+    running++;
+    upload(file, card).finally(() => { running--; pump(); });
+  }
+}
+
+function addFiles(files) {
+  for (const file of files) pending.push([file, newCard(file)]);
+  pump();
+}
+
+function csvCell(v) {
+  const s = String(v);
+  return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+}
+
+function downloadCsv() {
+  const lines = [CSV_COLUMNS.join(",")];
+  for (const r of rows) lines.push(CSV_COLUMNS.map((c) => csvCell(r[c])).join(","));
+  const blob = new Blob([lines.join("\r\n") + "\r\n"], { type: "text/csv" });
+  const a = el("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = "cxr-edge-results.csv";
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+
+function clearAll() {
+  rows.length = 0;
+  $("cards").replaceChildren();
+  document.querySelector("#results tbody").replaceChildren();
+  $("csv").disabled = $("clear").disabled = true;
+}
+
+const drop = $("drop");
+for (const ev of ["dragenter", "dragover"]) {
+  drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+}
+for (const ev of ["dragleave", "drop"]) {
+  drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+}
+drop.addEventListener("drop", (e) => addFiles(e.dataTransfer.files));
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("files").click(); });
+$("files").addEventListener("change", (e) => { addFiles(e.target.files); e.target.value = ""; });
+$("csv").addEventListener("click", downloadCsv);
+$("clear").addEventListener("click", clearAll);
+checkHealth();

@@ -152,9 +152,8 @@ def _derived(best: dict, mean_bytes: float) -> dict:
         d["scaling_note"] = (
             (f"One core classifies {per:.1f} images per CPU-second (local pool workers, start-up included). "
              if cpu_rates else "")
-            + (f"A worker (one inference thread, plus the Classifier's decode thread) kept {cores:.2f} cores busy "
-               f"on average when alone, so a second worker on 2 cores has less than one core to add. "
-               if cores else "")
+            + (f"A worker (one inference thread; it decodes in the same thread) kept {cores:.2f} cores busy "
+               "on average when alone. " if cores else "")
             + f"With both cores of this {os.cpu_count()}-core machine busy, 2 {ref['mode']} workers gave "
             f"{wall:.1f} images/s each, wall clock, end to end (cores shared with other work). A million scans "
             f"in one hour need {MILLION / 3600:.0f} images/s: {need} cores at {per:.1f} images/s each "

@@ -232,23 +232,12 @@ def _containers(jpeg: Path, root: Path) -> dict[str, Path]:
         img.save(root / file, **kw)
         out[name] = root / file
     try:
-        from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+        import pydicom  # noqa: F401
     except ImportError:
         return out
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray, for presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = arr.astype(np.uint8).tobytes()
-    ds.save_as(root / "scan.dcm", enforce_file_format=True)
+    from cxr_edge.dicom import gray_to_dicom
+
+    (root / "scan.dcm").write_bytes(gray_to_dicom(arr, BodyPartExamined="CHEST", ViewPosition="PA"))
     out["DICOM"] = root / "scan.dcm"
     return out
 

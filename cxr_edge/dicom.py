@@ -223,3 +223,35 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image
     except Exception as exc:
         raise PreprocessError(f"cannot apply the DICOM LUTs ({_reason(exc)})") from None
     return Image.fromarray(gray, "L")
+
+
+def gray_to_dicom(pixels: np.ndarray, bits: int = 8, **tags) -> bytes:
+    """A minimal DICOM file (digital X-ray, MONOCHROME2, explicit VR little endian) holding the gray image
+    ``pixels`` (uint8), stored in ``bits`` bits (8, or 12 in 16-bit words as many detectors write);
+    ``tags`` set or override attributes (``Modality="CT"``, ``ViewPosition="LL"``, ...). For converting a
+    scan, for tests and for benchmarks; needs pydicom."""
+    pydicom = _pydicom()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray, for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    if bits == 8:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = pixels.astype(np.uint8).tobytes()
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()

@@ -292,36 +292,34 @@ class Classifier:
         """Classify files in batches; yields a :class:`Result`, :class:`RejectedResult` (input gate) or
         :class:`ErrorResult` per path, in input order. Decoding runs ``decode_threads`` ahead of the model,
         at most two batches in flight (``decode_threads == 0``: in the calling thread, no pool)."""
-        if self.decode_threads == 0:
-            batch = []
-            for source in paths:
-                batch.append((source, self._prepare(source)))
+        prepared = (((src, self._prepare(src)) for src in paths) if self.decode_threads == 0
+                    else self._decoded_ahead(paths))
+        try:
+            batch: list = []
+            for item in prepared:
+                batch.append(item)
                 if len(batch) == self.batch_size:
                     yield from self._finish(batch)
                     batch = []
             if batch:
                 yield from self._finish(batch)
-            return
-        sources = iter(paths)
+        finally:
+            prepared.close()  # a caller that stops early stops the decode pool too
+
+    def _decoded_ahead(self, paths: Iterable[PathLike]) -> Iterator[tuple]:
+        """``(source, _prepare(source))`` in input order, decoded in a pool of ``decode_threads`` that runs
+        up to two batches ahead of the consumer."""
         window = 2 * self.batch_size + self.decode_threads
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cxr-edge-decode")
         try:
             pending: deque = deque()
-            batch: list = []
-            for source in sources:
+            for source in paths:
                 pending.append((source, pool.submit(self._prepare, source)))
-                if len(pending) < window:
-                    continue
-                while len(pending) > window - self.batch_size:
+                if len(pending) >= window:
                     src, fut = pending.popleft()
-                    batch.append((src, fut.result()))
-                yield from self._finish(batch)
-                batch = []
+                    yield src, fut.result()
             while pending:
                 src, fut = pending.popleft()
-                batch.append((src, fut.result()))
-                if len(batch) == self.batch_size or not pending:
-                    yield from self._finish(batch)
-                    batch = []
+                yield src, fut.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -37,6 +37,9 @@ def from_saved_model(saved_model: str | Path, out: str | Path, opset: int = OPSE
 
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
+    if "converted from" in model.graph.doc_string:  # tf2onnx names the temporary SavedModel folder: no
+        model.graph.doc_string = "converted from a Keras SavedModel by tf2onnx"  # machine paths in a bundle
+        onnx.save(model, str(out))
     return out
 
 

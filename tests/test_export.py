@@ -96,6 +96,15 @@ def test_classifier_matches_keras(tiny_export, backend):
     assert [r.label for r in results] == [CLASS_NAMES[i] for i in probs.argmax(1)]
 
 
+def test_onnx_model_names_no_path_of_the_exporting_machine(tiny_export):
+    import tempfile
+
+    import onnx
+
+    model = onnx.load(str(tiny_export.bundle / "model.onnx"))
+    assert tempfile.gettempdir() not in model.graph.doc_string, model.graph.doc_string
+
+
 def test_tflite_graph_is_full_int8_builtin(tiny_export):
     from ai_edge_litert.interpreter import Interpreter
 

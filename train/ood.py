@@ -501,6 +501,16 @@ def write_gate(bundle_dir: str | Path, arrays: dict, card_params: dict) -> dict:
     return entry
 
 
+def _shown(folder: Path) -> str:
+    """A folder as a card may name it: relative to this checkout's parent (``../shared/data/gate_dev``), or
+    its name alone; never a path of the machine that fitted the gate."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path("..") / Path(folder).resolve().relative_to(here.parent))
+    except ValueError:
+        return Path(folder).name
+
+
 def card_entry(emb_params: dict, fitted_on: dict, cv: dict | None) -> dict:
     """The card's ``"ood"`` parameters (without path/sha256/bytes)."""
     return {
@@ -568,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     fitted_on = {
         "data": "train/ grouped protocol (patient-grouped, seed 0): head on a seeded subsample of its train "
                 "split (+ one geometric variant each), threshold on its val split; official test/ not read",
-        "train_images": len(train), "gate_dev": str(args.gate_dev), "gate_dev_images": len(items),
+        "train_images": len(train), "gate_dev": _shown(args.gate_dev), "gate_dev_images": len(items),
         "gate_dev_variants": args.variants, "augmentation": "; ".join(AUGMENTATIONS),
         "generated": "document pages, screenshots, photo-like scenes, solid colours, textures (train.ood."
                      "synth_non_radiographs, seed %d, %d per kind)" % (args.seed + 1, args.n_synth),

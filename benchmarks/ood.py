@@ -131,31 +131,16 @@ def make_edge_cases(scans: list[str], folder: Path) -> list[tuple[Path, str]]:
 def make_dicoms(folder: Path, scan: str) -> list[tuple[Path, str, str]]:
     """Synthetic DICOM objects ``[(path, kind, expected)]`` (expected: ``"refuse"`` or ``"classify"``); needs
     pydicom (the dicom extra, part of ``cxr-edge[bench]``)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from cxr_edge.dicom import gray_to_dicom
 
     folder.mkdir(parents=True, exist_ok=True)
     with Image.open(scan) as im:
         frontal = np.asarray(im.convert("L").resize((512, 512), Image.Resampling.LANCZOS))
 
     def write(name, pixels, bits=16, photometric="MONOCHROME2", frames=1, **tags):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        allocated = 8 if bits <= 8 else 16 if bits <= 16 else 32
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits, bits - 1, 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        for k, v in tags.items():
-            setattr(ds, k, v)
-        ds.PixelData = pixels.astype({8: "u1", 16: "<u2", 32: "<u4"}[allocated]).tobytes()
-        ds.save_as(folder / name, enforce_file_format=True)
+        tags.setdefault("Modality", None)  # no Modality unless the case names one
+        (folder / name).write_bytes(gray_to_dicom(pixels, photometric=photometric, bits_stored=bits, frames=frames,
+                                                  sop_class="1.2.840.10008.5.1.4.1.1.7", **tags))
         return folder / name
 
     ramp = np.arange(256, dtype=np.uint16)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -225,33 +225,42 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image
     return Image.fromarray(gray, "L")
 
 
-def gray_to_dicom(pixels: np.ndarray, bits: int = 8, **tags) -> bytes:
-    """A minimal DICOM file (digital X-ray, MONOCHROME2, explicit VR little endian) holding the gray image
-    ``pixels`` (uint8), stored in ``bits`` bits (8, or 12 in 16-bit words as many detectors write);
-    ``tags`` set or override attributes (``Modality="CT"``, ``ViewPosition="LL"``, ...). For converting a
-    scan, for tests and for benchmarks; needs pydicom."""
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # SOP class: digital X-ray image, for presentation
+
+
+def gray_to_dicom(pixels: Optional[np.ndarray], *, photometric: str = "MONOCHROME2", bits_stored: int = 8,
+                  frames: int = 1, sop_class: str = DX_FOR_PRESENTATION, **tags) -> bytes:
+    """A minimal DICOM file (Modality DX, explicit VR little endian) holding the stored values ``pixels``
+    (``[rows, cols]``, or ``[frames, rows, cols]``; ``None``: no image at all), in 8-, 16- or 32-bit words
+    (the smallest that holds ``bits_stored``). ``tags`` set attributes (``ViewPosition="LL"``, ...); a ``None``
+    value removes one (``Modality=None``). For converting a scan, for tests and for benchmarks; needs
+    pydicom."""
     pydicom = _pydicom()
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray, for presentation
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    if bits == 8:
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        ds.PixelData = pixels.astype(np.uint8).tobytes()
-    else:
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    if pixels is not None:
+        allocated = 8 if bits_stored <= 8 else 16 if bits_stored <= 16 else 32
+        ds.Rows, ds.Columns = pixels.shape[-2:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits_stored, bits_stored - 1, 0
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        ds.PixelData = pixels.astype({8: "u1", 16: "<u2", 32: "<u4"}[allocated]).tobytes()
     for key, value in tags.items():
-        setattr(ds, key, value)
+        if value is None:
+            if key in ds:
+                delattr(ds, key)
+        else:
+            setattr(ds, key, value)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()

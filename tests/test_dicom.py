@@ -14,50 +14,25 @@ from click.testing import CliRunner
 from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
+
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from _runtime_fixtures import bundle_dir, image_files  # noqa: E402,F401  (fixture)
 from cxr_edge import Classifier  # noqa: E402
 from cxr_edge.cli import cli  # noqa: E402
+from cxr_edge.dicom import DX_FOR_PRESENTATION, gray_to_dicom  # noqa: E402
 from cxr_edge.labels import CLASS_NAMES  # noqa: E402
 from cxr_edge.preprocess import InputRejected, PreprocessError, load_gray, load_gray_colour  # noqa: E402
 
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
 def write_dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2", bits_stored: int = 8,
                 frames: int = 1, sop_class: str = DX_FOR_PRESENTATION, **extra) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.PatientName = "Test^Phantom"
-    if pixels is not None:
-        allocated = 8 if bits_stored <= 8 else 16
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = allocated
-        ds.BitsStored = bits_stored
-        ds.HighBit = bits_stored - 1
-        ds.PixelRepresentation = 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
-    for key, value in extra.items():
-        if value is None:  # Modality=None: the tag is absent
-            if key in ds:
-                delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
+    extra.setdefault("PatientName", "Test^Phantom")
+    path.write_bytes(gray_to_dicom(pixels, photometric=photometric, bits_stored=bits_stored, frames=frames,
+                                   sop_class=sop_class, **extra))
     return path
 
 

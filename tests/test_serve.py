@@ -72,7 +72,7 @@ def dicom_bytes(pixels: np.ndarray, **extra) -> bytes:
     pytest.importorskip("pydicom")
     from cxr_edge.dicom import gray_to_dicom
 
-    return gray_to_dicom(pixels, bits=12, PatientName="Test^Phantom", **extra)
+    return gray_to_dicom(pixels.astype(np.uint16) * 16, bits_stored=12, PatientName="Test^Phantom", **extra)
 
 
 def colour_photo() -> bytes:

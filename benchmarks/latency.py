@@ -214,10 +214,17 @@ def folder_throughput(folder: Path, bundle: Path | None = None, threads: int | N
             "images_per_s": len(files) / wall, "ratio": wall / bare}
 
 
-def _containers(jpeg: Path, root: Path) -> dict[str, Path]:
+def containers(jpeg: Path, root: Path, upscale: int = 1) -> dict[str, Path]:
     """The scan of ``jpeg`` as the containers a user may hold: its own bytes, its decoded pixels as 8-bit PNG,
     16-bit PNG, RGBA PNG, TIFF and (with pydicom) DICOM, and a progressive JPEG with its baseline twin (a
-    progressive file can only be made by re-encoding: it is compared with a baseline re-encode)."""
+    progressive file can only be made by re-encoding: it is compared with a baseline re-encode).
+    ``upscale``: first enlarge the scan and save that as the baseline JPEG, for a scan big enough to be
+    reduced before the resize."""
+    if upscale > 1:
+        with Image.open(jpeg) as img:
+            big = img.convert("L").resize((img.size[0] * upscale, img.size[1] * upscale), Image.Resampling.LANCZOS)
+        big.save(root / "baseline.jpeg", quality=95)
+        jpeg = root / "baseline.jpeg"
     with Image.open(jpeg) as img:
         gray = img.convert("L")
     arr = np.asarray(gray)
@@ -253,7 +260,7 @@ def format_agreement(bundle: Path | None, scans: list[Path], tolerance: float = 
         for i, scan in enumerate(scans):
             root = Path(tmp) / str(i)
             root.mkdir()
-            files = _containers(scan, root)
+            files = containers(scan, root)
             res = dict(zip(files, clf.classify_many(list(files.values()))))
             p = {k: np.array([r.probabilities[c] for c in CLASS_NAMES]) for k, r in res.items()}
             for name, v in p.items():

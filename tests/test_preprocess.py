@@ -180,34 +180,6 @@ def test_too_small_is_refused():
 FORMAT_TOL = 0.02  # max |probability difference| from the original JPEG, through the shipped model
 
 
-def _containers(jpeg, root, upscale: int = 1) -> dict:
-    """The scan of ``jpeg`` (a full-resolution original) saved as each container a user may have: its own
-    bytes, and its decoded pixels as the other formats. ``upscale``: first enlarge it and save that as the
-    baseline JPEG, for a scan big enough to be reduced before the resize (the originals here are not)."""
-    if upscale > 1:
-        with Image.open(jpeg) as img:
-            big = img.convert("L").resize((img.size[0] * upscale, img.size[1] * upscale), Image.Resampling.LANCZOS)
-        jpeg = _save(big, root / "baseline.jpeg", quality=95)
-    with Image.open(jpeg) as img:
-        gray = img.convert("L")
-    arr = np.asarray(gray)
-    rgba = Image.merge("RGB", [gray] * 3)
-    rgba.putalpha(255)
-    out = {"baseline.jpeg": jpeg}
-    # a progressive JPEG can only be written by re-encoding; it is compared with a baseline re-encode at the
-    # same quality (same coefficients), the other containers with the original
-    for name, (img, kw) in {"progressive.jpeg": (gray, {"progressive": True, "quality": 95}),
-                            "baseline_q95.jpeg": (gray, {"quality": 95}),
-                            "8bit.png": (gray, {"compress_level": 1}), "rgba.png": (rgba, {"compress_level": 1}),
-                            "16bit.png": (Image.fromarray(arr.astype(np.uint16) * 257), {"compress_level": 1}),
-                            "scan.tif": (gray, {})}.items():
-        out[name] = _save(img, root / name, **kw)
-    pydicom = pytest.importorskip("pydicom")  # noqa: F841  (the [dicom] extra; part of [test])
-    from test_dicom import write_dicom
-    out["scan.dcm"] = write_dicom(root / "scan.dcm", arr, BodyPartExamined="CHEST", ViewPosition="PA")
-    return out
-
-
 @pytest.mark.parametrize("jpeg, upscale", [(image_files("test")[0], 1), (image_files("test")[2], 2)],
                          ids=lambda v: getattr(v, "name", f"x{v}"))
 def test_every_container_gives_the_same_probabilities(jpeg, upscale, tmp_path):
@@ -216,13 +188,17 @@ def test_every_container_gives_the_same_probabilities(jpeg, upscale, tmp_path):
     from cxr_edge import Classifier
     from cxr_edge.labels import CLASS_NAMES
 
-    files = _containers(jpeg, tmp_path, upscale)
+    pytest.importorskip("pydicom")  # the [dicom] extra; part of [test]
+    from benchmarks.latency import containers
+
+    files = containers(jpeg, tmp_path, upscale)  # the benchmark's own set of containers
+    assert "DICOM" in files and len(files) == 8
     if upscale > 1:
-        with Image.open(files["baseline.jpeg"]) as img:
+        with Image.open(files["baseline JPEG"]) as img:
             assert reduction_factor(*img.size, 224) > 1  # this one takes the reduction (DCT vs Image.reduce)
     clf = Classifier(ood=False)
     results = dict(zip(files, clf.classify_many(list(files.values()))))
     probs = {k: np.array([r.probabilities[c] for c in CLASS_NAMES]) for k, r in results.items()}
     for name, p in probs.items():
-        ref = probs["baseline_q95.jpeg" if name == "progressive.jpeg" else "baseline.jpeg"]
+        ref = probs["baseline JPEG q95" if name == "progressive JPEG" else "baseline JPEG"]
         assert np.abs(p - ref).max() <= FORMAT_TOL, (name, p, ref)

@@ -123,6 +123,19 @@ def _targets(results: dict, shipped: str | None) -> list[dict]:
         out.append({"target": "cxr-edge classify on the official test folder <= 2.5x a sequential bare decode",
                     "measured": f"{f['ratio']:.2f}x ({f['cli_wall_s']:.1f} s vs {f['bare_decode_s']:.1f} s, "
                                 f"{f['files']} files, {f['images_per_s']:.0f} images/s)", "met": f["ratio"] <= 2.5})
+    files = latency.get("bundle_files")
+    if files:
+        models = {k: v for k, v in files["files"].items() if k.endswith((".tflite", ".onnx"))}
+        big = max(models.values(), default=0)
+        out.append({"target": "every model file in the shipped bundle <= 6 MB, the bundle <= 8 MB",
+                    "measured": ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in models.items())
+                                + f"; bundle {files['total'] / 1e6:.2f} MB ({len(files['files'])} files)",
+                    "met": big <= 6e6 and files["total"] <= 8e6})
+    venv = latency.get("installed", {}).get("runtime")
+    if venv and "without_venv_tooling_mb" in venv:
+        out.append({"target": "runtime venv (one engine) <= 160 MB, besides the pip/setuptools every venv has",
+                    "measured": f"{venv['without_venv_tooling_mb']:.0f} MB ({venv['site_packages_mib']:.0f} MiB "
+                                "with pip/setuptools)", "met": venv["without_venv_tooling_mb"] <= 160})
     if fast.get("formats"):
         f = fast["formats"]
         worst = max(f["max_abs_diff"].values(), default=0.0)
@@ -236,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             dn.spec, lambda x, m=dn.model: m.predict(x, verbose=0))
     x1 = lat.preprocessed_one(scan, specs)
     print("latency: end to end", flush=True)
-    results["latency"] = {"end_to_end": lat.end_to_end(bundles[0], scan, repeats)}
+    results["latency"] = {"end_to_end": lat.end_to_end(bundles[0], scan, repeats),
+                          "bundle_files": lat.bundle_files(bundles[0])}
     print("latency: fast path (classify vs bare decode on test JPEGs, gate cost, formats, folder)", flush=True)
     results["latency"]["fast_path"] = lat.fast_path(None if not args.bundle else bundles[0],
                                                     [Path(r.path) for r in test.records], root / "test", quick)

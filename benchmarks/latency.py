@@ -99,24 +99,40 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def _clean_copy(project: Path, dest: Path) -> Path:
+    """The project's sources without build outputs: an in-tree ``build/`` left by an earlier ``pip install``
+    keeps files that no longer exist (setuptools copies into it and never deletes) and would be measured."""
+    ignore = shutil.ignore_patterns("build", "dist", ".venv*", "runs", ".git", "*.egg-info", "__pycache__",
+                                    ".pytest_cache", "results")
+    return Path(shutil.copytree(project, dest, ignore=ignore))
+
+
 def installed_sizes(project: Path) -> dict:
     """Site-packages size of a fresh venv with ``pip install .`` (the runtime: one inference engine, chosen
     by platform markers in pyproject.toml) against one that adds TensorFlow (what running the Keras model
     needs); also without the venv's own pip/setuptools, and the packages installed."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
+        src = _clean_copy(project, Path(tmp) / "src")
         for name, extra in (("runtime", []), ("runtime + tensorflow-cpu", ["tensorflow-cpu==2.21.0"])):
             venv = Path(tmp) / name.replace(" ", "")
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(project), *extra]
+            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(src), *extra]
             subprocess.run(pip, check=True, stdout=subprocess.DEVNULL)
             site = next((venv / "lib").glob("python*/site-packages"))
             tooling = sum(_du(p) for p in site.iterdir() if p.is_dir() and p.name.split("-")[0].lower()
                           in VENV_TOOLING)
             out[name] = {"site_packages_mib": _du(site) / 2**20,
                          "without_venv_tooling_mib": (_du(site) - tooling) / 2**20,
+                         "without_venv_tooling_mb": (_du(site) - tooling) / 1e6,
                          "packages": sorted(p.name.split("-")[0] for p in site.glob("*.dist-info"))}
     return out
+
+
+def bundle_files(bundle: Path) -> dict:
+    """Bytes of each file of a bundle (the card's files) and of the whole folder."""
+    files = {p.name: p.stat().st_size for p in sorted(Path(bundle).iterdir()) if p.is_file()}
+    return {"files": files, "total": sum(files.values())}
 
 
 VENV_TOOLING = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "wheel")  # what `python -m venv` brings
@@ -272,6 +288,35 @@ def format_agreement(bundle: Path | None, scans: list[Path], tolerance: float = 
             "agree": all(v <= tolerance for v in worst.values())}
 
 
+def dct_scaled_gray(path: Path, size: int) -> np.ndarray:
+    """The road not taken: the same reduction factor done by libjpeg's DCT scaling (``draft``) instead of
+    ``Image.reduce`` on the full decode, then the same Lanczos squash (for the comparison only)."""
+    from cxr_edge.preprocess import reduction_factor
+
+    with Image.open(path) as img:
+        w, h = img.size
+        f = reduction_factor(w, h, size)
+        img.draft("L", (-(-w // f), -(-h // f)))  # libjpeg scales by 1/2, 1/4 or 1/8 at most
+        img = img.convert("L")
+        done = max(1, round(w / img.size[0]))
+        if f > done:  # what DCT scaling could not do (past 1/8)
+            img = img.reduce(f // done)
+        return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def dct_scaling_gap(bundle: Path | None, scans: list[Path]) -> dict:
+    """Largest probability difference between the shipped path and the DCT-scaled variant of the same JPEGs
+    (``dct_scaled_gray``): why the runtime does not use ``draft``."""
+    from cxr_edge.preprocess import load_gray
+
+    clf = Classifier(model=bundle, ood=False)
+    size = clf.spec.size
+    ours = clf.predict(np.stack([load_gray(p, size) for p in scans]))
+    dct = clf.predict(np.stack([dct_scaled_gray(p, size) for p in scans]))
+    d = np.abs(ours - dct).max(axis=1)
+    return {"scans": len(scans), "max_abs_diff": float(d.max()), "over_0.02": int((d > 0.02).sum())}
+
+
 def fast_path(bundle: Path | None, test_files: list[Path], folder: Path, quick: bool = False) -> dict:
     """Everything issue 10 asks the benchmark for, on official test JPEGs: ``classify`` vs bare decode (one
     thread), the gate's cost, the folder throughput of the CLI, and format agreement."""
@@ -280,7 +325,8 @@ def fast_path(bundle: Path | None, test_files: list[Path], folder: Path, quick: 
     sample = pick(8 if quick else 40)
     out = {"end_to_end": end_to_end_many(bundle, sample, repeats=2 if quick else 5),
            "gate": gate_cost(bundle, sample[:8] if quick else sample, repeats=2 if quick else 3),
-           "formats": format_agreement(bundle, pick(2 if quick else 10))}
+           "formats": format_agreement(bundle, pick(2 if quick else 10)),
+           "dct_scaling": dct_scaling_gap(bundle, pick(8 if quick else 100))}
     if not quick:
         out["folder"] = folder_throughput(folder, bundle)
     return out

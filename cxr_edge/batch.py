@@ -68,6 +68,7 @@ SCHEMA = pa.schema([
     ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")),
 ])
 _ROW_SCHEMA = SCHEMA.append(pa.field("shard", pa.int64()))
+_WORKER_COLUMNS = ["worker", "worker_cpu_s"]  # what a Ray batch carries besides its rows (not written)
 
 
 class BatchError(Exception):
@@ -385,18 +386,34 @@ class ModelArgs:
 
 
 _WORKER_CLF = None
+_WORKER_PARENT = None
 
 
 def _init_local_worker(args: ModelArgs) -> None:
-    global _WORKER_CLF
+    global _WORKER_CLF, _WORKER_PARENT
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _WORKER_PARENT = os.getppid()  # the job's process, or its fork server (which exits with it)
     _WORKER_CLF = args.classifier()
 
 
-def _local_task(items, parent: int) -> list[dict]:
-    if os.getppid() != parent:  # the parent died (SIGKILL): do not work for nobody
+def _local_task(items) -> tuple[list[dict], str, float]:
+    """(rows, worker id, the worker's CPU seconds so far: start-up, model loading and work)."""
+    if os.getppid() != _WORKER_PARENT:  # the job died (SIGKILL): do not work for nobody
         os._exit(1)
-    return classify_rows(_WORKER_CLF, items)
+    return classify_rows(_WORKER_CLF, items), str(os.getpid()), time.process_time()
+
+
+def _mp_context():
+    """``forkserver`` where the platform has it: one clean server process imports cxr-edge once and forks the
+    workers from it (each then loads the model), instead of every worker starting Python and importing
+    everything anew (``spawn``). Never plain ``fork``: this process may run threads (Ray, pyarrow)."""
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # only before the server starts; it then stays for this process
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 class RayWorker:
@@ -410,11 +427,15 @@ class RayWorker:
         if files:
             args = ModelArgs(str(_unpack_bundle(files)), args.backend, args.threads, args.ood)
         self.clf = args.classifier()
+        self.worker = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = batch.to_pydict()
         rows = classify_rows(self.clf, list(zip(cols["path"], cols["missing"], cols["shard"])))
-        return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+        n = table.num_rows  # who did it and its CPU seconds so far (the process's whole life), for the summary
+        return table.append_column("worker", pa.array([self.worker] * n, pa.string())).append_column(
+            "worker_cpu_s", pa.array([time.process_time()] * n, pa.float64()))
 
 
 def _unpack_bundle(files: dict[str, bytes]) -> Path:
@@ -441,16 +462,36 @@ def _bundle_files(root: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------------------------------------- runners
 
-def _units(plan: Plan, todo: list[int], size: int) -> list[list[tuple]]:
+MIN_UNIT = 4  # images: the smallest work unit (the end of a job)
+
+
+def unit_sizes(n: int, workers: int) -> list[int]:
+    """How ``n`` items are cut into work units for ``workers`` workers (guided self-scheduling): units of
+    ``n / (8 workers)`` (8 to 64 items: few round trips) while there is much left, then each unit a
+    ``1 / (4 workers)`` share of what remains, down to ``MIN_UNIT``, so that the workers run out of work
+    within a few images of each other instead of one idling while another finishes a big unit."""
+    top = max(8, min(64, n // (8 * workers)))
+    sizes, left = [], n
+    while left > 0:
+        size = min(left, top if workers == 1 else max(MIN_UNIT, min(top, -(-left // (4 * workers)))))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def _units(plan: Plan, todo: list[int], workers: int) -> list[list[tuple]]:
     items = [(p, r, i) for i in todo for p, r in plan.shard(i)]
-    return [items[k:k + size] for k in range(0, len(items), size)]
+    units, k = [], 0
+    for size in unit_sizes(len(items), workers):
+        units.append(items[k:k + size])
+        k += size
+    return units
 
 
-def _run_local(units, args: ModelArgs, workers: int, collector: _Collector, tick: Callable[[int], None]) -> None:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_local_worker, initargs=(args,))
+def _run_local(units, args: ModelArgs, workers: int, collector: _Collector, tick: Callable[[int], None],
+               cpu_s: dict) -> None:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_local_worker,
+                               initargs=(args,))
     pending: set = set()
     queue = iter(units)
     try:
@@ -459,13 +500,14 @@ def _run_local(units, args: ModelArgs, workers: int, collector: _Collector, tick
                 unit = next(queue, None)
                 if unit is None:
                     break
-                pending.add(pool.submit(_local_task, unit, os.getpid()))
+                pending.add(pool.submit(_local_task, unit))
             if not pending:
                 break
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
-                rows = fut.result()
+                rows, worker, cpu = fut.result()
                 collector.add(rows)
+                cpu_s[worker] = cpu
                 tick(len(rows))
     except BaseException as exc:
         # Stop now (Ctrl-C, a failure): what the workers are doing is lost anyway, as its shards are not
@@ -526,7 +568,7 @@ def _single_node() -> bool:
 
 
 def _run_ray(units, args: ModelArgs, bundle_root: Path, workers: int, collector: _Collector,
-             tick: Callable[[int], None]) -> None:
+             tick: Callable[[int], None], cpu_s: dict) -> None:
     import logging
 
     import ray
@@ -540,14 +582,20 @@ def _run_ray(units, args: ModelArgs, bundle_root: Path, workers: int, collector:
         files, args = {}, ModelArgs(str(bundle_root), args.backend, args.threads, args.ood)
     else:  # ship the bundle: a node needs cxr-edge installed, not the bundle
         files = ray.put(_bundle_files(bundle_root))
-    # from_items builds the blocks here (from_arrow would run a remote task per block for their metadata)
-    items = [{"path": p, "missing": r, "shard": i} for u in units for p, r, i in u]
-    ds = ray.data.from_items(items, override_num_blocks=len(units)).map_batches(
+    # One block per work unit, built here (from_blocks keeps the blocks as given, so the small units of the
+    # end of the job stay small; from_items cuts equal blocks, from_arrow runs a remote task per block for
+    # its metadata), and one map_batches call per block (batch_size=None): no read stage, no re-batching.
+    blocks = [pa.table({"path": pa.array([p for p, _, _ in u], pa.string()),
+                        "missing": pa.array([r for _, r, _ in u], pa.string()),
+                        "shard": pa.array([i for _, _, i in u], pa.int64())}) for u in units]
+    ds = ray.data.from_blocks(blocks).map_batches(
         RayWorker, fn_constructor_kwargs={"bundle_files": files, "args": args},
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, batch_size=max(len(u) for u in units),
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, batch_size=None,
         batch_format="pyarrow", zero_copy_batch=True)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # no lag
-        rows = batch.to_pylist()
+        if batch.num_rows:
+            cpu_s[batch.column("worker")[0].as_py()] = batch.column("worker_cpu_s")[0].as_py()
+        rows = batch.drop_columns(_WORKER_COLUMNS).to_pylist()
         collector.add(rows)
         tick(len(rows))
 
@@ -668,14 +716,16 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
             _tick(n)
 
         tick = count
+        cpu_s: dict = {}  # worker -> its CPU seconds at its last result
         try:
             if todo:
-                unit = max(8, min(64, n_todo // (workers * 8)))
-                units = _units(plan, todo, unit)
+                units = _units(plan, todo, workers)
                 if ray is None:
-                    _run_local(units, ModelArgs(str(bundle.root), backend, threads, ood), workers, collector, tick)
+                    _run_local(units, ModelArgs(str(bundle.root), backend, threads, ood), workers, collector, tick,
+                               cpu_s)
                 else:
-                    _run_ray(units, ModelArgs(None, backend, threads, ood), bundle.root, workers, collector, tick)
+                    _run_ray(units, ModelArgs(None, backend, threads, ood), bundle.root, workers, collector, tick,
+                             cpu_s)
         except (KeyboardInterrupt, BatchFailed) as exc:
             close()
             what = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
@@ -698,6 +748,7 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
                    "workers": workers, "threads": threads, "model": job["model"], "ood": bool(ood),
                    "list_s": round(t_list, 3), "ray_start_s": round(t_ray, 3), "run_s": round(t_run, 3),
                    "wall_s": round(wall, 3),
+                   "worker_cpu_s": round(sum(cpu_s.values()), 3) if cpu_s else None,
                    "images_per_s": round(n_todo / t_run, 2) if n_todo and t_run > 0 else None,
                    "first_result_s": round(first[0], 3) if first else None,
                    "steady_images_per_s": (round((n_todo - first[1]) / (t_run - first[0]), 2)

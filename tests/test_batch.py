@@ -125,6 +125,7 @@ def test_ray_and_local_equal_cli(tmp_path, ray_session, bad_files, monkeypatch):
     assert statuses[str(tmp_path / "nothing" / "*.jpeg")] == "error"
     assert summary["status"] == {s: list(statuses.values()).count(s) for s in ("ok", "rejected", "error")}
     assert summary["status"]["ok"] == 9
+    assert summary["worker_cpu_s"] > 0  # the actors report their CPU time
     assert (out / "_manifest.json").exists()
 
     # Local mode (a process pool, no Ray), with file:// URIs for three of the scans: the same rows.
@@ -194,6 +195,7 @@ def test_sigkill_then_rerun_is_exactly_once(tmp_path, corpus, ray_session):
     # Rerun (local mode, same arguments): finishes the job without redoing the committed shards.
     resumed = run_batch([str(corpus)], killed, workers=2, shard_size=8, progress=False, log=lambda m: None)
     assert resumed["shards_resumed"] == len(parts)
+    assert resumed["worker_cpu_s"] > 0  # the local workers (forked by a fork server) report their CPU time
     assert resumed["shards_written"] == shards - len(parts)
     assert {name: (killed / name).stat().st_mtime_ns for name in parts} == parts
     rows = read_rows(killed)
@@ -228,3 +230,14 @@ def test_sources_list_file_and_stable_shards(tmp_path):
     a, b = batch_mod.Plan(items, 4), batch_mod.Plan(again, 4)
     assert a.digest == b.digest and [a.part_name(i) for i in range(2)] == [b.part_name(i) for i in range(2)]
     assert a.part_name(0) != a.part_name(1)
+
+
+def test_work_units_shrink_toward_the_end():
+    for n, workers in ((624, 1), (624, 2), (250, 2), (13, 2), (1, 4), (100_000, 16)):
+        sizes = batch_mod.unit_sizes(n, workers)
+        assert sum(sizes) == n and all(s >= 1 for s in sizes) and max(sizes) <= 64
+        assert sizes == batch_mod.unit_sizes(n, workers)  # deterministic
+        if workers > 1 and n > 64 * workers:
+            # the last units are small: the workers run out of work within a few images of each other
+            assert max(sizes[-2 * workers:]) <= batch_mod.MIN_UNIT
+    assert set(batch_mod.unit_sizes(624, 1)[:-1]) == {64}  # one worker: no need for small units

@@ -127,10 +127,12 @@ def _targets(results: dict, shipped: str | None) -> list[dict]:
     if files:
         models = {k: v for k, v in files["files"].items() if k.endswith((".tflite", ".onnx"))}
         big = max(models.values(), default=0)
-        out.append({"target": "every model file in the shipped bundle <= 6 MB, the bundle <= 8 MB",
-                    "measured": ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in models.items())
-                                + f"; bundle {files['total'] / 1e6:.2f} MB ({len(files['files'])} files)",
-                    "met": big <= 6e6 and files["total"] <= 8e6})
+        out.append({"target": "every model file in the shipped bundle <= 6 MiB, the bundle <= 8 MiB (the limits "
+                              "python -m export.convert enforces)",
+                    "measured": ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in models.items())
+                                + f"; bundle {files['total'] / 2**20:.2f} MiB = {files['total'] / 1e6:.2f} MB "
+                                  f"({len(files['files'])} files)",
+                    "met": big <= 6 * 2**20 and files["total"] <= 8 * 2**20})
     venv = latency.get("installed", {}).get("runtime")
     if venv and "without_venv_tooling_mb" in venv:
         out.append({"target": "runtime venv (one engine) <= 160 MB, besides the pip/setuptools every venv has",

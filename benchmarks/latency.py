@@ -179,13 +179,13 @@ def gate_cost(bundle: Path | None, files: list[Path], repeats: int = 3) -> dict:
     pix, emb, on, off = [], [], [], []
     for f in files:
         gray, colour = load_gray_colour(f, gated.spec.size)
-        embedding = gated.predict_full(gray[None])[1]
+        features = gated.predict_full(gray[None])[2]  # the model's feature map: the gate's vector is built from it
         for _ in range(repeats):
             t0 = time.perf_counter()
             gate.check_pixels(gray, colour)
             t1 = time.perf_counter()
-            if embedding is not None:
-                gate.check_embedding(embedding[0])
+            if features is not None:
+                gate.check_embedding(gate.embedding_of(features)[0])
             t2 = time.perf_counter()
             gated.classify(f)
             t3 = time.perf_counter()

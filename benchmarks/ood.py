@@ -24,8 +24,9 @@ X-ray away from the classifier, and lets frontal chest X-rays through.
   PNG) still accepted.
 
 Every image goes through the runtime's own path: ``cxr_edge.preprocess.load_gray_colour`` from the file on disk
-at the bundle's input size, ``Gate.check_pixels``, then ``Gate.check_embedding`` on the model's penultimate
-embedding (``cxr_edge.ood.embedder``).
+at the bundle's input size, ``Gate.check_pixels``, then ``Gate.check_embedding`` on the gate's vector made from
+the model's feature map (``cxr_edge.ood.embedder(bundle, gate=gate)``: ``Gate.embedding_of``, as
+``Classifier`` does).
 """
 from __future__ import annotations
 
@@ -209,7 +210,7 @@ def measure(gate_bundle_dir, data_root, edge_scans: int = 60, seed: int = 0, kee
         raise ValueError(f"{gate_bundle_dir}: the card has no 'ood' gate")
     size = bundle.spec.size
     skimage_samples()  # fail before the long part when scikit-image is missing
-    embed = embedder(bundle) if gate.has_embedding else None
+    embed = embedder(bundle, gate=gate) if gate.has_embedding else None  # the gate's own vector (layout too)
 
     def run(items):
         rows = []
@@ -254,15 +255,18 @@ def measure(gate_bundle_dir, data_root, edge_scans: int = 60, seed: int = 0, kee
         "targets": TARGETS,
     }
     if cv and gate.has_embedding:
-        result["gate_dev"] = gate_dev_cv(bundle, data_root, dev_root, embed, seed)
+        result["gate_dev"] = gate_dev_cv(bundle, data_root, dev_root, seed=seed)
     if keep_rows:
         result["rows"] = {"test": test_rows, "gate_dev": dev_rows, "non_cxr": non_rows, "edge": edge_rows}
     return result
 
 
-def gate_dev_cv(bundle, data_root, dev_root: Path, embed, seed: int = 0) -> dict:
-    """``train.ood.cross_validate`` with this bundle's embeddings and the fit's recipe (the card's
-    ``ood.fitted_on`` sizes where it has them)."""
+def gate_dev_cv(bundle, data_root, dev_root: Path, embed=None, seed: int = 0) -> dict:
+    """``train.ood.cross_validate`` with this bundle's feature maps and the fit's recipe (the card's
+    ``ood.fitted_on`` sizes, its layout grid and its generated "long film" negatives where it has them):
+    each fold refits the whole gate (layout projection, head, density, thresholds on validation) without
+    that fold's gate_dev images and their variants. ``embed``: rows as ``train.ood.collect`` wants them
+    (``cxr_edge.ood.embedder(bundle, grid=...)``); made here when not given."""
     from train import ood as fit
     from train.data import load_images, protocol_splits
 
@@ -277,13 +281,26 @@ def gate_dev_cv(bundle, data_root, dev_root: Path, embed, seed: int = 0) -> dict
     if len(train) > n_train:
         train = [train[i] for i in sorted(rng.choice(len(train), n_train, replace=False))]
     size = bundle.spec.size
+    layout = emb.get("layout") or {}
+    grid = int(layout.get("grid", 0))
+    if embed is None:
+        embed = embedder(bundle, grid=grid)
     items = fit.gate_dev_items(dev_root)
     data, val_x = fit.collect(embed, size, load_images(train, size), load_images(val, size), items, n_variants,
                               int(fitted.get("seed", seed)),
-                              n_synth=int(fitted.get("generated_per_kind", fit.DEFAULT_SYNTH)))
+                              n_synth=int(fitted.get("generated_per_kind", fit.DEFAULT_SYNTH)),
+                              n_stretched=int(fitted.get("stretched_per_train", 0)),
+                              n_stretched_dev=int(fitted.get("stretched_per_gate_dev", 0)),
+                              n_frontal_variants=int(fitted.get("gate_dev_frontal_variants", 0)),
+                              n_train_variants=int(fitted.get("train_variants", 0)))
     res = fit.cross_validate(data, val_x, items, c=float(emb.get("C", fit.DEFAULT_C)),
                              max_val_reject=float(emb.get("max_val_reject", fit.DEFAULT_MAX_VAL_REJECT)), seed=seed,
-                             density_components=int(emb.get("density_components", 0)))
+                             density_components=int(emb.get("density_components", 0)), grid=grid,
+                             grid_components=int(layout.get("components", fit.DEFAULT_GRID_COMPONENTS)),
+                             channels=layout.get("channels"))
+    res["note"] = ("the gate's settings (layout grid and components, C, density components, generated negatives) "
+                   "were chosen on this same cross-validation, so its rates are optimistic; gate_dev is a "
+                   "development set, not a test set")
     for cat, r in res["by_category"].items():
         r["rate"] = r["correct_rate"]
     return res

@@ -7,7 +7,8 @@
         print(r.to_dict())                    #   never raises for a bad input file
 
 One model pass per image gives the probabilities and, for dual-output bundles, the last feature map
-(``predict_full``): its global average is the embedding the non-CXR gate checks, and with
+(``predict_full``): the non-CXR gate reads it (its global average and, for layout gates, its coarse spatial
+layout: ``Gate.embedding_of``), and with
 ``Classifier(heatmaps=True)`` each :class:`Result` carries the class-activation map of its label
 (``result.heatmap``, ``cxr_edge.heatmap``).
 
@@ -199,6 +200,10 @@ class Classifier:
         has_features = getattr(self.engine, "has_features", False)
         self._legacy_features = LegacyFeatures(self.bundle, infer_threads) if heatmaps and not has_features else None
         self._gate_needs_embedding = bool(self.gate is not None and self.gate.has_embedding)
+        if self.gate is not None and self.gate.needs_feature_map and not has_features:
+            raise BundleError(f"bundle {self.bundle.root}: its input gate (ood.npz) reads the model's feature map "
+                              f"(layout part), but its {self.backend} model gives none (single output); "
+                              "use --no-ood or refit the gate without a layout (python -m train.ood --grid 0)")
 
     @property
     def card(self) -> dict:
@@ -239,10 +244,13 @@ class Classifier:
             return ErrorResult(str(source), _one_line(exc))
 
     def _infer(self, gray: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
-        """(calibrated probs, embedding or None, heatmaps of the labels or None) for ``uint8[N, S, S]``."""
+        """(calibrated probs, the gate's embedding (``Gate.embedding_of`` the feature map) or None, heatmaps of the
+        labels or None) for ``uint8[N, S, S]``."""
         if not (self.heatmaps or self._gate_needs_embedding):
             return self.predict(gray), None, None
         probs, embedding, features = self.predict_full(gray)
+        if self._gate_needs_embedding and features is not None:  # the gate's own vector (global average, or
+            embedding = self.gate.embedding_of(features)        # with the layout of the feature map)
         maps = None
         if self.heatmaps:
             if features is None:

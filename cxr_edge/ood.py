@@ -14,11 +14,17 @@ Three layers, each saying what it saw:
    - *appearance* (older gates only, ``ood.npz`` with ``mean``/``components``): a 16x16 standardized
      thumbnail scored under a probabilistic PCA model of training scans.
 
-3. **Embedding** (:meth:`Gate.check_embedding`, after the model's single pass): the classifier's penultimate
-   global-average-pooled feature vector ``e`` (``float32[C]``, contract 3: ``features.mean(axis=(1, 2))``)
-   goes through a linear softmax head over four classes, ``frontal_chest``, ``lateral_chest``,
+3. **Embedding** (:meth:`Gate.check_embedding`, after the model's single pass): a vector ``e`` made from the
+   classifier's own last feature map ``F`` (``float32[h, w, C]``, contract 3) by :meth:`Gate.embedding_of`.
+   Older gates: the global average ``F.mean(axis=(0, 1))`` (``float32[C]``). Gates with a *layout* part
+   (arrays ``lay_mean[C]``, ``lay_proj[C, k]``, card ``embedding.layout.grid`` ``g``): the global average
+   followed by the layout, ``F`` average-pooled on a ``g x g`` grid of (overlapping, adaptive) cells, each
+   cell's ``C``-vector projected onto the first ``k`` principal components of frontal chest X-ray cells,
+   ``(cell - lay_mean) @ lay_proj`` (``C + g*g*k`` numbers: where in the frame the lungs, shoulders, bones
+   are; one ``[g*g, C] x [C, k]`` product: about 0.2 ms with the pooling). ``e`` goes through a linear softmax head
+   over four classes, ``frontal_chest``, ``lateral_chest``,
    ``other_body_part`` and ``not_radiograph``: ``logits = ((e - emb_mean) / emb_scale) @ emb_weights +
-   emb_bias`` (one ``C x 4`` product: microseconds, no second network). The score is
+   emb_bias`` (one ``D x 4`` product: microseconds, no second network). The score is
    ``logsumexp(logits[1:]) - logits[0]`` (higher = less like a frontal chest X-ray); above the card's
    ``embedding.threshold`` (chosen on the patient-grouped validation split, never the official test) the
    image is refused, with the most likely other class as the reason: "lateral view", "another body part"
@@ -28,13 +34,15 @@ Three layers, each saying what it saw:
    density_threshold`` (also from validation) the image is refused too, with the head's most likely other
    class as the reason. Fitted by ``python -m train.ood BUNDLE``.
 
-Bundle: ``ood.npz`` beside the model files (arrays ``emb_mean[C]``, ``emb_scale[C]``, ``emb_weights[C, 4]``,
-``emb_bias[4]``, optionally ``den_mean[C]``, ``den_scale[C]``, ``den_components[k, C]``, ``den_var[k]``; older
+Bundle: ``ood.npz`` beside the model files (arrays ``emb_mean[D]``, ``emb_scale[D]``, ``emb_weights[D, 4]``,
+``emb_bias[4]``, optionally ``den_mean[D]``, ``den_scale[D]``, ``den_components[k, D]``, ``den_var[k]``, and
+``lay_mean[C]``, ``lay_proj[C, k]`` for a layout part (``D = C + g*g*k``; without it ``D = C``); older
 gates: ``mean[D]``, ``components[k, D]``, ``eigvals[k]``, ``resid_var[]``; neither: the pixel checks only), and
 in ``card.json``::
 
     "ood": {"path": "ood.npz", "sha256": "...", "bytes": 1234, "max_colour_fraction": 0.02, "min_std": 2.0,
-            "embedding": {"classes": [...], "threshold": 0.0, "dim": 1280, ...},   # new gates
+            "embedding": {"classes": [...], "threshold": 0.0, "dim": 1280, ...,   # new gates
+                          "layout": {"grid": 3, "components": 64}},             # (optional)
             "threshold": 87.5, "thumb": 16,                                        # older gates
             "features": "...", "fitted_on": {...}}
 """
@@ -60,6 +68,41 @@ REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body par
 EMBED_ARRAYS = ("emb_mean", "emb_scale", "emb_weights", "emb_bias")
 DENSITY_ARRAYS = ("den_mean", "den_scale", "den_components", "den_var")
 THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
+LAYOUT_ARRAYS = ("lay_mean", "lay_proj")
+
+
+def grid_bins(n: int, g: int) -> list[tuple[int, int]]:
+    """Adaptive-pooling bins of ``n`` positions into ``g`` cells (``[floor(i n / g), ceil((i + 1) n / g))``;
+    7 -> 3: 0-3, 2-5, 4-7)."""
+    return [(int(np.floor(i * n / g)), int(np.ceil((i + 1) * n / g))) for i in range(g)]
+
+
+def grid_cells(features: np.ndarray, g: int) -> np.ndarray:
+    """Feature maps ``[N, h, w, C]`` average-pooled on a ``g x g`` grid: ``float32[N, g*g, C]`` (row-major)."""
+    f = np.asarray(features, np.float32)
+    rows, cols = grid_bins(f.shape[1], g), grid_bins(f.shape[2], g)
+    return np.stack([f[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in rows for c0, c1 in cols], axis=1)
+
+
+def pooled(features: np.ndarray, grid: int = 0) -> np.ndarray:
+    """``[N, C]`` global averages of feature maps ``[N, h, w, C]``, followed (``grid`` > 0) by their
+    ``grid x grid`` cells: ``float32[N, C + grid*grid*C]``. What a gate's fit needs before the layout
+    projection (``layout_vector``)."""
+    f = np.asarray(features, np.float32)
+    gap = f.mean(axis=(1, 2), dtype=np.float32)
+    if not grid:
+        return gap
+    return np.concatenate([gap, grid_cells(f, grid).reshape(len(f), -1)], axis=1)
+
+
+def layout_vector(pooled_x: np.ndarray, mean: np.ndarray, proj: np.ndarray, grid: int) -> np.ndarray:
+    """Gate vectors ``[N, C + g*g*k]`` from ``pooled`` rows ``[N, C + g*g*C]``: the global average as it is,
+    each cell projected, ``(cell - mean) @ proj`` (``proj[C, k]``)."""
+    x = np.asarray(pooled_x, np.float32)
+    c = proj.shape[0]
+    cells = x[:, c:].reshape(len(x), grid * grid, c)
+    z = np.matmul(cells - mean, proj).reshape(len(x), -1)
+    return np.concatenate([x[:, :c], z], axis=1)
 
 
 def thumbnail(gray: np.ndarray, side: int = DEFAULT_THUMB) -> np.ndarray:
@@ -169,6 +212,19 @@ class Gate:
                     or not all(np.all(np.isfinite(a)) for a in (self.emb_mean, self.emb_weights, self.emb_bias))):
                 raise ValueError("inconsistent OOD gate arrays/parameters (embedding head)")
             self.emb_dim = c
+        self.has_layout = self.has_embedding and all(k in arrays for k in LAYOUT_ARRAYS)
+        self.grid = 0
+        if self.has_layout:
+            self.lay_mean = np.asarray(arrays["lay_mean"], np.float32)
+            self.lay_proj = np.asarray(arrays["lay_proj"], np.float32)
+            self.grid = int((emb.get("layout") or {}).get("grid", 0))
+            fc = self.lay_mean.shape[0] if self.lay_mean.ndim == 1 else -1
+            kl = self.lay_proj.shape[1] if self.lay_proj.ndim == 2 else -1
+            if (fc < 1 or self.grid < 1 or self.lay_proj.shape != (fc, kl) or c != fc + self.grid ** 2 * kl
+                    or not np.all(np.isfinite(self.lay_proj)) or not np.all(np.isfinite(self.lay_mean))):
+                raise ValueError("inconsistent OOD gate arrays/parameters (layout: lay_mean[C], lay_proj[C, k] and "
+                                 "embedding.layout.grid g must give the head's C + g*g*k inputs)")
+            self.feature_channels = fc
         self.has_density = self.has_embedding and all(k in arrays for k in DENSITY_ARRAYS)
         if self.has_density:
             self.den_mean = np.asarray(arrays["den_mean"], np.float64)
@@ -256,14 +312,43 @@ class Gate:
                 out.append(Verdict(True, "", score))
         return out
 
+    @property
+    def needs_feature_map(self) -> bool:
+        """True when this gate's embedding is more than the global average (a layout part): it must be computed
+        from the model's feature map (``embedding_of``)."""
+        return self.has_layout
+
+    def embedding_of(self, features: np.ndarray) -> np.ndarray:
+        """The vectors ``float32[N, D]`` :meth:`check_embedding` expects, from the model's feature maps
+        ``[N, h, w, C]`` (one ``[h, w, C]`` map gives ``[D]``): the global average, and for a layout gate its
+        projected grid cells (``layout_vector``)."""
+        f = np.asarray(features, np.float32)
+        one = f.ndim == 3
+        f = f[None] if one else f
+        if f.ndim != 4:
+            raise ValueError(f"expected feature maps [N, h, w, C], got shape {np.shape(features)}")
+        if not self.has_layout:
+            out = f.mean(axis=(1, 2), dtype=np.float32)
+        else:
+            if f.shape[-1] != self.feature_channels:
+                raise ValueError(f"gate expects feature maps with {self.feature_channels} channels, got shape "
+                                 f"{np.shape(features)}")
+            out = layout_vector(pooled(f, self.grid), self.lay_mean, self.lay_proj, self.grid)
+        return out[0] if one else out
+
     def check_embedding(self, embedding: Optional[np.ndarray]) -> Verdict:
-        """Verdict for one penultimate embedding ``float32[C]``; ok when this gate has no embedding head
-        (older gates) or the model gives no embedding (``None``)."""
+        """Verdict for one gate vector ``float32[D]`` (``embedding_of``; for gates without a layout part the
+        penultimate global average ``float32[C]``) or one feature map ``[h, w, C]``; ok when this gate has no
+        embedding head (older gates) or the model gives no embedding (``None``)."""
         if not self.has_embedding or embedding is None:
             return OK
+        if np.ndim(embedding) == 3:
+            embedding = self.embedding_of(embedding)
         e = np.asarray(embedding, np.float64).reshape(-1)
         if e.shape != (self.emb_dim,):
-            raise ValueError(f"gate expects a {self.emb_dim}-d embedding, got shape {np.shape(embedding)}")
+            hint = (f" (this gate has a layout part: pass the model's feature map or Gate.embedding_of(features), "
+                    f"not the {self.feature_channels}-d global average)" if self.has_layout else "")
+            raise ValueError(f"gate expects a {self.emb_dim}-d embedding, got shape {np.shape(embedding)}{hint}")
         return self.embedding_verdicts(e[None])[0]
 
     # -- both ----------------------------------------------------------------------------------------------
@@ -276,7 +361,7 @@ class Gate:
     def check_source(self, source: Source, size: int = 224,
                      embed: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Verdict:
         """Decode ``source`` (``cxr_edge.preprocess.load_gray_colour``) and check it; ``embed`` (see
-        :func:`embedder`) supplies the embedding for the head."""
+        :func:`embedder`, with ``gate=`` this gate) supplies the gate vector for the head."""
         gray, colour = load_gray_colour(source, size)
         v = self.check_pixels(gray, colour)
         if not v.ok or embed is None or not self.has_embedding:
@@ -284,13 +369,13 @@ class Gate:
         return self.check_embedding(embed(gray[None])[0])
 
 
-def embedder(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``uint8[N, S, S]`` (from ``load_gray``) -> penultimate embeddings ``float32[N, C]``.
+def feature_maps(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``uint8[N, S, S]`` (from ``load_gray``) -> the model's last feature maps ``float32[N, h, w, C]``.
 
     ``model``: a :class:`cxr_edge.Classifier`, a :class:`cxr_edge.bundle.Bundle` or a bundle folder. When the
     classifier's model gives its feature map (``Classifier.predict_full``, dual-output bundles, contract 3),
     that is used: the very numbers the runtime gate sees. Otherwise (single-output bundles) the bundle's
-    ``features.tflite`` (card entry ``"cam"``: image -> last feature map), global-average-pooled."""
+    ``features.tflite`` (card entry ``"cam"``: image -> last feature map)."""
     from cxr_edge.bundle import Bundle, load_bundle
     from cxr_edge.classifier import Classifier
     from cxr_edge.preprocess import to_input
@@ -301,8 +386,8 @@ def embedder(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.
         clf = Classifier(model=bundle.root, threads=threads, ood=False)
     if hasattr(clf, "predict_full"):
         probe = np.zeros((1, bundle.spec.size, bundle.spec.size), np.uint8)
-        if clf.predict_full(probe)[1] is not None:
-            return lambda gray: np.asarray(clf.predict_full(np.asarray(gray, np.uint8))[1], np.float32)
+        if clf.predict_full(probe)[2] is not None:
+            return lambda gray: np.asarray(clf.predict_full(np.asarray(gray, np.uint8))[2], np.float32)
     entry = bundle.card.get("cam")
     if not isinstance(entry, dict):
         raise BundleError(f"bundle {bundle.root}: its model gives no feature map and it has no features.tflite "
@@ -312,7 +397,7 @@ def embedder(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.
     interp = load_tflite_interpreter(verified_file(bundle.root, entry, "feature model"), threads)
     spec = bundle.spec
 
-    def embed(gray: np.ndarray) -> np.ndarray:
+    def maps(gray: np.ndarray) -> np.ndarray:
         x = to_input(np.asarray(gray, np.uint8), spec)
         inp = interp.get_input_details()[0]
         if int(inp["shape"][0]) != len(x):
@@ -322,11 +407,23 @@ def embedder(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.
         interp.set_tensor(inp["index"], x.astype(np.float32))
         interp.invoke()
         out = interp.get_output_details()[0]
-        f = _dequantize(np.array(interp.get_tensor(out["index"])), *out["quantization"])
-        return f.mean(axis=(1, 2)).astype(np.float32)
+        return _dequantize(np.array(interp.get_tensor(out["index"])), *out["quantization"]).astype(np.float32)
 
-    return embed
+    return maps
 
 
-__all__ = ["Gate", "Verdict", "EMBED_CLASSES", "REASONS", "embedder", "features", "thumbnail", "ppca_score",
+def embedder(model, threads: Optional[int] = None, gate: Optional["Gate"] = None,
+             grid: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``uint8[N, S, S]`` (from ``load_gray``) -> vectors from the model's feature maps
+    (:func:`feature_maps`): with ``gate``, what its :meth:`Gate.check_embedding` expects (``Gate.embedding_of``);
+    without, the penultimate global averages ``float32[N, C]``, followed (``grid`` > 0) by the ``grid x grid``
+    cells (:func:`pooled`, what a layout gate is fitted on)."""
+    maps = feature_maps(model, threads)
+    if gate is not None and gate.has_embedding:
+        return lambda gray: gate.embedding_of(maps(gray))
+    return lambda gray: pooled(maps(gray), grid)
+
+
+__all__ = ["Gate", "Verdict", "EMBED_CLASSES", "REASONS", "embedder", "feature_maps", "pooled", "grid_cells",
+           "grid_bins", "layout_vector", "features", "thumbnail", "ppca_score",
            "head_logits", "head_score", "density_distance", "CHROMA_LEVEL"]

@@ -28,7 +28,7 @@ from cxr_edge.bundle import DEFAULT_BUNDLE, BundleError, load_bundle, sha256_fil
 from cxr_edge.classifier import Classifier, RejectedResult, Result
 from cxr_edge.cli import cli
 from cxr_edge.labels import CLASS_NAMES
-from cxr_edge.ood import EMBED_CLASSES, Gate, embedder
+from cxr_edge.ood import EMBED_CLASSES, Gate, embedder, feature_maps, grid_bins, pooled
 from cxr_edge.preprocess import load_gray, load_gray_colour
 from train import ood as fit
 from train.ood import _document, _photo_like, _screenshot, choose_threshold, write_gate
@@ -92,6 +92,103 @@ def test_density_part_refuses_what_no_class_describes():
     assert gate.check_embedding(near).ok
     v = gate.check_embedding(far)
     assert not v.ok and v.reason.startswith("another body part (unlike the frontal chest X-rays"), v
+
+
+# -- the layout part: the gate's vector from the feature map ------------------------------------------------
+def _layout_gate(channels: int, grid: int = 3, k: int = 2, bias=(0.0, 0.0, 0.0, 0.0), threshold: float = 0.0,
+                 weights=None) -> Gate:
+    """A layout gate with hand-made arrays: lay_mean 0, lay_proj = the first k channels; head weights given
+    (default zero: the bias decides)."""
+    dim = channels + grid * grid * k
+    proj = np.zeros((channels, k), np.float32)
+    proj[np.arange(k), np.arange(k)] = 1.0
+    arrays = {"lay_mean": np.zeros(channels, np.float32), "lay_proj": proj, "emb_mean": np.zeros(dim),
+              "emb_scale": np.ones(dim), "emb_weights": np.zeros((dim, 4)) if weights is None else weights,
+              "emb_bias": np.asarray(bias, np.float64)}
+    return Gate(arrays, {"embedding": {"classes": list(EMBED_CLASSES), "threshold": threshold,
+                                       "layout": {"grid": grid, "components": k}}})
+
+
+def test_layout_vector_by_hand():
+    """Global average, then each cell of the 3x3 adaptive grid (7 -> bins 0-3, 2-5, 4-7) projected."""
+    assert grid_bins(7, 3) == [(0, 3), (2, 5), (4, 7)] and grid_bins(7, 2) == [(0, 4), (3, 7)]
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(2, 7, 7, 5)).astype(np.float32)
+    gate = _layout_gate(5)
+    assert gate.has_layout and gate.needs_feature_map and gate.emb_dim == 5 + 9 * 2
+    v = gate.embedding_of(f)
+    assert v.shape == (2, 23)
+    np.testing.assert_allclose(v[:, :5], f.mean(axis=(1, 2)), rtol=1e-6)
+    cell_centre = f[:, 2:5, 2:5, :2].mean(axis=(1, 2))  # cell 4 (row 1, col 1), channels 0 and 1
+    np.testing.assert_allclose(v[:, 5 + 4 * 2: 5 + 5 * 2], cell_centre, rtol=1e-5)
+    cell_bottom_left = f[:, 4:7, 0:3, :2].mean(axis=(1, 2))  # cell 6 (row 2, col 0)
+    np.testing.assert_allclose(v[:, 5 + 6 * 2: 5 + 7 * 2], cell_bottom_left, rtol=1e-5)
+    assert np.array_equal(gate.embedding_of(f[0]), v[0])  # one map -> one vector
+    np.testing.assert_allclose(pooled(f, 3)[:, :5], v[:, :5])
+    # check_embedding takes the vector or the map itself; the bare global average is a clear error
+    assert gate.check_embedding(v[0]) == gate.check_embedding(f[0])
+    with pytest.raises(ValueError, match="layout part"):
+        gate.check_embedding(f[0].mean(axis=(0, 1)))
+    with pytest.raises(ValueError, match="channels"):
+        gate.embedding_of(np.zeros((1, 7, 7, 6)))
+    # where things are decides: a head that reads the centre cell's first component
+    w = np.zeros((23, 4))
+    w[5 + 4 * 2, 2] = 1.0  # other_body_part logit = centre cell, channel 0
+    reader = _layout_gate(5, weights=w, bias=(3.0, 0.0, 0.0, 0.0))
+    bright_centre = np.zeros((7, 7, 5), np.float32)
+    bright_centre[2:5, 2:5, 0] = 5.0
+    v = reader.check_embedding(bright_centre)
+    assert not v.ok and v.reason.startswith("another body part ("), v
+    corner = np.zeros((7, 7, 5), np.float32)
+    corner[0, 0, 0] = 5.0 * 9  # the same global average, elsewhere in the frame
+    assert reader.check_embedding(corner).ok
+
+
+def test_inconsistent_layout_is_refused():
+    good = _layout_gate(5)
+    arrays = {"lay_mean": good.lay_mean, "lay_proj": good.lay_proj, "emb_mean": good.emb_mean,
+              "emb_scale": good.emb_scale, "emb_weights": good.emb_weights, "emb_bias": good.emb_bias}
+    with pytest.raises(ValueError, match="layout"):  # grid 2 gives 5 + 4*2 inputs, the head has 23
+        Gate(arrays, {"embedding": {"threshold": 0.0, "layout": {"grid": 2}}})
+    with pytest.raises(ValueError, match="layout"):  # no grid at all
+        Gate(arrays, {"embedding": {"threshold": 0.0}})
+
+
+def _tiny_channels(bundle_dir) -> int:
+    clf = Classifier(model=bundle_dir, backend="onnx", ood=False)
+    return int(clf.predict_full(np.zeros((1, clf.spec.size, clf.spec.size), np.uint8))[2].shape[-1])
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_classifier_feeds_the_gate_its_feature_map(bundle_dir, tmp_path, backend):
+    """The runtime's call sites: one model pass; a layout gate gets ``embedding_of(feature map)``, an older
+    global-average gate (the ood.npz format before layouts) the global average; both decide."""
+    c = _tiny_channels(bundle_dir)
+    scans = image_files("test")
+    for name, make, width in [("layout", _layout_gate, c + 9 * 2), ("gap", None, c)]:
+        for bias, expect in [((5.0, 0.0, 0.0, 0.0), Result), ((0.0, 0.0, 5.0, 0.0), RejectedResult)]:
+            root = tmp_path / f"{name}_{backend}_{bias[0]:g}"
+            shutil.copytree(bundle_dir, root)
+            if make is not None:
+                g = make(c, bias=bias)
+                arrays = {k: getattr(g, k) for k in ("lay_mean", "lay_proj", "emb_mean", "emb_scale", "emb_weights",
+                                                     "emb_bias")}
+                params = {"embedding": {"classes": list(EMBED_CLASSES), "threshold": 0.0,
+                                        "layout": {"grid": 3, "components": 2}}}
+            else:
+                arrays = {"emb_mean": np.zeros(c), "emb_scale": np.ones(c), "emb_weights": np.zeros((c, 4)),
+                          "emb_bias": np.asarray(bias)}
+                params = {"embedding": {"classes": list(EMBED_CLASSES), "threshold": 0.0}}
+            write_gate(root, arrays, params)
+            clf = Classifier(model=root, backend=backend)
+            assert clf.gate.emb_dim == width and clf.gate.has_layout == (make is not None)
+            results = list(clf.classify_many(scans))
+            assert [type(r) for r in results] == [expect] * len(scans), (name, bias, results)
+            if expect is RejectedResult:
+                assert all(r.reason.startswith("another body part (") for r in results)
+            gray = np.stack([load_gray(f, clf.spec.size) for f in scans])
+            _, emb, _ = clf._infer(gray)
+            np.testing.assert_allclose(emb, clf.gate.embedding_of(clf.predict_full(gray)[2]), rtol=1e-6)
 
 
 def test_inconsistent_head_is_refused(bundle_dir, tmp_path):
@@ -303,7 +400,9 @@ def fitted(tmp_path_factory):
     data = _kaggle_folder(tmp / "chest_xray")
     fit.main([str(bundle), "--data", str(data), "--gate-dev", str(_gate_dev(tmp / "gate_dev")),
               "--variants", "3", "--n-synth", "4", "--folds", "2", "--threads", "2",
-              "--density-components", "0"])  # a density of a handful of scans is noise: the head only
+              "--density-components", "0",  # a density of a handful of scans is noise: the head only
+              "--grid-components", "8",  # the layout part, small for a handful of scans
+              "--stretched", "0"])  # long films of a handful of train scans (copies of six) are noise too
     return bundle, before, data
 
 
@@ -318,6 +417,9 @@ def test_fit_writes_a_gate_and_keeps_the_card(fitted):
     assert set(ood["fitted_on"]["gate_dev_cv"]["by_category"]) == {"frontal_chest_other", "non_chest_radiograph"}
     gate = Gate.from_bundle(bundle, card)  # sha256-checked
     assert gate.has_embedding and not gate.has_appearance and gate.emb_dim == emb["dim"]
+    assert gate.has_layout and emb["layout"]["grid"] == fit.DEFAULT_GRID  # the default fit reads the layout
+    assert gate.emb_dim == gate.feature_channels + fit.DEFAULT_GRID ** 2 * emb["layout"]["components"]
+    assert ood["fitted_on"]["stretched_per_gate_dev"] == fit.DEFAULT_STRETCHED_DEV  # "--stretched 0" above
 
 
 def test_fit_threshold_comes_from_validation_only(fitted):
@@ -331,15 +433,43 @@ def test_fit_threshold_comes_from_validation_only(fitted):
     b = load_bundle(bundle)
     val = protocol_splits(data, "grouped")["val"]
     assert val and all("/train/" in r.path for r in val)
-    scores, _ = gate.embedding_scores(fit.embed_images(embedder(b, threads=2), load_images(val, b.spec.size)))
+    embed = embedder(b, threads=2, gate=gate)  # the gate's own vectors (layout part included)
+    scores, _ = gate.embedding_scores(fit.embed_images(embed, load_images(val, b.spec.size)))
     expected = choose_threshold(scores, card["ood"]["embedding"].get("max_val_reject", fit.DEFAULT_MAX_VAL_REJECT))
     assert card["ood"]["embedding"]["threshold"] == pytest.approx(expected, abs=1e-5)
     emb = card["ood"]["embedding"]
     if gate.has_density:  # the density threshold too: the same quantile of the validation scans' distances
-        embed_val = fit.embed_images(embedder(b, threads=2), load_images(val, b.spec.size))
+        embed_val = fit.embed_images(embedder(b, threads=2, gate=gate), load_images(val, b.spec.size))
         q = np.quantile(gate.density(embed_val), 1 - emb["max_val_reject"])
         assert emb["density_threshold"] == pytest.approx(q, rel=1e-4)
     assert card["ood"]["embedding"]["val_images"] == len(val)
+
+
+def test_fit_gate_with_and_without_layout():
+    """``fit_gate`` on pooled rows: ``grid=0`` gives the older global-average gate (no lay_* arrays, D = C);
+    a grid gives the layout arrays, fitted on frontal rows only, and a gate whose vectors come from them."""
+    rng = np.random.default_rng(0)
+    c, g = 6, 2
+    n = 160
+    y = np.repeat(np.arange(4), n // 4)
+    gap = rng.normal(size=(n, c)) + y[:, None]
+    cells = rng.normal(size=(n, g * g, c))
+    cells[y == 2, 0, :] += 4.0  # "another body part": something in the top-left cell
+    val = np.concatenate([gap[y == 0][:20], cells[y == 0][:20].reshape(20, -1)], 1)
+    rows = np.concatenate([gap, cells.reshape(n, -1)], 1)
+    arrays0, params0 = fit.fit_gate(fit.GateData(gap, y, np.full(n, -1)), gap[y == 0][:20], 1.0, 0.05, 0, 0)
+    assert "lay_proj" not in arrays0 and "layout" not in params0 and params0["dim"] == c
+    arrays, params = fit.fit_gate(fit.GateData(rows, y, np.full(n, -1)), val, 1.0, 0.05, 0, 0, grid=g,
+                                  grid_components=3, channels=c)
+    assert arrays["lay_proj"].shape == (c, 3) and params["layout"]["grid"] == g and params["dim"] == c + g * g * 3
+    np.testing.assert_allclose(arrays["lay_mean"], cells[y == 0].reshape(-1, c).mean(axis=0), rtol=1e-4, atol=1e-5)
+    gate = Gate(arrays, {"embedding": params})
+    vec = fit.gate_vectors(arrays, rows, g)
+    assert vec.shape == (n, params["dim"])
+    maps = np.zeros((1, 4, 4, c), np.float32)  # a 4x4 map whose 2x2 cells are the rows' cells
+    for k, (r, q) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        maps[0, r:r + 2, q:q + 2] = cells[0, k]
+    np.testing.assert_allclose(gate.embedding_of(maps)[0, c:], vec[0, c:], rtol=1e-4, atol=1e-5)
 
 
 def test_choose_threshold_follows_validation():
@@ -356,7 +486,7 @@ def test_fitted_gate_on_held_out_images(fitted, non_cxr):
     bundle, _, _ = fitted
     b = load_bundle(bundle)
     gate = Gate.from_bundle(b.root, b.card)
-    embed = embedder(b, threads=2)
+    embed = embedder(b, threads=2, gate=gate)
     for f in [HELD_OUT["frontal_chest_other"], *image_files("test")]:
         v = gate.check_source(f, b.spec.size, embed)
         assert v.ok, (f.name, v)
@@ -372,12 +502,35 @@ def test_shipped_default_gate_on_shipped_examples():
     gate = Gate.from_bundle(b.root, b.card)
     if gate is None or not gate.has_embedding:
         pytest.skip("the default bundle's gate has no embedding head yet")
-    embed = embedder(b, threads=2)
+    embed = embedder(b, threads=2, gate=gate)
     for f in [*FRONTAL, *image_files("test")]:
         assert gate.check_source(f, b.spec.size, embed).ok, f
     for f in OTHER:
         v = gate.check_source(f, b.spec.size, embed)
         assert not v.ok and v.reason.startswith("another body part"), (f.name, v)
+    # the same through the runtime (Classifier: one pass, the gate's vector from the feature map)
+    results = list(Classifier(threads=2).classify_many([*FRONTAL, *OTHER]))
+    assert [r.status for r in results] == ["ok"] * len(FRONTAL) + ["rejected"] * len(OTHER), results
+    assert all(r.reason.startswith("another body part") for r in results[len(FRONTAL):])
+
+
+def test_shipped_default_gate_refuses_a_long_film():
+    """A whole-spine-like long film made from a shipped adult frontal chest X-ray (its central strip, 3.5x
+    narrower than tall, squashed back to the square input) is refused; the scan itself is not."""
+    from cxr_edge.preprocess import load_gray as lg
+
+    b = load_bundle(None)
+    gate = Gate.from_bundle(b.root, b.card)
+    if gate is None or not gate.has_layout:
+        pytest.skip("the default bundle's gate has no layout part")
+    embed = embedder(b, threads=2, gate=gate)
+    with Image.open(FRONTAL[0]) as im:
+        img = im.convert("L")
+    w, h = img.size
+    strip = img.crop((w // 2 - int(w / 7), 0, w // 2 + int(w / 7), h))
+    gray = np.stack([lg(img, b.spec.size), lg(strip, b.spec.size)])
+    verdicts = gate.embedding_verdicts(embed(gray))
+    assert verdicts[0].ok and not verdicts[1].ok, verdicts
 
 
 # -- the benchmark's non-radiograph set ---------------------------------------------------------------------

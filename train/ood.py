@@ -1,26 +1,41 @@
 """Fit the input gate (``cxr_edge/ood.py``) of a model bundle and write it into the bundle.
 
-    python -m train.ood BUNDLE_DIR [--data DIR] [--gate-dev DIR] [--n-train 1200] [--seed 0]
+    python -m train.ood BUNDLE_DIR [--data DIR] [--gate-dev DIR] [--n-train 1200] [--C 5] [--grid 3]
+                                   [--grid-components 64] [--stretched 1] [--stretched-dev 4] [--seed 0]
 
-The gate's embedding head is a linear softmax over four classes (``frontal_chest``, ``lateral_chest``,
-``other_body_part``, ``not_radiograph``) on the bundle model's own penultimate embedding
-(``cxr_edge.ood.embedder``: ``Classifier.predict_full`` on dual-output bundles, else ``features.tflite``). It is
-fitted (scikit-learn, multinomial logistic regression, balanced class weights) on:
+The shipped gate (cxr_edge/models/default) is refitted with exactly
+``python -m train.ood cxr_edge/models/default --C 5`` (every other setting at its default; the card's
+``ood.fitted_on.command`` spells them all out).
 
-- positives: a seeded subsample of the patient-grouped protocol's **train** split, each scan as it is and one
-  geometric variant (framing, aspect ratio, tilt: ``augment``), plus the adult frontal chest X-rays of
-  ``gate_dev`` (``--gate-dev``, by default ``../shared/data/gate_dev``) with variants;
+The gate reads the bundle model's own last feature map (``cxr_edge.ood.embedder``: ``Classifier.predict_full``
+on dual-output bundles, else ``features.tflite``): its global average (the penultimate embedding) and, with
+``--grid G`` (default 3; 0: the older global-average gates), its layout: the map average-pooled on a ``G x G``
+grid, each cell's vector projected onto the first ``--grid-components`` principal components of frontal
+training scans' cells (``fit_layout``). Where things are in the frame tells a frontal chest X-ray from a knee, a
+hand or a whole-spine film that the global average alone confuses with one. Its head is a linear softmax over
+four classes (``frontal_chest``, ``lateral_chest``, ``other_body_part``, ``not_radiograph``), fitted
+(scikit-learn, multinomial logistic regression, balanced class weights) on:
+
+- positives: a seeded subsample of the patient-grouped protocol's **train** split, each scan as it is, one
+  geometric variant (framing, aspect ratio, tilt: ``augment``) and ``--train-variants`` ``variants`` (flips,
+  tilt, brightness/contrast/gamma: washed-out portable films are frontal chest X-rays too), plus the adult
+  frontal chest X-rays of ``gate_dev`` (``--gate-dev``, by default ``../shared/data/gate_dev``) with variants
+  (``--variants`` + ``--frontal-variants``);
 - negatives: gate_dev's lateral chest views and radiographs of other body parts, with seeded variants
-  (``variants``: flips, crops, rotations, brightness/contrast/gamma), and generated images that are not
+  (``variants``: flips, crops, rotations, brightness/contrast/gamma); "long films" (``stretched``: a strip of
+  2.5-4.5x the frame's aspect ratio squashed back to a square, as a whole-spine or long-leg film reaches the
+  model) made from train scans (``--stretched`` per scan) and from gate_dev's lateral views and other
+  radiographs (``--stretched-dev`` each), as ``other_body_part``; and generated images that are not
   radiographs (``make_non_cxr``: document pages, screenshots, photo-like scenes, textures, gray and colour).
 
 The rejection threshold on the score ``logsumexp(other logits) - frontal logit`` is chosen on the grouped
 **validation** split only (``choose_threshold``): the decision boundary 0, raised just enough that at most
 ``--max-val-reject`` of the validation scans would be refused. A density check (``fit_density``: Mahalanobis
-distance in the first ``--density-components`` principal components of the frontal training embeddings) catches
+distance in the first ``--density-components`` principal components of the frontal training vectors) catches
 what none of the head's classes describes; its threshold is the ``1 - max_val_reject`` quantile of the
 validation scans' distances. The official test split is never read.
-``gate_dev`` is cross-validated (``cross_validate``: folds grouped by patient / body part and source) and the
+``gate_dev`` is cross-validated (``cross_validate``: folds grouped by patient / body part and source; each fold
+refits everything, layout projection included, without the fold's images and any variant of them) and the
 per-category rates go into the card's ``ood.fitted_on.gate_dev_cv``. The 3-class classifier never sees
 gate_dev: this only fits the gate. Writes ``ood.npz`` into BUNDLE_DIR and an ``"ood"`` entry (with its sha256)
 into its ``card.json``; every other field of the card is kept.
@@ -41,7 +56,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from cxr_edge.bundle import CARD_NAME, load_bundle, sha256_file
 from cxr_edge.ood import (CHROMA_LEVEL, DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, EMBED_CLASSES, Gate,
-                          density_distance, embedder, head_logits, head_score)
+                          density_distance, embedder, head_logits, head_score, layout_vector)
 from cxr_edge.preprocess import load_gray
 
 GATE_FILE = "ood.npz"
@@ -52,7 +67,13 @@ DEFAULT_MAX_VAL_REJECT = 0.002
 DEFAULT_C = 0.05
 DEFAULT_DENSITY_COMPONENTS = 64
 DEFAULT_VARIANTS = 16
+DEFAULT_FRONTAL_VARIANTS = 0  # more variants of each gate_dev adult frontal X-ray
+DEFAULT_TRAIN_VARIANTS = 1  # photometric + geometric variants per train scan (frontal_chest)
 DEFAULT_SYNTH = 12  # generated non-radiographs of each kind
+DEFAULT_GRID = 3  # layout: the feature map pooled on a 3 x 3 grid (0: global average only, the older gates)
+DEFAULT_GRID_COMPONENTS = 64  # principal components per grid cell
+DEFAULT_STRETCHED = 1  # "long film" variants per train scan (other_body_part)
+DEFAULT_STRETCHED_DEV = 4  # "long film" variants per gate_dev lateral view / other radiograph (other_body_part)
 EMBED_BATCH = 16
 
 
@@ -108,6 +129,28 @@ def variants(gray: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
             out.append(np.asarray(img, np.uint8))
     s = np.asarray(gray).shape[-1]
     return np.stack(out) if out else np.empty((0, s, s), np.uint8)
+
+
+STRETCH = ("a strip of 1/2.5 to 1/4.5 of the width (60%) or of the height (40%), at a random offset, squashed "
+           "back to a square: what a long film (whole spine, whole leg) or a wide one (dental panoramic) becomes "
+           "in the model's square input")
+
+
+def stretched(gray: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One seeded "long film" per ``uint8[N, S, S]`` image (``STRETCH``): a narrow strip stretched 2.5-4.5x
+    across the frame. A radiograph 3-4 times taller than wide (whole-spine, long-leg films) reaches the model
+    like this: chest-like texture, but nothing where a frontal chest X-ray has it. Labelled
+    ``other_body_part``; far from the mild aspect changes (up to 1.33x) that frontal chest X-rays get."""
+    rng = np.random.default_rng(seed)
+    gray = np.asarray(gray, np.uint8)
+    out = np.empty_like(gray)
+    s = gray.shape[1]
+    for i, g in enumerate(gray):
+        w = int(round(s / rng.uniform(2.5, 4.5)))
+        off = int(rng.integers(0, s - w + 1))
+        box = (off, 0, off + w, s) if rng.random() < 0.6 else (0, off, s, off + w)
+        out[i] = np.asarray(Image.fromarray(g, "L").crop(box).resize((s, s), Image.Resampling.LANCZOS))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,6 +349,15 @@ def _f32(arrays: dict) -> dict:
     return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
+HALF_ARRAYS = ("lay_proj", "den_components")  # the large projection matrices: stored as float16
+
+
+def _f16(arrays: dict) -> dict:
+    """float32 arrays holding float16 values (``HALF_ARRAYS``): ``ood.npz`` stores them in half the bytes again
+    (the bundle must stay within 8 MiB) and the thresholds are computed from these very numbers."""
+    return {k: (np.asarray(v, np.float16).astype(np.float32) if k in HALF_ARRAYS else v) for k, v in arrays.items()}
+
+
 ABSENT_LOGIT = -30.0  # the bias of a class without training images: never the most likely
 
 
@@ -343,9 +395,30 @@ def fit_density(x_frontal: np.ndarray, k: int = 64) -> dict:
     k = int(min(k, max(1, len(x) // 10), x.shape[1]))
     mean = x.mean(axis=0)
     scale = np.maximum(x.std(axis=0), 1e-6)
-    _, sv, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
-    var = np.maximum(sv[:k] ** 2 / max(1, len(x) - 1), 1e-9)
-    return _f32({"den_mean": mean, "den_scale": scale, "den_components": vt[:k], "den_var": var})
+    var, comps = _principal((x - mean) / scale, k)
+    return _f16(_f32({"den_mean": mean, "den_scale": scale, "den_components": comps,
+                      "den_var": np.maximum(var, 1e-9)}))
+
+
+def _principal(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(variances ``[k]``, components ``[k, D]``) of centred rows ``z[N, D]``: the eigenvectors of the ``D x D``
+    covariance with the ``k`` largest eigenvalues (the SVD's answer, much faster for ``N >> D``)."""
+    w, v = np.linalg.eigh(z.T @ z / max(1, len(z) - 1))
+    order = np.argsort(w)[::-1][:k]
+    return w[order], v[:, order].T
+
+
+def fit_layout(pooled_frontal: np.ndarray, channels: int, grid: int, k: int = DEFAULT_GRID_COMPONENTS) -> dict:
+    """Arrays ``lay_mean[C]``, ``lay_proj[C, k]``: the mean and the first ``k`` principal components of the grid
+    cells (``C``-vectors, all cells pooled) of frontal chest X-rays' ``pooled`` rows ``[N, C + g*g*C]``."""
+    x = np.asarray(pooled_frontal, np.float64)
+    cells = x[:, channels:].reshape(-1, channels)
+    if cells.shape[0] != len(x) * grid * grid:
+        raise ValueError(f"pooled rows of {x.shape[1]} numbers are not {channels} + {grid}x{grid}x{channels}")
+    k = int(min(k, channels, max(1, len(cells) - 1)))
+    mean = cells.mean(axis=0)
+    _, comps = _principal(cells - mean, k)
+    return _f16(_f32({"lay_mean": mean, "lay_proj": comps.T}))
 
 
 def scores_of(arrays: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -374,15 +447,37 @@ class GateData:
     dev: np.ndarray
 
 
+def gate_vectors(arrays: dict, x: np.ndarray, grid: int) -> np.ndarray:
+    """The vectors the gate's head reads, from ``pooled`` rows ``x`` (the rows themselves without a layout)."""
+    if not grid:
+        return np.asarray(x, np.float32)
+    return layout_vector(x, arrays["lay_mean"], arrays["lay_proj"], grid)
+
+
 def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
              max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
-             density_components: int = DEFAULT_DENSITY_COMPONENTS) -> tuple[dict, dict]:
-    """(arrays, ``embedding`` card parameters) from training embeddings and validation scans' embeddings. Both
-    thresholds (head score; density distance when ``density_components`` > 0) come from the validation scans."""
-    arrays = fit_head(data.x, data.y, c, seed)
+             density_components: int = DEFAULT_DENSITY_COMPONENTS, grid: int = 0,
+             grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None) -> tuple[dict, dict]:
+    """(arrays, ``embedding`` card parameters) from training rows and validation scans' rows (``pooled``: the
+    global average, then with ``grid`` > 0 the ``grid x grid`` cells of ``channels`` each). With a grid, the
+    layout projection (``fit_layout``) comes from the frontal training rows first. Both thresholds (head score;
+    density distance when ``density_components`` > 0) come from the validation scans."""
+    arrays: dict = {}
+    layout = None
+    if grid:
+        channels = int(channels or data.x.shape[1] // (1 + grid * grid))
+        arrays.update(fit_layout(data.x[data.y == EMBED_CLASSES.index("frontal_chest")], channels, grid,
+                                 grid_components))
+        layout = {"grid": int(grid), "components": int(arrays["lay_proj"].shape[1]), "channels": channels,
+                  "rule": f"the model's feature map average-pooled on a {grid}x{grid} grid of adaptive (overlapping) "
+                          "cells, each cell's vector minus lay_mean projected onto lay_proj (the first principal "
+                          "components of frontal training scans' cells), after the global average"}
+    x = gate_vectors(arrays, data.x, grid)
+    val_x = gate_vectors(arrays, val_x, grid)
+    arrays.update(fit_head(x, data.y, c, seed))
     val_scores, _ = scores_of(arrays, val_x)
     threshold = choose_threshold(val_scores, max_val_reject)
-    params = {"classes": list(EMBED_CLASSES), "threshold": round(threshold, 6), "dim": int(data.x.shape[1]),
+    params = {"classes": list(EMBED_CLASSES), "threshold": round(threshold, 6), "dim": int(x.shape[1]),
               "score": "logsumexp(logits[1:]) - logits[0], logits = ((e - emb_mean) / emb_scale) @ emb_weights "
                        "+ emb_bias; refused when score > threshold",
               "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
@@ -393,9 +488,11 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
               "classes_without_images": [EMBED_CLASSES[k] for k in range(len(EMBED_CLASSES))
                                          if not np.any(data.y == k)],
               "C": c}
+    if layout:
+        params["layout"] = layout
     rejected = val_scores > threshold
     if density_components > 0:
-        arrays.update(fit_density(data.x[data.y == EMBED_CLASSES.index("frontal_chest")], density_components))
+        arrays.update(fit_density(x[data.y == EMBED_CLASSES.index("frontal_chest")], density_components))
         val_dist = density_distance(val_x, arrays["den_mean"], arrays["den_scale"], arrays["den_components"],
                                     arrays["den_var"])
         den_threshold = float(np.quantile(val_dist, 1.0 - max_val_reject))
@@ -403,7 +500,7 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
         params.update({"density_threshold": round(den_threshold, 4),
                        "density_components": int(len(arrays["den_var"])),
                        "density": "squared Mahalanobis distance in the first density_components principal "
-                                  "components of the standardized frontal training embeddings; refused when > "
+                                  "components of the standardized frontal training vectors; refused when > "
                                   f"density_threshold (the {1 - max_val_reject:.4f} quantile of the validation "
                                   "scans' distances)"})
     params["val_rejected"] = int(rejected.sum())
@@ -412,10 +509,12 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
 
 def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], folds: int = 5,
                    c: float = DEFAULT_C, max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
-                   density_components: int = None) -> dict:
+                   density_components: int = None, grid: int = 0,
+                   grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None) -> dict:
     """gate_dev cross-validated: its groups (patients; body parts for other radiographs) are dealt into
     ``folds`` folds per category; each fold's original images are judged by a gate fitted without any row of
-    that fold (nor their variants), its threshold chosen on validation as always. Per-category counts."""
+    that fold (nor their variants, "long film" ones included), its layout projection, head, density and
+    thresholds fitted as always (thresholds on validation). Per-category counts."""
     density_components = DEFAULT_DENSITY_COMPONENTS if density_components is None else density_components
     rng = np.random.default_rng(seed)
     fold_of_group: dict[str, int] = {}
@@ -431,10 +530,10 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
             continue
         keep = ~np.isin(data.dev, held)
         arrays, params = fit_gate(GateData(data.x[keep], data.y[keep], data.dev[keep]), val_x, c, max_val_reject,
-                                  seed, density_components)
+                                  seed, density_components, grid, grid_components, channels)
         gate = Gate(arrays, {"embedding": params})
         orig = np.array([np.flatnonzero((data.dev == i))[0] for i in held])  # first row of an item: the original
-        for i, v in zip(held, gate.embedding_verdicts(data.x[orig])):
+        for i, v in zip(held, gate.embedding_verdicts(gate_vectors(arrays, data.x[orig], grid))):
             rows.append({"file": Path(items[i].path).name, "category": items[i].category, "fold": k,
                          "accepted": v.ok, "score": round(float(v.score), 3), "reason": v.reason})
     out = {"folds": folds, "grouping": "other radiographs by body part, chest views by patient (file)",
@@ -456,10 +555,17 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
 def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np.ndarray, val_gray: np.ndarray,
             items: list[DevItem], n_variants: int = DEFAULT_VARIANTS, seed: int = 0,
             log: Callable[[str], None] = lambda s: None,
-            n_synth: int = DEFAULT_SYNTH) -> tuple[GateData, np.ndarray]:
+            n_synth: int = DEFAULT_SYNTH, n_stretched: int = 0,
+            n_stretched_dev: int = 0, n_frontal_variants: int = 0,
+            n_train_variants: int = 0) -> tuple[GateData, np.ndarray]:
     """Embed everything a fit needs: train scans (+ one ``augment`` variant each) as ``frontal_chest``; each
-    gate_dev item as it is (its first row) and ``n_variants`` variants; generated non-radiographs (+ one
-    variant each). Returns (training data, validation scans' embeddings)."""
+    gate_dev item as it is (its first row) and ``n_variants`` variants (+ for lateral views and other
+    radiographs ``n_stretched_dev`` "long film" variants, ``stretched``, as ``other_body_part``, with the item's
+    index so that cross-validation drops them with it; adult frontal X-rays get ``n_frontal_variants`` more
+    variants: they are few against the training scans, and the layout part must not read their framing as
+    another body part); ``n_train_variants`` ``variants`` of each train scan (exposure as well as framing) as
+    ``frontal_chest``; ``n_stretched`` "long film" variants of each train scan as ``other_body_part``; generated
+    non-radiographs (+ one variant each). Returns (training data, validation scans' embeddings)."""
     frontal = EMBED_CLASSES.index("frontal_chest")
     xs, ys, devs = [], [], []
 
@@ -469,12 +575,26 @@ def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np
         devs.append(np.full(len(gray), dev))
 
     train_gray = np.asarray(train_gray, np.uint8)
+    other = EMBED_CLASSES.index("other_body_part")
     add(np.concatenate([train_gray, augment(train_gray, seed)]), frontal, -1)
     log(f"train scans embedded: {2 * len(train_gray)}")
+    for k in range(n_train_variants):  # exposure too: washed-out, dark, low-contrast frontal films stay frontal
+        add(variants(train_gray, 1, seed + 11 + k), frontal, -1)
+    if n_train_variants:
+        log(f"photometric variants of train scans embedded: {n_train_variants * len(train_gray)}")
+    for k in range(n_stretched):
+        add(stretched(train_gray, seed + 5 + k), other, -1)
+    if n_stretched:
+        log(f"long-film variants of train scans embedded: {n_stretched * len(train_gray)}")
     for i, it in enumerate(items):
         g = load_gray(it.path, size)[None]
         add(np.concatenate([g, variants(g, n_variants, seed + 1 + i)]), EMBED_CLASSES.index(it.cls), i)
-    log(f"gate_dev embedded: {len(items)} x {1 + n_variants}")
+        if n_frontal_variants and it.cls == "frontal_chest":
+            add(variants(g, n_frontal_variants, seed + 1000 + i), frontal, i)
+        if n_stretched_dev and it.cls != "frontal_chest":  # not the adult frontal X-rays: kept away from the
+            add(stretched(np.repeat(g, n_stretched_dev, 0), seed * 7919 + 6 + i), other, i)  # reject side
+    log(f"gate_dev embedded: {len(items)} x {1 + n_variants} (+ {n_stretched_dev} long-film variants of each "
+        "lateral view and other radiograph)")
     synth = np.stack([load_gray(img, size) for img, _, _ in synth_non_radiographs(seed + 1, n_synth)])
     add(np.concatenate([synth, variants(synth, 1, seed + 2)]), EMBED_CLASSES.index("not_radiograph"), -1)
     log(f"generated non-radiographs embedded: {2 * len(synth)}")
@@ -491,7 +611,16 @@ def write_gate(bundle_dir: str | Path, arrays: dict, card_params: dict) -> dict:
     card_path = root / CARD_NAME
     card = json.loads(card_path.read_text())
     path = root / GATE_FILE
-    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    stored = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        if k in HALF_ARRAYS:
+            half = v.astype(np.float16)
+            if not np.array_equal(half.astype(v.dtype), v):
+                raise ValueError(f"{k}: not float16 values (fit it through fit_layout / fit_density)")
+            v = half
+        stored[k] = v
+    np.savez(path, **stored)
     entry = {"path": GATE_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size, **card_params}
     card["ood"] = entry
     tmp = card_path.with_suffix(".json.tmp")
@@ -519,8 +648,12 @@ def card_entry(emb_params: dict, fitted_on: dict, cv: dict | None) -> dict:
         "embedding": emb_params,
         "features": ("before the model: colour photo (share of pixels with max(R,G,B)-min(R,G,B) > "
                      f"{CHROMA_LEVEL} above {DEFAULT_MAX_COLOUR_FRACTION}) and blank image (16x16 thumbnail std < "
-                     f"{DEFAULT_MIN_STD} gray levels); after it: a linear softmax head on the model's penultimate "
-                     "global-average-pooled embedding over " + ", ".join(EMBED_CLASSES)),
+                     f"{DEFAULT_MIN_STD} gray levels); after it: a linear softmax head and a density check on the "
+                     "model's penultimate global-average-pooled embedding"
+                     + (" and the layout of its last feature map ({0}x{0} grid cells, {1} principal components "
+                        "each)".format(emb_params["layout"]["grid"], emb_params["layout"]["components"])
+                        if emb_params.get("layout") else "")
+                     + " over " + ", ".join(EMBED_CLASSES)),
         "fitted_on": {**fitted_on, **({"gate_dev_cv": {k: v for k, v in cv.items() if k != "rows"}} if cv else {})},
     }
 
@@ -534,11 +667,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gate-dev", type=Path, default=DEFAULT_GATE_DEV, help="gate_dev folder (MANIFEST.csv)")
     ap.add_argument("--n-train", type=int, default=1200, help="seeded subsample of the grouped train split")
     ap.add_argument("--variants", type=int, default=DEFAULT_VARIANTS, help="variants per gate_dev image")
+    ap.add_argument("--frontal-variants", type=int, default=DEFAULT_FRONTAL_VARIANTS,
+                    help="more variants of each gate_dev frontal chest X-ray (on top of --variants)")
+    ap.add_argument("--train-variants", type=int, default=DEFAULT_TRAIN_VARIANTS,
+                    help="variants (flip, tilt, brightness/contrast/gamma) per train scan, on top of the geometric one")
     ap.add_argument("--n-synth", type=int, default=DEFAULT_SYNTH, help="generated non-radiographs per kind")
     ap.add_argument("--max-val-reject", type=float, default=DEFAULT_MAX_VAL_REJECT)
     ap.add_argument("--C", type=float, default=DEFAULT_C, help="inverse L2 strength of the head")
     ap.add_argument("--density-components", type=int, default=DEFAULT_DENSITY_COMPONENTS,
                     help="principal components of the density check (0: head only)")
+    ap.add_argument("--grid", type=int, default=DEFAULT_GRID,
+                    help="layout: pool the model's feature map on a GRID x GRID grid too (0: global average only)")
+    ap.add_argument("--grid-components", type=int, default=DEFAULT_GRID_COMPONENTS,
+                    help="principal components kept per grid cell")
+    ap.add_argument("--stretched", type=int, default=DEFAULT_STRETCHED,
+                    help="'long film' variants (other_body_part) per train scan")
+    ap.add_argument("--stretched-dev", type=int, default=DEFAULT_STRETCHED_DEV,
+                    help="'long film' variants (other_body_part) per gate_dev lateral view / other radiograph")
     ap.add_argument("--folds", type=int, default=5, help="gate_dev cross-validation folds (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
@@ -563,26 +708,43 @@ def main(argv: list[str] | None = None) -> None:
         items = gate_dev_items(args.gate_dev)
     except FileNotFoundError as exc:
         ap.error(f"{exc}; pass --gate-dev DIR (see ../shared/data/gate_dev/README.md)")
-    embed = embedder(bundle, threads=args.threads)
+    embed = embedder(bundle, threads=args.threads, grid=args.grid)
     data, val_x = collect(embed, size, load_images(train, size, workers=args.workers),
                           load_images(val, size, workers=args.workers), items, args.variants, args.seed, log,
-                          args.n_synth)
+                          args.n_synth, args.stretched, args.stretched_dev, args.frontal_variants,
+                          args.train_variants)
     cv = None
     if args.folds:
         cv = cross_validate(data, val_x, items, args.folds, args.C, args.max_val_reject, args.seed,
-                            args.density_components)
+                            args.density_components, args.grid, args.grid_components)
         for cat, r in cv["by_category"].items():
             log(f"gate_dev CV {cat}: {r['accepted']}/{r['n']} accepted (expected: {r['expected']}); "
                 f"wrong: {r['wrong']}")
-    arrays, params = fit_gate(data, val_x, args.C, args.max_val_reject, args.seed, args.density_components)
+    arrays, params = fit_gate(data, val_x, args.C, args.max_val_reject, args.seed, args.density_components,
+                              args.grid, args.grid_components)
     fitted_on = {
         "data": "train/ grouped protocol (patient-grouped, seed 0): head on a seeded subsample of its train "
-                "split (+ one geometric variant each), threshold on its val split; official test/ not read",
+                "split (+ one geometric variant, --train-variants photometric ones and --stretched long films "
+                "each), thresholds on its val split; official test/ not read",
         "train_images": len(train), "gate_dev": _shown(args.gate_dev), "gate_dev_images": len(items),
-        "gate_dev_variants": args.variants, "augmentation": "; ".join(AUGMENTATIONS),
+        "gate_dev_variants": args.variants, "gate_dev_frontal_variants": args.frontal_variants,
+        "train_variants": args.train_variants,
+        "augmentation": "; ".join(AUGMENTATIONS),
         "generated": "document pages, screenshots, photo-like scenes, solid colours, textures (train.ood."
                      "synth_non_radiographs, seed %d, %d per kind)" % (args.seed + 1, args.n_synth),
-        "generated_per_kind": args.n_synth, "seed": args.seed, "date": datetime.date.today().isoformat(),
+        "generated_per_kind": args.n_synth,
+        "long_films": f"{args.stretched} per train scan, {args.stretched_dev} per gate_dev lateral view and other "
+                      f"radiograph (train.ood.stretched: "
+                      f"{STRETCH}), as other_body_part",
+        "stretched_per_train": args.stretched, "stretched_per_gate_dev": args.stretched_dev,
+        "command": (f"python -m train.ood BUNDLE --C {args.C:g} --grid {args.grid} --grid-components "
+                    f"{args.grid_components} --density-components {args.density_components} --stretched "
+                    f"{args.stretched} --stretched-dev {args.stretched_dev} --n-train "
+                    f"{args.n_train} --train-variants {args.train_variants} --variants "
+                    f"{args.variants} --frontal-variants {args.frontal_variants} --n-synth {args.n_synth} "
+                    f"--max-val-reject {args.max_val_reject:g} "
+                    f"--seed {args.seed}"),
+        "seed": args.seed, "date": datetime.date.today().isoformat(),
         "seconds": round(time.monotonic() - t0, 1)}
     entry = write_gate(args.bundle, arrays, card_entry(params, fitted_on, cv))
     log(f"wrote {args.bundle / GATE_FILE}: threshold {params['threshold']}, "

@@ -48,6 +48,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cxr_edge.classifier import one_line, usable_cpus
 from cxr_edge.labels import CLASS_NAMES
 
 FORMAT = "cxr-edge-batch/1"
@@ -99,14 +100,14 @@ def _list_uri(uri: str) -> list[tuple[str, Optional[str]]]:
         filesystem, path = pafs.FileSystem.from_uri(uri)
         info = filesystem.get_file_info(path)
     except Exception as exc:  # unknown scheme, no credentials, unreachable host...
-        return [(uri, f"cannot open ({_one_line(exc)})")]
+        return [(uri, f"cannot open ({one_line(exc)})")]
     prefix = uri[: len(uri) - len(path)] if uri.endswith(path) else uri.split("://", 1)[0] + "://"
     if info.type != pafs.FileType.Directory:
         return [(uri, None)]  # a file, or a missing one whose error the worker reports
     try:
         found = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
     except Exception as exc:
-        return [(uri, f"cannot list ({_one_line(exc)})")]
+        return [(uri, f"cannot list ({one_line(exc)})")]
     base = path.rstrip("/")
     files = sorted(prefix + f.path for f in found if f.type == pafs.FileType.File
                    and _uri_looks_like_image(f.path)
@@ -125,7 +126,7 @@ def _expand(args: Iterable[str], allow_lists: bool = True) -> list[tuple[str, Op
             try:
                 lines = Path(arg).read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
-                out.append((arg, f"cannot read the list ({_one_line(exc)})"))
+                out.append((arg, f"cannot read the list ({one_line(exc)})"))
                 continue
             entries = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
             out.extend(_expand(entries, allow_lists=False) if entries else [(arg, "the list names no files")])
@@ -176,10 +177,6 @@ class Plan:
         return f"part-{i:06d}-{_digest(p for p, _ in self.shard(i))[:12]}.parquet"
 
 
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
-
-
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -224,7 +221,7 @@ def _prepare(out: Path, plan: Plan, job: dict) -> set[int]:
         try:
             old = json.loads(job_path.read_text())
         except (OSError, ValueError) as exc:
-            raise BatchError(f"{job_path} is unreadable ({_one_line(exc)}); use a new --out folder") from None
+            raise BatchError(f"{job_path} is unreadable ({one_line(exc)}); use a new --out folder") from None
         if old.get("format") != FORMAT:
             raise BatchError(f"{job_path} was not written by this version of cxr-edge batch; use a new --out folder")
         for key, what in (("inputs_sha256", "input list"), ("model", "model"), ("ood", "gate setting")):
@@ -256,7 +253,7 @@ def _prepare(out: Path, plan: Plan, job: dict) -> set[int]:
         try:
             rows = pq.read_metadata(p).num_rows
         except Exception as exc:
-            raise BatchError(f"{p} is unreadable ({_one_line(exc)}); remove it to have it redone") from None
+            raise BatchError(f"{p} is unreadable ({one_line(exc)}); remove it to have it redone") from None
         if rows != len(plan.shard(i)):
             raise BatchError(f"{p} has {rows} rows, its shard {len(plan.shard(i))}; remove it to have it redone")
         done.add(i)
@@ -337,7 +334,7 @@ def _fetch(uri: str, folder: str, k: int):
         mtime = None if info.mtime_ns is None else info.mtime_ns // 1000
         return local, info.size, mtime
     except Exception as exc:
-        return None, f"cannot read ({_one_line(exc)})", None
+        return None, f"cannot read ({one_line(exc)})", None
 
 
 def classify_rows(clf, items: Sequence[tuple[str, Optional[str], int]]) -> list[dict]:
@@ -517,16 +514,9 @@ def _run_local(units, args: ModelArgs, workers: int, collector: _Collector, tick
                 proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         if type(exc).__name__ == "BrokenProcessPool":
-            raise BatchFailed(f"a worker process died ({_one_line(exc)})") from None
+            raise BatchFailed(f"a worker process died ({one_line(exc)})") from None
         raise
     pool.shutdown(wait=True)
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def have_ray() -> bool:
@@ -548,11 +538,11 @@ def _ray_connect(address: str, workers: Optional[int]) -> bool:
     try:
         if address == "local":  # a private single-node instance: its start-up notices are noise here
             kw["logging_level"] = "ERROR"
-            ray.init(num_cpus=max(workers or 0, _cpus()), **kw)
+            ray.init(num_cpus=max(workers or 0, usable_cpus()), **kw)
         else:
             ray.init(address=address, **kw)
     except Exception as exc:
-        raise BatchError(f"cannot connect to Ray at {address!r}: {_one_line(exc)}") from None
+        raise BatchError(f"cannot connect to Ray at {address!r}: {one_line(exc)}") from None
     return True
 
 
@@ -698,7 +688,7 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
             started_ray = _ray_connect(ray, workers)
             t_ray = time.perf_counter() - t1
         if ray is None:
-            workers = workers or _cpus()
+            workers = workers or usable_cpus()
         elif todo:  # no more actors than the cluster has CPUs: the pool would wait for them forever
             import ray as ray_mod
             cpus = max(1, int(ray_mod.cluster_resources().get("CPU", 1)))

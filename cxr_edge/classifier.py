@@ -49,7 +49,8 @@ DEFAULT_BATCH = 8
 MAX_DECODE_THREADS = 4  # decode pool size when ``threads`` is not given (at most half the CPUs)
 
 
-def _cpus() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity: containers, taskset), else the machine's count."""
     try:
         return max(1, len(os.sched_getaffinity(0)))  # the CPUs this process may use (containers, taskset)
     except AttributeError:  # not on Linux
@@ -62,7 +63,7 @@ def thread_split(threads: Optional[int]) -> tuple[int, int]:
     without oversubscribing the CPU (one and one on two cores)."""
     if threads:
         return int(threads), int(threads)
-    cpus = _cpus()
+    cpus = usable_cpus()
     decode = max(1, min(MAX_DECODE_THREADS, cpus // 2))
     return max(1, cpus - decode), decode
 
@@ -152,8 +153,10 @@ def default_backend(bundle: Bundle) -> str:
                       f"installed runtimes: {have or 'none'} (pip install ai-edge-litert or onnxruntime)")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def one_line(text) -> str:
+    """A message (or an exception's) on one line; an exception without a message gives its type name."""
+    line = " ".join(str(text).split())
+    return line or (type(text).__name__ if isinstance(text, BaseException) else "")
 
 
 class Classifier:
@@ -231,7 +234,7 @@ class Classifier:
                 return load_gray(source, self.spec.size)
             gray, colour = load_gray_colour(source, self.spec.size)
         except InputRejected as exc:
-            return RejectedResult(str(source), _one_line(exc.reason), float("inf"), self.model)
+            return RejectedResult(str(source), one_line(exc.reason), float("inf"), self.model)
         verdict = self.gate.check_pixels(gray, colour)
         return gray if verdict.ok else RejectedResult(str(source), verdict.reason, verdict.score, self.model)
 
@@ -241,7 +244,7 @@ class Classifier:
         try:
             return self._checked(source)
         except PreprocessError as exc:
-            return ErrorResult(str(source), _one_line(exc))
+            return ErrorResult(str(source), one_line(exc))
 
     def _infer(self, gray: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
         """(calibrated probs, the gate's embedding (``Gate.embedding_of`` the feature map) or None, heatmaps of the
@@ -292,7 +295,7 @@ class Classifier:
                     try:
                         out.append(self._results([(src, g)], *self._infer(g[None]))[0])
                     except EngineError as exc:
-                        out.append(ErrorResult(str(src), f"inference failed: {_one_line(exc)}"))
+                        out.append(ErrorResult(str(src), f"inference failed: {one_line(exc)}"))
         done = iter(out)
         return [g if not isinstance(g, np.ndarray) else next(done) for _, g in items]
 

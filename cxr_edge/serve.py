@@ -50,6 +50,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cxr_edge import __version__
+from cxr_edge.classifier import one_line
 from cxr_edge.labels import CLASS_NAMES
 
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
@@ -119,7 +120,7 @@ class ModelPool:
                                              heatmaps=True), True))
             except (BundleError, EngineError) as exc:  # a bundle without (usable) heatmap data still
                 clf = Classifier(model=model, backend=backend, threads=threads, ood=ood)  # classifies; the
-                slots.append(Slot(clf, False, _one_line(exc)))  # reason shows in /healthz and heatmap_error
+                slots.append(Slot(clf, False, one_line(exc)))  # reason shows in /healthz and heatmap_error
         return cls(slots)
 
     @contextmanager
@@ -141,10 +142,6 @@ class ModelPool:
     @property
     def card(self) -> dict:
         return self.first.clf.card
-
-
-def _one_line(exc: BaseException | str) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def heatmap_png(slot: Slot, data: bytes, result) -> bytes:
@@ -175,7 +172,7 @@ def classify_uploads(pool: ModelPool, uploads: list[Upload], heatmap: bool) -> l
                     png = heatmap_png(slot, up, result)
                     record["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
                 except Exception as exc:  # a heatmap failure never hides the label already given
-                    record["heatmap_error"] = f"heatmap not made ({_one_line(exc)})"
+                    record["heatmap_error"] = f"heatmap not made ({one_line(exc)})"
             records.append(record)
     return records
 
@@ -234,7 +231,7 @@ async def read_uploads(request: Request, limit: int, name: Optional[str]) -> lis
     except _TooLarge:
         raise _too_large(limit) from None
     except MultiPartException as exc:
-        raise HTTPException(400, f"malformed multipart request ({_one_line(exc.message)})") from None
+        raise HTTPException(400, f"malformed multipart request ({one_line(exc.message)})") from None
     if not body:
         raise HTTPException(400, "empty request: send the scan as multipart field 'file' or as the raw body")
     return [Upload(body, clean_name(name, "upload"))]
@@ -275,7 +272,7 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
         try:
             pool = loader()
         except Exception as exc:
-            state.update(status="failed", error=_one_line(exc))
+            state.update(status="failed", error=one_line(exc))
             if on_error:
                 on_error(state["error"])
             else:
@@ -430,7 +427,7 @@ def serve_command(host: str, port: int, model, backend, threads, workers: int, t
     try:  # a missing or unreadable bundle fails here, before the port opens (file checks run in the loader)
         load_bundle(model)
     except BundleError as exc:
-        raise _Failed(f"cannot load the model: {_one_line(exc)}") from None
+        raise _Failed(f"cannot load the model: {one_line(exc)}") from None
     try:
         sock = bind(host, port)
     except OSError as exc:

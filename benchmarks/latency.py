@@ -129,12 +129,6 @@ def installed_sizes(project: Path) -> dict:
     return out
 
 
-def bundle_files(bundle: Path) -> dict:
-    """Bytes of each file of a bundle (the card's files) and of the whole folder."""
-    files = {p.name: p.stat().st_size for p in sorted(Path(bundle).iterdir()) if p.is_file()}
-    return {"files": files, "total": sum(files.values())}
-
-
 VENV_TOOLING = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "wheel")  # what `python -m venv` brings
 
 

@@ -384,32 +384,15 @@ def feature_maps(model, threads: Optional[int] = None) -> Callable[[np.ndarray],
     bundle = clf.bundle if clf else model if isinstance(model, Bundle) else load_bundle(model)
     if clf is None:
         clf = Classifier(model=bundle.root, threads=threads, ood=False)
-    if hasattr(clf, "predict_full"):
-        probe = np.zeros((1, bundle.spec.size, bundle.spec.size), np.uint8)
-        if clf.predict_full(probe)[2] is not None:
-            return lambda gray: np.asarray(clf.predict_full(np.asarray(gray, np.uint8))[2], np.float32)
-    entry = bundle.card.get("cam")
-    if not isinstance(entry, dict):
+    if getattr(clf.engine, "has_features", False):
+        return lambda gray: np.asarray(clf.predict_full(np.asarray(gray, np.uint8))[2], np.float32)
+    if not isinstance(bundle.card.get("cam"), dict):
         raise BundleError(f"bundle {bundle.root}: its model gives no feature map and it has no features.tflite "
                           "(card entry 'cam'); cannot compute embeddings")
-    from cxr_edge.engines import _dequantize, load_tflite_interpreter
+    from cxr_edge.heatmap import LegacyFeatures
 
-    interp = load_tflite_interpreter(verified_file(bundle.root, entry, "feature model"), threads)
-    spec = bundle.spec
-
-    def maps(gray: np.ndarray) -> np.ndarray:
-        x = to_input(np.asarray(gray, np.uint8), spec)
-        inp = interp.get_input_details()[0]
-        if int(inp["shape"][0]) != len(x):
-            interp.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
-            interp.allocate_tensors()
-            inp = interp.get_input_details()[0]
-        interp.set_tensor(inp["index"], x.astype(np.float32))
-        interp.invoke()
-        out = interp.get_output_details()[0]
-        return _dequantize(np.array(interp.get_tensor(out["index"])), *out["quantization"]).astype(np.float32)
-
-    return maps
+    legacy, spec = LegacyFeatures(bundle, threads), bundle.spec
+    return lambda gray: np.asarray(legacy(to_input(np.asarray(gray, np.uint8), spec)), np.float32)
 
 
 def embedder(model, threads: Optional[int] = None, gate: Optional["Gate"] = None,

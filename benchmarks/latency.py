@@ -298,6 +298,30 @@ def dct_scaled_gray(path: Path, size: int) -> np.ndarray:
         return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
+def resize_fidelity(scans: list[Path], size: int = 224) -> dict:
+    """On full-resolution scans, for the runtime's ``KEEP`` and for ``keep=2``: the mean absolute gray-level
+    difference of reduce-then-squash (``reduction_factor``, as ``load_gray`` does it) from a Lanczos squash of
+    the full decode (how the training copies were made), and the median milliseconds of reduce + resize."""
+    from cxr_edge.preprocess import KEEP, reduction_factor
+
+    keeps = sorted({KEEP, 2})
+    diff: dict = {k: [] for k in keeps}
+    ms: dict = {k: [] for k in keeps}
+    for path in scans:
+        with Image.open(path) as img:
+            full = img.convert("L")
+        ref = np.asarray(full.resize((size, size), Image.Resampling.LANCZOS), np.float32)
+        for k in keeps:
+            t0 = time.perf_counter()
+            ours = full.reduce(reduction_factor(*full.size, size, keep=k)).resize((size, size),
+                                                                                  Image.Resampling.LANCZOS)
+            ms[k].append(1000 * (time.perf_counter() - t0))
+            diff[k].append(float(np.abs(np.asarray(ours, np.float32) - ref).mean()))
+    return {"scans": len(scans), "runtime_keep": KEEP,
+            "mean_abs_gray_diff": {f"keep={k}": float(np.mean(v)) for k, v in diff.items()},
+            "reduce_resize_median_ms": {f"keep={k}": float(np.median(v)) for k, v in ms.items()}}
+
+
 def dct_scaling_gap(bundle: Path | None, scans: list[Path]) -> dict:
     """Largest probability difference between the shipped path and the DCT-scaled variant of the same JPEGs
     (``dct_scaled_gray``): why the runtime does not use ``draft``."""
@@ -313,7 +337,8 @@ def dct_scaling_gap(bundle: Path | None, scans: list[Path]) -> dict:
 
 def fast_path(bundle: Path | None, test_files: list[Path], folder: Path, quick: bool = False) -> dict:
     """Everything issue 10 asks the benchmark for, on official test JPEGs: ``classify`` vs bare decode (one
-    thread), the gate's cost, the folder throughput of the CLI, and format agreement."""
+    thread), the gate's cost, the folder throughput of the CLI, format agreement and the DCT-scaling gap; and
+    the resize's fidelity and cost on the official ``val/`` scans."""
     rng = np.random.default_rng(0)
     pick = lambda n: [test_files[i] for i in sorted(rng.choice(len(test_files), min(n, len(test_files)), replace=False))]  # noqa: E731
     sample = pick(8 if quick else 40)
@@ -321,6 +346,9 @@ def fast_path(bundle: Path | None, test_files: list[Path], folder: Path, quick: 
            "gate": gate_cost(bundle, sample[:8] if quick else sample, repeats=2 if quick else 3),
            "formats": format_agreement(bundle, pick(2 if quick else 10)),
            "dct_scaling": dct_scaling_gap(bundle, pick(8 if quick else 100))}
+    val = sorted((folder.parent / "val").rglob("*.jpeg"))  # the official val/ scans: full resolution, not test
+    if val:
+        out["resize_fidelity"] = resize_fidelity(val[:4] if quick else val)
     if not quick:
         out["folder"] = folder_throughput(folder, bundle)
     return out

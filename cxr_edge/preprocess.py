@@ -16,14 +16,14 @@ pixels in any container therefore give the same array, bit for bit.
 
 Why not libjpeg's DCT scaling (``draft()``), which would skip part of a JPEG's decode: it equals the box
 filter of the *unrounded* inverse DCT, while every other container holds rounded pixels, so the two differ
-by rounding noise (0.05-0.2 gray levels on average). The float models shrug that off (<= 0.017 probability
-over 104 official test scans), the int8 models do not (up to 0.06-0.09, 8% of scans beyond 0.02): container
-agreement would be lost. Why ``KEEP = 1``: the Lanczos resize costs in proportion to its input, and from a
-2x-size image it took ~4 ms of a ~13 ms classification; from 1-2x size it takes ~1 ms. The result is a little
-softer than a Lanczos squash of the full decode (mean 0.5 vs 0.2 gray levels away from it on the 16
-full-resolution images of the official ``val/`` folder), which is within how the training images themselves
-were made (two thirds of them are a public 224 px copy made by another resizer). Training images already
-``size`` pixels a side are not resized at all; colour JPEGs are decoded as luminance only.
+by rounding noise (a fraction of a gray level). The int8 models turn that noise into probability differences
+beyond 0.02 on some scans (``python -m benchmarks`` measures it: ``fast_path.dct_scaling``), so container
+agreement would be lost. Why ``KEEP = 1``: the Lanczos resize costs in proportion to its input, and from 2-4x
+the output size it was the largest cost after the model; from 1-2x it is a few times cheaper. The result is a
+little softer than a Lanczos squash of the full decode (``fast_path.resize_fidelity`` measures both settings
+on the official ``val/`` scans), within how the training images themselves were made (two thirds of them are
+a public 224 px copy made by another resizer). Training images already ``size`` pixels a side are not
+resized at all; colour JPEGs are decoded as luminance only.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ Source = Union[str, os.PathLike, bytes, Image.Image]
 
 DEFAULT_SIZE = 224
 # The integer reduction keeps at least KEEP * size pixels a side; the Lanczos resize does the rest (from 1-2x
-# the output size: cheap). KEEP = 2 stays closer to a Lanczos squash of the full decode but costs ~3 ms more
-# per scan (see the module docstring for the measurements behind the choice).
+# the output size: cheap). KEEP = 2 stays closer to a Lanczos squash of the full decode but makes the resize
+# several times dearer (see the module docstring).
 KEEP = 1
 EXIF_ORIENTATION = 0x0112
 MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
@@ -196,11 +196,11 @@ def _jpeg_chroma(source: Source) -> float:
         return _chroma_fraction(img)
 
 
-def reduction_factor(width: int, height: int, size: int) -> int:
+def reduction_factor(width: int, height: int, size: int, keep: int = KEEP) -> int:
     """The integer reduction applied before the final resize: the largest power of two ``f`` with
-    ``min(width, height) // (KEEP * size) >= f`` (1 for images under ``2 * KEEP * size``), applied with
+    ``min(width, height) // (keep * size) >= f`` (1 for images under ``2 * keep * size``), applied with
     ``Image.reduce`` to every format."""
-    m = min(width // (KEEP * size), height // (KEEP * size))
+    m = min(width // (keep * size), height // (keep * size))
     f = 1
     while f * 2 <= m:
         f *= 2

@@ -27,13 +27,18 @@ Before any pixel is decoded, the metadata says whether this is a frontal chest r
   are refused, "not a radiograph (32 bits per pixel)".
 
 PALETTE COLOR images (ultrasound, ...) are expanded through their palette and, like RGB/YBR images, returned in
-colour, so that the pixel gate sees a colour image. Multi-frame objects and objects without pixel data are
-refused with a :class:`PreprocessError` (an error record).
+colour, so that the pixel gate sees a colour image. Multi-frame objects ("not a single radiograph") and
+objects without pixel data ("not an image") are refused too; a file that cannot be decoded is a
+:class:`PreprocessError` (an error record). Data sets without the Part 10 preamble are read as well
+(``preprocess`` recognises their first element), and compressed transfer syntaxes decode with the plugins
+the ``dicom`` extra installs (Pillow for JPEG baseline and JPEG 2000; GDCM for JPEG lossless, JPEG-LS and
+12-bit JPEG).
 """
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -160,26 +165,68 @@ def _palette_rgb(ds, arr: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb, "RGB")
 
 
-def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image:
+def read_dicom(source: Union[str, os.PathLike, bytes, bytearray], force: bool = False) -> Image.Image:
     """A single-frame DICOM image as an 8-bit grayscale (``"L"``) PIL image, or 8-bit ``"RGB"`` for colour
     objects (RGB, YBR, PALETTE COLOR). Raises :class:`InputRejected` for an object that is not a frontal chest
-    radiograph (:func:`check_metadata`), :class:`PreprocessError` for one that cannot be read."""
+    radiograph (:func:`check_metadata`, no image, several frames), :class:`PreprocessError` for one that
+    cannot be read. ``force``: a data set without the Part 10 preamble and ``DICM`` marker."""
+    with warnings.catch_warnings():  # pydicom warns about non-conformant files it reads anyway: not our output
+        warnings.simplefilter("ignore")
+        try:
+            return _read_dicom(source, force)
+        except PreprocessError:
+            raise
+        except Exception as exc:  # pydicom parses elements lazily: a malformed one fails where it is read
+            raise PreprocessError(f"malformed DICOM file ({_reason(exc)})") from None
+
+
+def _sop_class(ds) -> str:
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    return getattr(uid, "name", None) or str(uid or "unknown SOP class")
+
+
+def _set_transfer_syntax(ds) -> None:
+    """A data set read without file meta: the transfer syntax pydicom found while reading it, which its pixel
+    decoders need (raw data sets are never compressed)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = ds.original_encoding
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.file_meta = meta
+
+
+def _quiet_gdcm() -> None:
+    """GDCM (the decoder for JPEG lossless and JPEG-LS) prints its warnings to stderr; errors reach us as
+    exceptions anyway."""
+    try:
+        import gdcm
+    except ImportError:
+        return
+    gdcm.Trace.WarningOff()
+    gdcm.Trace.ErrorOff()
+    gdcm.Trace.DebugOff()
+
+
+def _read_dicom(source, force: bool) -> Image.Image:
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        ds = pydicom.dcmread(fp)
+        ds = pydicom.dcmread(fp, force=force)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
     except Exception as exc:
         raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
 
     check_metadata(ds)
+    if force and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        _set_transfer_syntax(ds)
     if "PixelData" not in ds:
-        kind = ds.get("SOPClassUID")
-        what = getattr(kind, "name", None) or str(kind or "unknown SOP class")
-        raise PreprocessError(f"DICOM object has no image (pixel data) to classify ({what})")
+        raise InputRejected(f"not an image (DICOM {_sop_class(ds)} without pixel data)")
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -189,9 +236,9 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image
         raise PreprocessError(f"malformed DICOM image attributes ({_reason(exc)})") from None
     if bits > 16:  # RT dose grids and the like; radiographs store at most 16 bits
         raise InputRejected(f"not a radiograph ({bits} bits per pixel; radiographs have at most 16)")
-    if frames > 1:
-        raise PreprocessError(f"multi-frame DICOM ({frames} frames) is not supported; "
-                              "give one radiograph per file")
+    if frames > 1:  # a cine loop, a tomosynthesis or CT series: not one radiograph
+        raise InputRejected(f"not a single radiograph (multi-frame DICOM, {frames} frames; "
+                            "give one radiograph per file)")
     if photometric not in MONOCHROME + COLOR + (PALETTE,):
         raise PreprocessError(f"DICOM photometric interpretation {photometric or '(missing)'} is not supported")
     limit = Image.MAX_IMAGE_PIXELS  # the same decompression-bomb limit as for other images
@@ -200,6 +247,8 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image
                               "possible decompression bomb)")
     if bits < 1:
         raise PreprocessError(f"DICOM with {bits} bits stored is not supported (1 to 16 bits)")
+    if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "").startswith("1.2.840.10008.1.2.4"):
+        _quiet_gdcm()  # a JPEG family transfer syntax: GDCM may be the decoder
     try:
         arr = ds.pixel_array
     except Exception as exc:  # missing decoder plugins, truncated pixel data, ...
@@ -209,10 +258,10 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> Image.Image
     if photometric == PALETTE:
         return _palette_rgb(ds, arr)
     if photometric in COLOR:
-        if bits > 8:
-            raise PreprocessError(f"DICOM {photometric} with {bits} bits stored is not supported (8-bit color only)")
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise PreprocessError(f"DICOM {photometric} pixel data has shape {arr.shape}, expected [rows, cols, 3]")
+        if bits > 8:  # 16-bit colour (secondary captures): to 8 bits over the stored range
+            arr = np.clip(np.rint(arr.astype(np.float64) * (255.0 / (2.0 ** bits - 1))), 0, 255)
         return Image.fromarray(np.asarray(arr, dtype=np.uint8), "RGB")  # in colour: the pixel gate sees it
     if arr.ndim != 2:
         raise PreprocessError(f"DICOM pixel data has shape {arr.shape}, expected one 2-D frame")

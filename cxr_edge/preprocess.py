@@ -85,13 +85,34 @@ class InputSpec:
 DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM"
 
 
-def _is_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> bool:
+def _head(source: Union[str, os.PathLike, bytes, bytearray]) -> bytes:
     if isinstance(source, (bytes, bytearray)):
-        head = bytes(source[:DICOM_MAGIC_OFFSET + 4])
-    else:
-        with open(source, "rb") as f:
-            head = f.read(DICOM_MAGIC_OFFSET + 4)
-    return head[DICOM_MAGIC_OFFSET:] == b"DICM"
+        return bytes(source[:DICOM_MAGIC_OFFSET + 4])
+    with open(source, "rb") as f:
+        return f.read(DICOM_MAGIC_OFFSET + 4)
+
+
+def _is_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> bool:
+    return _head(source)[DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def _looks_like_raw_dicom(head: bytes) -> bool:
+    """A DICOM data set without the Part 10 preamble and ``DICM`` (older archives, ACR-NEMA style files): it
+    starts with a data element of group 0002 (file meta) or 0008 (identification), little- or big-endian,
+    followed by an explicit VR (two capital letters) or an implicit 32-bit length. Checked only after Pillow
+    has failed to recognise the file."""
+    if len(head) < 8:
+        return False
+    for order in ("little", "big"):
+        group = int.from_bytes(head[0:2], order)
+        element = int.from_bytes(head[2:4], order)
+        if group in (0x0002, 0x0008) and element < 0x0100:
+            vr = head[4:6]
+            if vr.isalpha() and vr.isupper():
+                return True
+            if order == "little" and int.from_bytes(head[4:8], "little") < 1 << 16:
+                return True
+    return False
 
 
 def _check_pixels(img: Image.Image) -> None:
@@ -121,6 +142,12 @@ def _open(source: Source) -> Image.Image:
     except PreprocessError:
         raise
     except UnidentifiedImageError:
+        head = _head(source)
+        if not head:
+            raise PreprocessError("empty file (0 bytes)") from None
+        if _looks_like_raw_dicom(head):
+            from cxr_edge.dicom import read_dicom
+            return read_dicom(source, force=True)
         raise PreprocessError("not an image Pillow can read") from None
     except FileNotFoundError:
         raise PreprocessError("no such file") from None
@@ -177,6 +204,8 @@ def _chroma_fraction(img: Image.Image) -> float:
     Gray modes (L, I;16, F, 1, LA) have none; transparent pixels count as black (as in ``_to_gray8``)."""
     if img.mode not in _COLOUR_MODES:
         return 0.0
+    if img.mode in ("P", "PA"):  # Image.reduce works on pixel values, not palette indices
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
     if max(img.size) > COLOUR_SIDE:
         img = img.reduce(max(1, max(img.size) // COLOUR_SIDE))
     if img.mode in ("RGBA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -214,6 +243,8 @@ def _load(source: Source, size: int, colour: bool) -> tuple[np.ndarray, float]:
         w0, h0 = img.size
         if min(w0, h0) < MIN_SIDE:
             raise PreprocessError(f"image is {w0}x{h0} pixels, smaller than {MIN_SIDE} a side")
+        if img.mode == "1":  # two levels (a fax or a dithered print), no gray levels a radiograph has
+            raise InputRejected("not a radiograph (1-bit black-and-white image)")
         factor = reduction_factor(w0, h0, size)
         luminance = img.format == "JPEG" and img.mode != "L"
         if luminance:  # a colour JPEG: decode its luminance only, at full size (no DCT scaling)

@@ -101,20 +101,21 @@ def test_dicom_from_bytes(scan, tmp_path):
 
 
 def test_multi_frame_is_rejected(scan, tmp_path, bundle_dir):
+    """A readable object that is not one radiograph (a cine loop, a series) is refused, not an error."""
     _, v = scan
     small = v[:256, :256]
     path = write_dicom(tmp_path / "cine.dcm", np.stack([small, small]), frames=2)
-    with pytest.raises(PreprocessError, match="multi-frame"):
+    with pytest.raises(InputRejected, match="multi-frame"):
         load_gray(path)
     result = CliRunner().invoke(cli, ["classify", str(path), "--json", "--model", str(bundle_dir)])
-    assert result.exit_code == 1
-    assert "multi-frame" in json.loads(result.stdout)["error"]
-    assert f"{path}: multi-frame" in result.stderr
+    assert result.exit_code == 0
+    record = json.loads(result.stdout)
+    assert record["status"] == "rejected" and "not a single radiograph (multi-frame" in record["reason"]
 
 
 def test_non_image_object_is_rejected(tmp_path):
     path = write_dicom(tmp_path / "report.dcm", None, sop_class=BASIC_TEXT_SR)
-    with pytest.raises(PreprocessError, match="no image"):
+    with pytest.raises(InputRejected, match=r"not an image \(DICOM Basic Text SR"):
         load_gray(path)
 
 
@@ -247,3 +248,82 @@ def test_32_bit_and_float_pixels_are_refused(tmp_path, modality, float_pixels, r
     path = _dose_dicom(tmp_path / "dose.dcm", modality, float_pixels)
     with pytest.raises(InputRejected, match=reason):
         load_gray(path, 64)
+
+
+# --- DICOM as other sources write it: compressed, without the preamble --------------------------------------
+
+def _transcode(src: Path, dst: Path, syntax: str) -> Path:
+    """``src`` rewritten in a compressed transfer syntax: pydicom's own encoder for RLE, GDCM's (the decoder
+    the ``dicom`` extra installs) for JPEG lossless and JPEG-LS, as a PACS export writes them."""
+    if syntax == "rle":
+        from pydicom.uid import RLELossless
+
+        ds = pydicom.dcmread(src)
+        ds.compress(RLELossless)
+        ds.save_as(dst, enforce_file_format=True)
+        return dst
+    gdcm = pytest.importorskip("gdcm")
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax({"jpeg_lossless": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+                                                  "jpeg_ls": gdcm.TransferSyntax.JPEGLSLossless}[syntax]))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(dst))
+    assert writer.Write()
+    return dst
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpeg_lossless", "jpeg_ls"])
+def test_compressed_dicom_decodes_to_the_same_pixels(scan, tmp_path, syntax):
+    """Lossless compression (JPEG lossless SV1 is what most CR/DX archives store) changes nothing."""
+    _, v = scan
+    plain = write_dicom(tmp_path / "plain.dcm", v.astype(np.uint16) * 16 + 8, bits_stored=12)
+    packed = _transcode(plain, tmp_path / f"{syntax}.dcm", syntax)
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID != pydicom.dcmread(plain).file_meta.TransferSyntaxUID
+    assert np.array_equal(load_gray(packed, 64), load_gray(plain, 64))
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_data_set_without_preamble_is_read(scan, tmp_path, implicit):
+    """Older archives hold bare data sets: no 128-byte preamble, no ``DICM``, no file meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    _, v = scan
+    small = v[:300, :260]
+    plain = write_dicom(tmp_path / "plain.dcm", small.astype(np.uint16) * 16, bits_stored=12)
+    ds = pydicom.dcmread(plain)
+    del ds.file_meta
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, True
+    write_dataset(buf, ds)
+    raw = tmp_path / "bare"
+    raw.write_bytes(buf.getvalue())
+    assert raw.read_bytes()[128:132] != b"DICM"
+    assert np.array_equal(load_gray(raw, 64), load_gray(plain, 64))
+    ds.Modality = "CT"
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, True
+    write_dataset(buf, ds)
+    with pytest.raises(InputRejected, match=r"Modality CT"):
+        load_gray(buf.getvalue())
+
+
+def test_sixteen_bit_colour_goes_to_the_colour_check(tmp_path):
+    """A 16-bit RGB secondary capture is read (not an error) and refused as what it is, a colour image."""
+    rgb = np.zeros((64, 64, 3), np.uint16)
+    rgb[..., 0] = 60000
+    rgb[..., 2] = np.arange(64, dtype=np.uint16)[None, :] * 900
+    path = write_dicom(tmp_path / "sc.dcm", rgb[..., 0], bits_stored=16, Modality="OT")
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    gray, chroma = load_gray_colour(path, 64)
+    assert chroma > 0.9 and gray.shape == (64, 64)

@@ -43,7 +43,7 @@ def hostile_files(root: Path) -> dict[str, str]:
     small = io.BytesIO()
     Image.new("L", (31, 400), 100).save(small, "PNG")
     files = {
-        "empty.jpg": (b"", "not an image"),
+        "empty.jpg": (b"", "empty file"),
         "truncated.jpeg": (scan[: len(scan) // 2], "truncated"),
         "random.jpg": (np.random.default_rng(0).bytes(4096), "not an image"),
         "page.jpg": (b"<!DOCTYPE html><html><head><title>404</title></head><body>Not found</body></html>",
@@ -186,7 +186,9 @@ def test_fuzz_mutated_images(data):
 
 @FUZZ
 @given(st.sampled_from([b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
-                        b"RIFF\x00\x00\x00\x00WEBP", b"\x00" * 128 + b"DICM"]), st.binary(max_size=1024))
+                        b"RIFF\x00\x00\x00\x00WEBP", b"\x00" * 128 + b"DICM",
+                        b"\x08\x00\x05\x00CS", b"\x08\x00\x16\x00\x1a\x00\x00\x00"]),  # bare DICOM data sets
+       st.binary(max_size=1024))
 def test_fuzz_magic_then_garbage(magic, tail):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from _runtime_fixtures import image_files
-from cxr_edge.preprocess import MIN_SIDE, InputSpec, PreprocessError, load_gray, preprocess, reduction_factor, to_input
+from cxr_edge.preprocess import (MIN_SIDE, InputRejected, InputSpec, PreprocessError, load_gray, load_gray_colour,
+                                  preprocess, reduction_factor, to_input)
 
 SIZE = 128
 
@@ -50,15 +51,15 @@ def _variants(scan: Image.Image) -> dict:
         "I16.png": (Image.fromarray(arr.astype(np.uint16) * 257), {}),  # full 16-bit range
         "I16_12bit.png": (Image.fromarray(arr.astype(np.uint16) * 16), {}),  # 12-bit content
         "LA.png": (scan.convert("LA"), {}),
-        "1bit.png": (scan.convert("1"), {}),
     }
 
 
 EXPECTED_MODE = {"L.png": "L", "RGB.png": "RGB", "RGBA.png": "RGBA", "CMYK.tif": "CMYK", "P.png": "P",
-                 "I16.png": "I;16", "I16_12bit.png": "I;16", "LA.png": "LA", "1bit.png": "1"}
+                 "I16.png": "I;16", "I16_12bit.png": "I;16", "LA.png": "LA"}
 # Mean |difference| from the 8-bit L original, in gray levels: lossless modes match exactly (up to the
-# rounding of 12-bit -> 8-bit); a 256-colour adaptive palette quantizes a little; 1-bit is dithered.
-TOLERANCE = {"P.png": 2.0, "I16_12bit.png": 1.0, "1bit.png": 40.0}
+# rounding of 12-bit -> 8-bit); a 256-colour adaptive palette quantizes a little. (1-bit images are refused:
+# test_one_bit_image_is_refused.)
+TOLERANCE = {"P.png": 2.0, "I16_12bit.png": 1.0}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_MODE))
@@ -67,7 +68,7 @@ def test_every_mode_gives_the_same_gray(scan, reference, tmp_path, name):
     path = _save(img, tmp_path / name, **kw)
     with Image.open(path) as check:
         assert check.mode == EXPECTED_MODE[name]  # the file really is in that mode
-    out = load_gray(path, SIZE)
+    out, _ = load_gray_colour(path, SIZE)  # the runtime's call (it also measures colour)
     assert out.shape == (SIZE, SIZE) and out.dtype == np.uint8
     assert _mad(out, reference) <= TOLERANCE.get(name, 0.5)
 
@@ -202,3 +203,34 @@ def test_every_container_gives_the_same_probabilities(jpeg, upscale, tmp_path):
     for name, p in probs.items():
         ref = probs["baseline JPEG q95" if name == "progressive JPEG" else "baseline JPEG"]
         assert np.abs(p - ref).max() <= FORMAT_TOL, (name, p, ref)
+
+
+def test_palette_images_read_like_their_gray_pixels():
+    """Palette PNGs and GIFs (what some exporters and converters write) read as their pixels: a gray palette
+    gives exactly the gray image's array, a coloured one is seen in colour."""
+    with Image.open(image_files("test")[0]) as img:
+        gray = img.convert("L").resize((300, 280))
+    as_png = io.BytesIO()
+    gray.save(as_png, "PNG")
+    ref = load_gray(as_png.getvalue(), 64)
+    for fmt in ("PNG", "GIF"):
+        buf = io.BytesIO()
+        gray.convert("P").save(buf, fmt)
+        with Image.open(io.BytesIO(buf.getvalue())) as back:
+            assert back.mode == "P"
+        pixels, chroma = load_gray_colour(buf.getvalue(), 64)
+        assert np.array_equal(pixels, ref) and chroma == 0.0, fmt
+    tinted = Image.merge("RGB", (gray, gray.point(lambda x: x // 3), gray.point(lambda x: 255 - x)))
+    buf = io.BytesIO()
+    tinted.convert("P", palette=Image.Palette.ADAPTIVE).save(buf, "PNG")
+    assert load_gray_colour(buf.getvalue(), 64)[1] > 0.5
+
+
+def test_one_bit_image_is_refused():
+    """A black-and-white (1-bit) picture of a scan has no gray levels to read: refused, not classified."""
+    with Image.open(image_files("test")[0]) as img:
+        bilevel = img.convert("L").resize((300, 280)).convert("1")
+    buf = io.BytesIO()
+    bilevel.save(buf, "PNG")
+    with pytest.raises(InputRejected, match="1-bit"):
+        load_gray(buf.getvalue())

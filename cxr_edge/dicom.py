@@ -122,7 +122,13 @@ def _voi_kind(ds) -> str:
     if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
         return "lut"
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        return "window"
+        width = ds.WindowWidth
+        try:
+            width = float(width[0] if isinstance(width, (list, tuple)) or type(width).__name__ == "MultiValue"
+                          else width)
+        except (TypeError, ValueError, IndexError):
+            return "none"
+        return "window" if width >= 1 else "none"  # an invalid window (width < 1): shown over the full range
     return "none"
 
 

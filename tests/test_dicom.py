@@ -327,3 +327,14 @@ def test_sixteen_bit_colour_goes_to_the_colour_check(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     gray, chroma = load_gray_colour(path, 64)
     assert chroma > 0.9 and gray.shape == (64, 64)
+
+
+@pytest.mark.parametrize("width", ["0", "-5"])
+def test_invalid_window_falls_back_to_the_full_range(scan, tmp_path, width):
+    """A window width below 1 is invalid (PS3.3 C.11.2.1.2): the image is shown over its full range, as
+    without a window, instead of failing."""
+    _, v = scan
+    stored = v[:300, :260].astype(np.uint16) * 16
+    plain = write_dicom(tmp_path / "plain.dcm", stored, bits_stored=12)
+    odd = write_dicom(tmp_path / "odd.dcm", stored, bits_stored=12, WindowCenter="2000", WindowWidth=width)
+    assert np.array_equal(load_gray(odd, 64), load_gray(plain, 64))

@@ -8,8 +8,8 @@ them:
 2. Modality LUT or rescale slope/intercept (``pydicom.pixels.apply_modality_lut``);
 3. VOI LUT or window center/width (``pydicom.pixels.apply_voi_lut``), if the file has one;
 4. linear map of the display range to 0..255: the VOI output range if a VOI step was applied, otherwise the
-   full range the stored bits can hold after the modality step (so a 12-bit image is scaled by /4095, as
-   ``preprocess`` does for 16-bit PNGs with 12-bit content);
+   full range the stored bits can hold after the modality step; stored values without any LUT or rescale
+   keep their top 8 bits (``preprocess.high_bits``, as for 16-bit PNGs: a 12-bit image by ``v >> 4``);
 5. MONOCHROME1 (white = low values) inverted so that bone is bright, as in MONOCHROME2 and in JPEG scans.
 
 Before any pixel is decoded, the metadata says whether this is a frontal chest radiograph at all
@@ -44,7 +44,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
-from cxr_edge.preprocess import InputRejected, PreprocessError, _reason
+from cxr_edge.preprocess import InputRejected, PreprocessError, _reason, high_bits
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
@@ -132,11 +132,26 @@ def _voi_kind(ds) -> str:
     return "none"
 
 
+def _identity_modality(ds) -> bool:
+    if ds.get("ModalityLUTSequence"):
+        return False
+    try:
+        return float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    values = apply_modality_lut(arr, ds)
     kind = _voi_kind(ds)
+    if kind == "none" and _identity_modality(ds) and np.issubdtype(arr.dtype, np.integer):
+        # stored values shown as they are: their top 8 bits, as for 16-bit PNGs (a widened 8-bit scan
+        # gives its own pixels back whether it was shifted or scaled)
+        lo, _ = _stored_range(ds)
+        out = high_bits(arr.astype(np.int64) - int(lo), int(ds.BitsStored))
+        return 255 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
+    values = apply_modality_lut(arr, ds)
     if kind == "lut":
         values = apply_voi_lut(values, ds)
         lo, hi = 0.0, 2.0 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1

@@ -170,15 +170,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def _to_gray8(img: Image.Image) -> Image.Image:
-    """Any mode to 8-bit L. 16-bit data is mapped linearly: 12-bit content (max < 4096) by /4095*255,
-    otherwise by the full 16-bit range; float images by their own min..max."""
+    """Any mode to 8-bit L. 16-bit data keeps its top 8 bits: of 12 bits for 12-bit content (max < 4096),
+    else of 16 (``high_bits``); float images are mapped by their own min..max."""
     mode = img.mode
     if mode == "L":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 4095.0 if arr.max(initial=0) < 4096 else 65535.0
-        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+        arr = np.asarray(img)
+        return Image.fromarray(high_bits(arr, 12 if arr.max(initial=0) < 4096 else 16), "L")
     if mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
@@ -192,6 +191,18 @@ def _to_gray8(img: Image.Image) -> Image.Image:
     if mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "P", "RGB", "RGBX"):
         return img.convert("RGB").convert("L") if mode in ("CMYK", "YCbCr", "LAB", "HSV") else img.convert("L")
     raise PreprocessError(f"unsupported image mode {mode!r}")
+
+
+def high_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """``bits``-bit integers (0 .. 2**bits - 1) to 8 bits by their top 8 bits, ``floor(v / 2**(bits - 8))``.
+    Unlike rounding ``v * 255 / (2**bits - 1)``, this undoes both usual ways of widening 8-bit pixels exactly:
+    shifting (``v * 256``, ``v * 16``) and full-range scaling (``v * 257``, ``round(v * 4095 / 255)``), so
+    the widened copy of a scan gives the scan's own pixels."""
+    v = np.asarray(values)
+    if bits <= 8:
+        return np.clip(v, 0, 255).astype(np.uint8)
+    v = np.clip(v.astype(np.int64), 0, 2 ** bits - 1)
+    return (v >> (bits - 8)).astype(np.uint8)
 
 
 COLOUR_SIDE = 64  # the colour check looks at a thumbnail at most this many pixels a side

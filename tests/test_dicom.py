@@ -53,6 +53,10 @@ def _variants(v: np.ndarray) -> dict:
         "mono2_16bit": (v16 * 257, {"bits_stored": 16}),
         "mono1_16bit": (65535 - v16 * 257, {"bits_stored": 16, "photometric": "MONOCHROME1"}),
         "mono2_12bit": (v16 * 16 + 8, {"bits_stored": 12}),
+        # widened by shifting, as many converters do: the top bits are the original pixels
+        "mono2_12bit_shifted": (v16 << 4, {"bits_stored": 12}),
+        "mono2_16bit_shifted": (v16 << 8, {"bits_stored": 16}),
+        "mono1_12bit_shifted": ((255 - v16) << 4, {"bits_stored": 12, "photometric": "MONOCHROME1"}),
         # 12-bit data whose rescale maps it back to 0..255 ... and a window spanning that range
         "mono2_12bit_rescale_window": (v16 * 16, {"bits_stored": 12, "RescaleSlope": "0.0625",
                                                    "RescaleIntercept": "0", "WindowCenter": "128",
@@ -67,6 +71,8 @@ def test_dicom_pixels_match_the_jpeg(scan, tmp_path):
         assert path.read_bytes()[128:132] == b"DICM"
         gray = load_gray(path, 224)
         ref = load_gray(Image.fromarray(v), 224)
+        if "rescale" not in name:  # stored values shown as they are: exactly the scan's pixels
+            assert np.array_equal(gray, ref), name
         diff = np.abs(gray.astype(float) - ref.astype(float)).mean()
         assert diff < 1.0, (name, diff)
 

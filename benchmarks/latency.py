@@ -226,7 +226,8 @@ def folder_throughput(folder: Path, bundle: Path | None = None, threads: int | N
 
 def containers(jpeg: Path, root: Path, upscale: int = 1) -> dict[str, Path]:
     """The scan of ``jpeg`` as the containers a user may hold: its own bytes, its decoded pixels as 8-bit PNG,
-    16-bit PNG, RGBA PNG, TIFF and (with pydicom) DICOM, and a progressive JPEG with its baseline twin (a
+    16-bit PNG (widened by scaling and by shifting), palette PNG, RGBA PNG, TIFF and (with pydicom) DICOM
+    (8-bit, and 12-bit widened by shifting), and a progressive JPEG with its baseline twin (a
     progressive file can only be made by re-encoding: it is compared with a baseline re-encode).
     ``upscale``: first enlarge the scan and save that as the baseline JPEG, for a scan big enough to be
     reduced before the resize."""
@@ -245,6 +246,8 @@ def containers(jpeg: Path, root: Path, upscale: int = 1) -> dict[str, Path]:
                                 ("baseline JPEG q95", "b.jpeg", gray, {"quality": 95}),
                                 ("8-bit PNG", "g8.png", gray, {}),
                                 ("16-bit PNG", "g16.png", Image.fromarray(arr.astype(np.uint16) * 257), {}),
+                                ("16-bit PNG, shifted", "g16s.png", Image.fromarray(arr.astype(np.uint16) << 8), {}),
+                                ("palette PNG", "p.png", gray.convert("P"), {}),
                                 ("RGBA PNG", "rgba.png", rgba, {}), ("TIFF", "g.tif", gray, {})]:
         img.save(root / file, **kw)
         out[name] = root / file
@@ -256,6 +259,9 @@ def containers(jpeg: Path, root: Path, upscale: int = 1) -> dict[str, Path]:
 
     (root / "scan.dcm").write_bytes(gray_to_dicom(arr, BodyPartExamined="CHEST", ViewPosition="PA"))
     out["DICOM"] = root / "scan.dcm"
+    (root / "scan12.dcm").write_bytes(gray_to_dicom(arr.astype(np.uint16) << 4, bits_stored=12,
+                                                    BodyPartExamined="CHEST", ViewPosition="PA"))
+    out["DICOM 12-bit"] = root / "scan12.dcm"
     return out
 
 

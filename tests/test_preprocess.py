@@ -186,7 +186,8 @@ FORMAT_TOL = 0.02  # max |probability difference| from the original JPEG, throug
 @pytest.mark.parametrize("jpeg, upscale", [(image_files("test")[0], 1), (image_files("test")[2], 2)],
                          ids=lambda v: getattr(v, "name", f"x{v}"))
 def test_every_container_gives_the_same_probabilities(jpeg, upscale, tmp_path):
-    """The same scan as baseline JPEG, progressive JPEG, 8-bit PNG, 16-bit PNG, RGBA PNG, TIFF and DICOM:
+    """The same scan as baseline JPEG, progressive JPEG, 8-bit PNG, 16-bit PNG (scaled, shifted), palette PNG,
+    RGBA PNG, TIFF and DICOM (8-bit, 12-bit):
     the same reduction whatever the decoder, so the shipped model's probabilities agree within FORMAT_TOL."""
     from cxr_edge import Classifier
     from cxr_edge.labels import CLASS_NAMES
@@ -195,7 +196,7 @@ def test_every_container_gives_the_same_probabilities(jpeg, upscale, tmp_path):
     from benchmarks.latency import containers
 
     files = containers(jpeg, tmp_path, upscale)  # the benchmark's own set of containers
-    assert "DICOM" in files and len(files) == 8
+    assert "DICOM" in files and len(files) == 11
     if upscale > 1:
         with Image.open(files["baseline JPEG"]) as img:
             assert reduction_factor(*img.size, 224) > 1  # this one takes the reduction (DCT vs Image.reduce)

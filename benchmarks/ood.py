@@ -292,7 +292,8 @@ def gate_dev_cv(bundle, data_root, dev_root: Path, embed=None, seed: int = 0) ->
                               n_stretched=int(fitted.get("stretched_per_train", 0)),
                               n_stretched_dev=int(fitted.get("stretched_per_gate_dev", 0)),
                               n_frontal_variants=int(fitted.get("gate_dev_frontal_variants", 0)),
-                              n_train_variants=int(fitted.get("train_variants", 0)))
+                              n_train_variants=int(fitted.get("train_variants", 0)),
+                              n_clinical=int(fitted.get("clinical_variants", 0)))
     res = fit.cross_validate(data, val_x, items, c=float(emb.get("C", fit.DEFAULT_C)),
                              max_val_reject=float(emb.get("max_val_reject", fit.DEFAULT_MAX_VAL_REJECT)), seed=seed,
                              density_components=int(emb.get("density_components", 0)), grid=grid,

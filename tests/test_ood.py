@@ -533,6 +533,72 @@ def test_shipped_default_gate_refuses_a_long_film():
     assert verdicts[0].ok and not verdicts[1].ok, verdicts
 
 
+def _portable_film(path) -> Image.Image:
+    """A scan as a portable AP film reaches a clinic's gate (like gate_dev's CheXpert miss, drawn here by hand, not
+    with ``train.ood.clinical``): a landscape film whose collimated field is brighter than the darkened body around
+    it, edge-enhanced, with "AP PORT SEMI-ERECT" burned in and a boxed lead "L" marker."""
+    from PIL import ImageDraw, ImageFilter, ImageFont
+
+    with Image.open(path) as im:
+        img = im.convert("L")
+    w, h = img.size
+    a = np.asarray(img.resize((int(w * 0.8), int(h * 0.8))), np.float32)
+    hh, ww = a.shape
+    pad, top = int(ww * 0.15), int(hh * 0.1)
+    canvas = np.pad(a, ((top, 0), (pad, pad)), mode="reflect") * 0.35
+    canvas[top + int(0.03 * hh):, pad:pad + ww] = np.clip(a[int(0.03 * hh):] * 1.1 + 20, 0, 255)
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "L").filter(ImageFilter.UnsharpMask(3, 250, 0))
+    d = ImageDraw.Draw(img)
+    big = img.size[1]
+    d.text((pad + 4, int(0.16 * big)), "AP PORT SEMI-ERECT", fill=255, font=ImageFont.load_default(size=max(8, big // 22)))
+    d.rectangle([pad + ww - 30, int(0.14 * big), pad + ww - 8, int(0.14 * big) + 22], fill=230)
+    d.text((pad + ww - 24, int(0.14 * big) + 2), "L", fill=40, font=ImageFont.load_default(size=18))
+    return img
+
+
+def test_shipped_default_gate_accepts_portable_films_with_frames_and_text():
+    """Collimation, landscape framing, edge enhancement and burned-in text do not make a frontal chest X-ray
+    something else: the shipped train-like scans and adult frontal examples as portable films are accepted, the
+    train-like ones with a clear margin (head score below -5; the gate fitted without ``train.ood.clinical``
+    variants gave -2.9 for one of them), while the shipped other radiographs dressed up the same way are
+    still refused."""
+    b = load_bundle(None)
+    gate = Gate.from_bundle(b.root, b.card)
+    if gate is None or not gate.has_layout:
+        pytest.skip("the default bundle's gate has no layout part")
+    embed = embedder(b, threads=2, gate=gate)
+    train = image_files("train")
+    for f in [*train, *FRONTAL]:
+        v = gate.check_source(_portable_film(f), b.spec.size, embed)
+        assert v.ok, (f.name, v)
+        assert f not in train or v.score < -5, (f.name, v)
+    for f in OTHER:
+        v = gate.check_source(_portable_film(f), b.spec.size, embed)
+        assert not v.ok and v.reason.startswith("another body part"), (f.name, v)
+
+
+def test_clinical_variants_are_seeded_frontal_films():
+    """``train.ood.clinical``: one seeded variant per scan, same shape and dtype, every scan changed; and a fit
+    keeps such rows out of the layout basis and the density model (``GateData.basis``)."""
+    gray = np.stack([load_gray(f, 224) for f in image_files("train")])
+    a, b2 = fit.clinical(gray, 3), fit.clinical(gray, 3)
+    assert a.shape == gray.shape and a.dtype == np.uint8 and np.array_equal(a, b2)
+    assert not np.array_equal(a, fit.clinical(gray, 4))
+    assert all((x != g).any() for x, g in zip(a, gray))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2 + 9 * 2)).astype(np.float32)
+    y = np.repeat([0, 2], 20)
+    plain = fit.fit_gate(fit.GateData(x[:30], y[:30], np.full(30, -1)), x[:5], 1.0, grid=3, channels=2,
+                         grid_components=2, density_components=2)[0]
+    x2 = np.concatenate([x[:30], 50 + x[:10]])
+    y2 = np.concatenate([y[:30], np.zeros(10, int)])
+    basis = np.concatenate([np.ones(30, bool), np.zeros(10, bool)])
+    mixed = fit.fit_gate(fit.GateData(x2, y2, np.full(40, -1), basis), x[:5], 1.0, grid=3, channels=2,
+                         grid_components=2, density_components=2)[0]
+    for k in ("lay_mean", "lay_proj", "den_mean", "den_var"):  # the far-off rows changed neither
+        np.testing.assert_allclose(mixed[k], plain[k], rtol=1e-6, atol=1e-6)
+
+
 # -- the benchmark's non-radiograph set ---------------------------------------------------------------------
 def test_benchmark_fails_loudly_without_scikit_image(tmp_path, monkeypatch):
     """Issue 14: without scikit-image the non-CXR set must not silently shrink."""

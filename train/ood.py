@@ -1,7 +1,8 @@
 """Fit the input gate (``cxr_edge/ood.py``) of a model bundle and write it into the bundle.
 
     python -m train.ood BUNDLE_DIR [--data DIR] [--gate-dev DIR] [--n-train 1200] [--C 5] [--grid 3]
-                                   [--grid-components 64] [--stretched 1] [--stretched-dev 4] [--seed 0]
+                                   [--grid-components 64] [--stretched 1] [--stretched-dev 4]
+                                   [--clinical-variants 1] [--seed 0]
 
 The shipped gate (cxr_edge/models/default) is refitted with exactly
 ``python -m train.ood cxr_edge/models/default --C 5`` (every other setting at its default; the card's
@@ -18,7 +19,10 @@ four classes (``frontal_chest``, ``lateral_chest``, ``other_body_part``, ``not_r
 
 - positives: a seeded subsample of the patient-grouped protocol's **train** split, each scan as it is, one
   geometric variant (framing, aspect ratio, tilt: ``augment``) and ``--train-variants`` ``variants`` (flips,
-  tilt, brightness/contrast/gamma: washed-out portable films are frontal chest X-rays too), plus the adult
+  tilt, brightness/contrast/gamma: washed-out portable films are frontal chest X-rays too), ``--clinical-variants``
+  ``clinical`` variants (films as clinics produce them: collimation frames, letterboxing to a landscape frame,
+  tall/wide crops keeping the lungs, tilt, edge enhancement, burned-in text and lead markers; these teach the head
+  only: the layout basis and the density model are fitted on the other frontal rows, ``GateData.basis``), plus the adult
   frontal chest X-rays of ``gate_dev`` (``--gate-dev``, by default ``../shared/data/gate_dev``) with variants
   (``--variants`` + ``--frontal-variants``);
 - negatives: gate_dev's lateral chest views and radiographs of other body parts, with seeded variants
@@ -69,6 +73,7 @@ DEFAULT_DENSITY_COMPONENTS = 64
 DEFAULT_VARIANTS = 16
 DEFAULT_FRONTAL_VARIANTS = 0  # more variants of each gate_dev adult frontal X-ray
 DEFAULT_TRAIN_VARIANTS = 1  # photometric + geometric variants per train scan (frontal_chest)
+DEFAULT_CLINICAL = 1  # clinic-style variants per train scan (frontal_chest: frames, text, crops; ``clinical``)
 DEFAULT_SYNTH = 12  # generated non-radiographs of each kind
 DEFAULT_GRID = 3  # layout: the feature map pooled on a 3 x 3 grid (0: global average only, the older gates)
 DEFAULT_GRID_COMPONENTS = 64  # principal components per grid cell
@@ -129,6 +134,150 @@ def variants(gray: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
             out.append(np.asarray(img, np.uint8))
     s = np.asarray(gray).shape[-1]
     return np.stack(out) if out else np.empty((0, s, s), np.uint8)
+
+
+CLINICAL = ("frontal films as clinics produce them: at most one of a tall (75-90% of the width) or wide (70-90% of "
+            "the height) crop keeping the lungs, letterboxing to a 1.1-1.4 landscape frame (black, white, gray or "
+            "mirrored, darkened tissue at the sides), or a 3-12 degree tilt; then a collimation frame (55%: 1-4 "
+            "sides, margins 3-20%, black, white, or the anatomy darkened/brightened, hard or soft edge), edge "
+            "enhancement (20%: unsharp mask) and burned-in text and markers (60%: PIL default font, 5-12 px, side "
+            "markers 8-16 px at 224 px; PORTABLE, AP, PA, L, R, SEMI-ERECT, SUPINE, dates and times; white, sometimes "
+            "black or in a marker box); at least one change per film")
+MARKER_WORDS = ("PORTABLE", "AP", "PA", "L", "R", "SEMI-ERECT", "AP PORTABLE", "SUPINE", "UPRIGHT", "ERECT",
+                "AP SUPINE", "PORT", "CHEST", "INSP", "L", "R", "AP PORT SEMI-ERECT", "MOBILE", "SITTING")
+
+
+def _marker_text(rng) -> str:
+    k = int(rng.integers(4))
+    if k == 0:  # a timestamp
+        return (f"{int(rng.integers(2000, 2030))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d} "
+                f"{int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}")
+    if k == 1:
+        return f"{int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}:{int(rng.integers(0, 60)):02d}"
+    return str(rng.choice(MARKER_WORDS))
+
+
+def _collimate(arr: np.ndarray, rng) -> np.ndarray:
+    """Margins on 1-4 sides outside a collimation rectangle: black, white, or the anatomy darkened/brightened."""
+    s = arr.shape[0]
+    sides = rng.permutation(4)[:int(rng.integers(1, 5))]
+    m = [0, 0, 0, 0]  # left, top, right, bottom
+    for k in sides:
+        m[int(k)] = int(s * rng.uniform(0.03, 0.2))
+    mask = np.zeros((s, s), np.float32)
+    mask[m[1]:s - m[3], m[0]:s - m[2]] = 1.0
+    if rng.random() < 0.5:  # the shutter's penumbra
+        mask = np.asarray(Image.fromarray((mask * 255).astype(np.uint8), "L").filter(
+            ImageFilter.GaussianBlur(float(rng.uniform(0.5, 3)))), np.float32) / 255
+    a = arr.astype(np.float32)
+    mode = int(rng.integers(4))
+    if mode == 0:
+        out = np.full_like(a, rng.uniform(0, 40))
+    elif mode == 1:
+        out = np.full_like(a, rng.uniform(200, 255))
+    elif mode == 2:  # the margin still shows the body, darker (the unexposed side of a shutter)
+        out = a * rng.uniform(0.2, 0.6)
+    else:  # or brighter
+        out = 255 - (255 - a) * rng.uniform(0.2, 0.6)
+    if rng.random() < 0.3:
+        out = out + rng.normal(0, 4, a.shape)
+    inside = a if rng.random() < 0.6 else np.clip((a - a.mean()) * rng.uniform(1.0, 1.3) + a.mean() + rng.uniform(0, 25), 0, 255)
+    return np.clip(mask * inside + (1 - mask) * out, 0, 255).astype(np.uint8)
+
+
+def _letterbox(img: Image.Image, rng) -> Image.Image:
+    """The film padded to another aspect ratio (black, white, gray or mirrored tissue), squashed back."""
+    s = img.size[0]
+    pad = int(s * (rng.uniform(1.1, 1.4) - 1) / 2)
+    arr = np.asarray(img)
+    wide = True  # a landscape canvas: the anatomy narrower (the other way is the long films' way)
+    widths = ((0, 0), (pad, pad)) if wide else ((pad, pad), (0, 0))
+    mode = int(rng.integers(4 if wide else 3))
+    if mode == 3:  # the body beyond the film's sides (arms, soft tissue), mirrored and darker
+        out = np.pad(arr, widths, mode="reflect").astype(np.float32)
+        out[:, :pad] *= rng.uniform(0.3, 0.9)
+        out[:, out.shape[1] - pad:] *= rng.uniform(0.3, 0.9)
+    else:
+        out = np.pad(arr, widths, mode="constant", constant_values=int((0, 255, rng.integers(60, 180))[mode]))
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L").resize((s, s), Image.Resampling.LANCZOS)
+
+
+def _aspect_crop(img: Image.Image, rng) -> Image.Image:
+    """A tall (60-90% of the width) or wide (65-90% of the height) crop that keeps the lungs, squashed back."""
+    s = img.size[0]
+    if rng.random() < 0.5:
+        w = int(s * rng.uniform(0.75, 0.9))
+        left = int(np.clip((s - w) / 2 + s * rng.uniform(-0.05, 0.05), 0, s - w))
+        box = (left, 0, left + w, s)
+    else:
+        h = int(s * rng.uniform(0.7, 0.9))
+        top = int(np.clip(s * rng.uniform(0.0, 0.1) * (s - h) / s * 2, 0, s - h))
+        box = (0, top, s, top + h)
+    return img.crop(box).resize((s, s), Image.Resampling.LANCZOS)
+
+
+def _burn_text(img: Image.Image, rng) -> Image.Image:
+    """1-3 burned-in labels (``_marker_text``), white (sometimes black or in a marker box), mostly near the edges,
+    at the size they have once a film is reduced to the model's input: 5-12 px for words and times, 8-16 px for
+    a single-letter side marker (at 224 px)."""
+    from PIL import ImageFont
+
+    s = img.size[0]
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 4))):
+        text = _marker_text(rng)
+        lo, hi = (8, 16) if len(text) == 1 else (5, 12)
+        font = ImageFont.load_default(size=float(rng.uniform(lo, hi) * s / 224))
+        x0, y0, x1, y1 = d.textbbox((0, 0), text, font=font)
+        tw, th = x1 - x0, y1 - y0
+        if rng.random() < 0.7:  # near an edge or a corner
+            x = int(rng.choice([rng.uniform(0.01, 0.12) * s, s - tw - rng.uniform(0.01, 0.12) * s,
+                                rng.uniform(0, max(1, s - tw))]))
+            y = int(rng.choice([rng.uniform(0.01, 0.15) * s, s - th - rng.uniform(0.02, 0.15) * s]))
+        else:
+            x, y = int(rng.uniform(0, max(1, s - tw))), int(rng.uniform(0, max(1, s - th)))
+        ink = int(rng.uniform(200, 256)) if rng.random() < 0.85 else int(rng.uniform(0, 40))
+        if rng.random() < 0.2:  # a lead marker: a box around the letter
+            pad = max(2, th // 3)
+            box = [x - pad, y - pad + y0, x + tw + pad, y + th + pad + y0]
+            if rng.random() < 0.5:
+                d.rectangle(box, fill=255 - ink)
+            d.rectangle(box, outline=ink, width=1)
+        d.text((x, y), text, fill=ink, font=font)
+    return img
+
+
+def clinical(gray: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One seeded clinic-style variant per ``uint8[N, S, S]`` frontal scan (``CLINICAL``): the film cropped to
+    another aspect ratio, letterboxed or tilted, collimated, edge-enhanced, with burned-in text and markers
+    (each with its own probability, at least one). Labelled ``frontal_chest``: a portable AP film with a
+    collimation frame and "PORTABLE" burned in is a frontal chest X-ray."""
+    rng = np.random.default_rng(seed)
+    gray = np.asarray(gray, np.uint8)
+    out = np.empty_like(gray)
+    for i, g in enumerate(gray):
+        img = Image.fromarray(g, "L")
+        geo = int(rng.choice(4, p=(0.35, 0.25, 0.2, 0.2)))  # none, crop, letterbox, tilt: one of them at most
+        todo = rng.random(3) < (0.55, 0.2, 0.6)  # frame, sharpen, text
+        if geo == 0 and not todo.any():
+            todo[int(rng.integers(3))] = True
+        if geo == 1:
+            img = _aspect_crop(img, rng)
+        elif geo == 2:
+            img = _letterbox(img, rng)
+        elif geo == 3:
+            angle = float(rng.uniform(3, 12)) * (1 if rng.random() < 0.5 else -1)
+            fill = int((0, 255, int(np.asarray(img).mean()))[int(rng.integers(3))])
+            img = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=fill)
+        if todo[0]:
+            img = Image.fromarray(_collimate(np.asarray(img), rng), "L")
+        if todo[1]:
+            img = img.filter(ImageFilter.UnsharpMask(radius=float(rng.uniform(1.5, 4)),
+                                                     percent=int(rng.integers(80, 250)), threshold=0))
+        if todo[2]:
+            img = _burn_text(img, rng)
+        out[i] = np.asarray(img, np.uint8)
+    return out
 
 
 STRETCH = ("a strip of 1/2.5 to 1/4.5 of the width (60%) or of the height (40%), at a random offset, squashed "
@@ -440,11 +589,22 @@ def choose_threshold(val_scores: np.ndarray, max_reject: float = DEFAULT_MAX_VAL
 @dataclass
 class GateData:
     """Embeddings for a fit: ``x[N, C]``, class indices ``y``, and for each row its gate_dev item index
-    (``dev[i]``, -1 for rows that are not from gate_dev: Kermany train scans, generated images)."""
+    (``dev[i]``, -1 for rows that are not from gate_dev: Kermany train scans, generated images). ``basis``: the
+    frontal rows that the layout basis and the density model are fitted on (False for the ``clinical`` variants:
+    they teach the head that frames and burned-in text do not make a film something else, but the layout
+    projection and the density describe the anatomy of frontal films as they are)."""
 
     x: np.ndarray
     y: np.ndarray
     dev: np.ndarray
+    basis: np.ndarray | None = None  # rows the layout basis and the density model may use (default: all)
+
+    def __post_init__(self):
+        if self.basis is None:
+            self.basis = np.ones(len(self.y), bool)
+
+    def subset(self, keep: np.ndarray) -> "GateData":
+        return GateData(self.x[keep], self.y[keep], self.dev[keep], self.basis[keep])
 
 
 def gate_vectors(arrays: dict, x: np.ndarray, grid: int) -> np.ndarray:
@@ -466,8 +626,8 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
     layout = None
     if grid:
         channels = int(channels or data.x.shape[1] // (1 + grid * grid))
-        arrays.update(fit_layout(data.x[data.y == EMBED_CLASSES.index("frontal_chest")], channels, grid,
-                                 grid_components))
+        basis = (data.y == EMBED_CLASSES.index("frontal_chest")) & data.basis
+        arrays.update(fit_layout(data.x[basis], channels, grid, grid_components))
         layout = {"grid": int(grid), "components": int(arrays["lay_proj"].shape[1]), "channels": channels,
                   "rule": f"the model's feature map average-pooled on a {grid}x{grid} grid of adaptive (overlapping) "
                           "cells, each cell's vector minus lay_mean projected onto lay_proj (the first principal "
@@ -492,7 +652,8 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
         params["layout"] = layout
     rejected = val_scores > threshold
     if density_components > 0:
-        arrays.update(fit_density(x[data.y == EMBED_CLASSES.index("frontal_chest")], density_components))
+        arrays.update(fit_density(x[(data.y == EMBED_CLASSES.index("frontal_chest")) & data.basis],
+                                  density_components))
         val_dist = density_distance(val_x, arrays["den_mean"], arrays["den_scale"], arrays["den_components"],
                                     arrays["den_var"])
         den_threshold = float(np.quantile(val_dist, 1.0 - max_val_reject))
@@ -529,7 +690,7 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
         if held.size == 0:
             continue
         keep = ~np.isin(data.dev, held)
-        arrays, params = fit_gate(GateData(data.x[keep], data.y[keep], data.dev[keep]), val_x, c, max_val_reject,
+        arrays, params = fit_gate(data.subset(keep), val_x, c, max_val_reject,
                                   seed, density_components, grid, grid_components, channels)
         gate = Gate(arrays, {"embedding": params})
         orig = np.array([np.flatnonzero((data.dev == i))[0] for i in held])  # first row of an item: the original
@@ -557,22 +718,25 @@ def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np
             log: Callable[[str], None] = lambda s: None,
             n_synth: int = DEFAULT_SYNTH, n_stretched: int = 0,
             n_stretched_dev: int = 0, n_frontal_variants: int = 0,
-            n_train_variants: int = 0) -> tuple[GateData, np.ndarray]:
+            n_train_variants: int = 0, n_clinical: int = 0) -> tuple[GateData, np.ndarray]:
     """Embed everything a fit needs: train scans (+ one ``augment`` variant each) as ``frontal_chest``; each
     gate_dev item as it is (its first row) and ``n_variants`` variants (+ for lateral views and other
     radiographs ``n_stretched_dev`` "long film" variants, ``stretched``, as ``other_body_part``, with the item's
     index so that cross-validation drops them with it; adult frontal X-rays get ``n_frontal_variants`` more
     variants: they are few against the training scans, and the layout part must not read their framing as
     another body part); ``n_train_variants`` ``variants`` of each train scan (exposure as well as framing) as
-    ``frontal_chest``; ``n_stretched`` "long film" variants of each train scan as ``other_body_part``; generated
+    ``frontal_chest``; ``n_clinical`` ``clinical`` variants of each train scan (collimation, letterboxing,
+    aspect-ratio crops, tilt, edge enhancement, burned-in text) as ``frontal_chest``, outside the layout basis and
+    the density model (``GateData.basis``); ``n_stretched`` "long film" variants of each train scan as ``other_body_part``; generated
     non-radiographs (+ one variant each). Returns (training data, validation scans' embeddings)."""
     frontal = EMBED_CLASSES.index("frontal_chest")
-    xs, ys, devs = [], [], []
+    xs, ys, devs, basis = [], [], [], []
 
-    def add(gray, cls, dev):
+    def add(gray, cls, dev, in_basis=True):
         xs.append(embed_images(embed, gray))
         ys.append(np.full(len(gray), cls))
         devs.append(np.full(len(gray), dev))
+        basis.append(np.full(len(gray), in_basis))
 
     train_gray = np.asarray(train_gray, np.uint8)
     other = EMBED_CLASSES.index("other_body_part")
@@ -582,6 +746,10 @@ def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np
         add(variants(train_gray, 1, seed + 11 + k), frontal, -1)
     if n_train_variants:
         log(f"photometric variants of train scans embedded: {n_train_variants * len(train_gray)}")
+    for k in range(n_clinical):  # collimated, letterboxed, cropped, labelled films: still frontal chest X-rays
+        add(clinical(train_gray, seed + 21 + k), frontal, -1, in_basis=False)
+    if n_clinical:
+        log(f"clinic-style variants of train scans embedded: {n_clinical * len(train_gray)}")
     for k in range(n_stretched):
         add(stretched(train_gray, seed + 5 + k), other, -1)
     if n_stretched:
@@ -600,7 +768,7 @@ def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np
     log(f"generated non-radiographs embedded: {2 * len(synth)}")
     val_x = embed_images(embed, val_gray)
     log(f"validation scans embedded: {len(val_x)}")
-    return GateData(np.concatenate(xs), np.concatenate(ys), np.concatenate(devs)), val_x
+    return GateData(np.concatenate(xs), np.concatenate(ys), np.concatenate(devs), np.concatenate(basis)), val_x
 
 
 def write_gate(bundle_dir: str | Path, arrays: dict, card_params: dict) -> dict:
@@ -671,6 +839,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="more variants of each gate_dev frontal chest X-ray (on top of --variants)")
     ap.add_argument("--train-variants", type=int, default=DEFAULT_TRAIN_VARIANTS,
                     help="variants (flip, tilt, brightness/contrast/gamma) per train scan, on top of the geometric one")
+    ap.add_argument("--clinical-variants", type=int, default=DEFAULT_CLINICAL,
+                    help="clinic-style variants (collimation, letterboxing, crops, tilt, burned-in text) per train scan")
     ap.add_argument("--n-synth", type=int, default=DEFAULT_SYNTH, help="generated non-radiographs per kind")
     ap.add_argument("--max-val-reject", type=float, default=DEFAULT_MAX_VAL_REJECT)
     ap.add_argument("--C", type=float, default=DEFAULT_C, help="inverse L2 strength of the head")
@@ -712,7 +882,7 @@ def main(argv: list[str] | None = None) -> None:
     data, val_x = collect(embed, size, load_images(train, size, workers=args.workers),
                           load_images(val, size, workers=args.workers), items, args.variants, args.seed, log,
                           args.n_synth, args.stretched, args.stretched_dev, args.frontal_variants,
-                          args.train_variants)
+                          args.train_variants, args.clinical_variants)
     cv = None
     if args.folds:
         cv = cross_validate(data, val_x, items, args.folds, args.C, args.max_val_reject, args.seed,
@@ -729,6 +899,9 @@ def main(argv: list[str] | None = None) -> None:
         "train_images": len(train), "gate_dev": _shown(args.gate_dev), "gate_dev_images": len(items),
         "gate_dev_variants": args.variants, "gate_dev_frontal_variants": args.frontal_variants,
         "train_variants": args.train_variants,
+        "clinical_variants": args.clinical_variants,
+        "clinical": f"{args.clinical_variants} per train scan (train.ood.clinical: {CLINICAL}), as frontal_chest; "
+                    "not in the layout basis nor the density model",
         "augmentation": "; ".join(AUGMENTATIONS),
         "generated": "document pages, screenshots, photo-like scenes, solid colours, textures (train.ood."
                      "synth_non_radiographs, seed %d, %d per kind)" % (args.seed + 1, args.n_synth),
@@ -740,7 +913,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": (f"python -m train.ood BUNDLE --C {args.C:g} --grid {args.grid} --grid-components "
                     f"{args.grid_components} --density-components {args.density_components} --stretched "
                     f"{args.stretched} --stretched-dev {args.stretched_dev} --n-train "
-                    f"{args.n_train} --train-variants {args.train_variants} --variants "
+                    f"{args.n_train} --train-variants {args.train_variants} --clinical-variants {args.clinical_variants} "
+                    f"--variants "
                     f"{args.variants} --frontal-variants {args.frontal_variants} --n-synth {args.n_synth} "
                     f"--max-val-reject {args.max_val_reject:g} "
                     f"--seed {args.seed}"),

@@ -14,10 +14,16 @@ includes importing Ray Data), a per-core figure that other work on the machine c
 (default 3), interleaved (repeat, then worker count, then mode), and the fastest run counts, because the two
 cores here are shared; the median is reported too. The local pool's fork server starts with the first local
 job of this process and serves the later ones, as the Ray instance started once here serves every Ray job:
-both modes' first runs are listed apart (``first_run_s``). ``other_cores``: how many cores other processes kept
-busy during a run on average (/proc/stat's busy time less this process's and its workers'; Ray's daemons and
-the fork server's start count as other work; a Ray actor reports the CPU time of its whole process, which
+both modes' first runs are listed apart (``first_run_s``). ``other_cores``: how many cores other processes
+kept busy during a run on average (/proc/stat's busy time less this process's and its workers'; Ray's daemons
+and the fork server's start count as other work; a Ray actor reports the CPU time of its whole process, which
 started before the job, so Ray rows can read low): the noise on shared cores, shown beside each best run.
+
+A job's start-up (worker processes, imports, model loading) is a fixed cost, so the overhead depends on the
+job's size. ``steady_images_per_s``: each run's rate after its first results; from it and the time to first
+results, ``images_for_15pct`` projects the job size from which Ray is within 15% of the local pool.
+``long_job`` measures it: the same scans 8 times over (symbolic links, so 4,992 distinct paths), 2 workers,
+two runs per mode (local, Ray, Ray, local), the faster of each counting.
 """
 from __future__ import annotations
 
@@ -61,6 +67,9 @@ def _busy_cpu_s() -> float | None:
 def _self_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
+
+
+LONG_JOB_COPIES = 8  # the long job: every scan this many times over (as distinct paths)
 
 
 def run(quick: bool, data: Path | None = None, model=None, repeats: int | None = None) -> dict:
@@ -131,6 +140,8 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
                     runs.setdefault(key, []).append(row["run_s"])
                     if key not in best or row["run_s"] < best[key]["run_s"]:
                         best[key] = row
+        if mode_ray := (modes[-1] if len(modes) > 1 else None):
+            out["long_job"] = _long_job(files, tmp, model, mode_ray)
     finally:
         if ray is not None:
             ray.shutdown()
@@ -141,10 +152,53 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
                    "all_run_s": v}
     out["best"] = [best[k] for k in sorted(best)]
     out.update(_derived(best, mean_bytes))
+    lj = out.get("long_job") or {}
+    if "ray" in lj and out.get("scaling_note"):  # the per-worker rate of a job where start-up weighs less
+        wall = lj["ray"]["images_per_s"] / lj["workers"]
+        out["per_worker_images_s_wall_long_job"] = round(wall, 1)
+        out["workers_for_1M_per_hour_long_job"] = math.ceil(MILLION / 3600 / wall)
+        out["scaling_note"] += (f" Over the long job ({lj['images']} scans) each Ray worker classified {wall:.1f} "
+                                f"images/s: {out['workers_for_1M_per_hour_long_job']} such workers for a million "
+                                "scans in an hour.")
     if quick:  # too few images for the targets and the scaling note to mean anything
         out["targets"] = []
         out.pop("scaling_note", None)
     return out
+
+
+def _long_job(files: list[str], tmp: Path, model, ray_mode: str, copies: int = LONG_JOB_COPIES,
+              workers: int = 2) -> dict:
+    """The start-up cost is fixed per job, so a longer job of the same scans shows the overhead an archive job
+    sees: ``copies`` links to each scan (distinct paths, the same full-resolution files), ``workers`` workers,
+    two runs per mode in the order local, Ray, Ray, local; the faster run of each mode counts."""
+    from cxr_edge.batch import run_batch
+
+    root = tmp / "long"
+    paths = []
+    for k in range(copies):
+        (root / f"copy{k}").mkdir(parents=True)
+        for i, f in enumerate(files):
+            link = root / f"copy{k}" / f"{i:05d}-{Path(f).name}"
+            link.symlink_to(f)
+            paths.append(str(link))
+    listing = tmp / "long-inputs.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    res: dict = {"images": len(paths), "copies": copies, "workers": workers, "runs": []}
+    for n, mode in enumerate((None, ray_mode, ray_mode, None)):
+        print(f"batch: long job, {len(paths)} images, {workers} workers, {'Ray' if mode else 'local pool'}",
+              flush=True)
+        dest = tmp / f"long-{n}"
+        s = run_batch([str(listing)], dest, ray=mode, workers=workers, model=model, progress=False,
+                      log=lambda m: None)
+        shutil.rmtree(dest, ignore_errors=True)
+        row = {"mode": "ray" if mode else "local", "run_s": s["run_s"], "images_per_s": s["images_per_s"],
+               "first_result_s": s["first_result_s"]}
+        res["runs"].append(row)
+        if row["mode"] not in res or row["run_s"] < res[row["mode"]]["run_s"]:
+            res[row["mode"]] = row
+    shutil.rmtree(root, ignore_errors=True)
+    res["ray_overhead_pct"] = round(100 * (res["ray"]["run_s"] / res["local"]["run_s"] - 1), 1)
+    return res
 
 
 def _derived(best: dict, mean_bytes: float) -> dict:
@@ -160,9 +214,22 @@ def _derived(best: dict, mean_bytes: float) -> dict:
                 # fresh Ray worker process imports Ray and Ray Data, with pandas, before it loads the model)
                 d.setdefault("ray_extra_worker_cpu_s", {})[str(w)] = round(
                     (best[("ray", w)]["worker_cpu_s"] - best[("local", w)]["worker_cpu_s"]) / w, 2)
+            # Steady state (after each mode's first results) and where the fixed start-up stops mattering:
+            # the job size from which run_s(ray) <= 1.15 run_s(local), projected from these two runs as
+            # n / rate + first_result_s.
+            sr, sl = best[("ray", w)].get("steady_images_per_s"), best[("local", w)].get("steady_images_per_s")
+            if sr and sl:
+                d.setdefault("steady_ray_overhead_pct", {})[str(w)] = round(100 * (sl / sr - 1), 1)
+                fr, fl = best[("ray", w)]["first_result_s"], best[("local", w)]["first_result_s"]
+                per_image = 1.15 / sl - 1 / sr  # seconds per image the 15% allowance gains
+                d.setdefault("images_for_15pct", {})[str(w)] = (
+                    math.ceil(max(0.0, fr - 1.15 * fl) / per_image) if per_image > 0 else None)
     for mode in ("local", "ray"):
         if (mode, 1) in best and (mode, 2) in best:
             d["speedup_2v1"][mode] = round(best[(mode, 1)]["run_s"] / best[(mode, 2)]["run_s"], 2)
+            s1, s2 = best[(mode, 1)].get("steady_images_per_s"), best[(mode, 2)].get("steady_images_per_s")
+            if s1 and s2:
+                d.setdefault("steady_speedup_2v1", {})[mode] = round(s2 / s1, 2)
     # The per-worker figure, measured numbers only: the best 2-worker run (Ray where measured, as a cluster
     # would run it), its wall-clock rate per worker with both cores busy, start-up included, and its images per
     # worker CPU-second (what each worker process used, start-up included).
@@ -232,6 +299,24 @@ def markdown(r: dict) -> str:
                         + " more than a local worker over the same images (its start-up: a fresh Ray worker "
                         "process imports Ray and Ray Data, with pandas, before the model)"
                         if r.get("ray_extra_worker_cpu_s") else "") + ".")
+    if r.get("steady_ray_overhead_pct"):
+        lines += ["", "After the first results (steady state): Ray overhead " + ", ".join(
+            f"{w} worker(s) {p:+.1f}%" for w, p in r["steady_ray_overhead_pct"].items())
+            + (("; 2-vs-1 worker speedup " + ", ".join(f"{m} {x:.2f}x" for m, x in r["steady_speedup_2v1"].items()))
+               if r.get("steady_speedup_2v1") else "")
+            + ". The start-up is fixed per job, so the overhead falls with the job's size: projected from these "
+            "runs (images / steady rate + time to first results), Ray is within 15% of the local pool from "
+            + ", ".join(f"{n} images ({w} worker{'s' * (w != '1')})" if n is not None else
+                        f"never ({w} worker{'s' * (w != '1')})" for w, n in r.get("images_for_15pct", {}).items())
+            + " per job on."]
+    lj = r.get("long_job")
+    if lj and "skipped" not in lj:
+        lines += ["", f"Long job, measured ({lj['images']} paths: the same scans {lj['copies']} times over, "
+                  f"{lj['workers']} workers, faster of 2 runs per mode): local pool {lj['local']['run_s']:.1f} s ({lj['local']['images_per_s']:.1f} "
+                  f"images/s), Ray {lj['ray']['run_s']:.1f} s ({lj['ray']['images_per_s']:.1f} images/s): Ray "
+                  f"overhead {lj['ray_overhead_pct']:+.1f}%."]
+    elif lj:
+        lines += ["", f"Long job not measured: {lj['skipped']}."]
     busy = [b["other_cores"] for b in r["best"] if b.get("other_cores") is not None]
     if busy and max(busy) > 0.25:
         lines += ["", f"Other work kept {min(busy):.2f} to {max(busy):.2f} of the {r['cpu_cores']} cores busy during "

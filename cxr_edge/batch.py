@@ -90,7 +90,10 @@ def _uri_looks_like_image(path: str) -> bool:
     from cxr_edge.cli import IMAGE_SUFFIXES
 
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    suffix = os.path.splitext(name)[1].lower()
+    # no suffix, or a number ("1.2.840.113619.2.55.3.211"): how DICOM files are often named; listed without
+    # reading them (a request per object), a file that is no image becomes an error row, not a silent skip
+    return not name.startswith(".") and (suffix in IMAGE_SUFFIXES or not suffix or suffix[1:].isdigit())
 
 
 def _list_uri(uri: str) -> list[tuple[str, Optional[str]]]:

@@ -37,9 +37,10 @@ from cxr_edge import __version__
 from cxr_edge.bundle import BundleError, load_bundle, sha256_file
 from cxr_edge.engines import EngineError, available_backends
 from cxr_edge.labels import CLASS_NAMES
+from cxr_edge.preprocess import looks_like_bare_dicom
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm",
-                  ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm",
+                  ".ppm", ".pnm", ".jp2", ".j2k", ".dcm", ".dicom"}
 PROGRESS_MIN_FILES = 20
 CSV_COLUMNS = ["path", "label", *CLASS_NAMES, "model_name", "model_version", "model_sha256", "error", "status",
                "reason"]
@@ -66,15 +67,19 @@ class Missing:
 def _looks_like_image(path: Path) -> bool:
     if path.name.startswith("."):
         return False
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
         return True
-    if path.suffix:
+    if suffix and not suffix[1:].isdigit():
         return False
-    try:  # DICOM files often have no suffix: accept those with the DICM magic
+    # DICOM files often have no suffix ("IM0001") or are named by their UID ("1.2.840.113619.2.55.3.211"):
+    # accept those with the DICM magic, or that start as a bare DICOM data set does
+    try:
         with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
+            head = f.read(132)
     except OSError:
         return False
+    return head[128:] == b"DICM" or looks_like_bare_dicom(head)
 
 
 def _walk(folder: Path) -> list[str]:

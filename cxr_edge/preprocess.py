@@ -96,7 +96,7 @@ def _is_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> bool:
     return _head(source)[DICOM_MAGIC_OFFSET:] == b"DICM"
 
 
-def _looks_like_raw_dicom(head: bytes) -> bool:
+def looks_like_bare_dicom(head: bytes) -> bool:
     """A DICOM data set without the Part 10 preamble and ``DICM`` (older archives, ACR-NEMA style files): it
     starts with a data element of group 0002 (file meta) or 0008 (identification), little- or big-endian,
     followed by an explicit VR (two capital letters) or an implicit 32-bit length. Checked only after Pillow
@@ -145,7 +145,7 @@ def _open(source: Source) -> Image.Image:
         head = _head(source)
         if not head:
             raise PreprocessError("empty file (0 bytes)") from None
-        if _looks_like_raw_dicom(head):
+        if looks_like_bare_dicom(head):
             from cxr_edge.dicom import read_dicom
             return read_dicom(source, force=True)
         raise PreprocessError("not an image Pillow can read") from None

@@ -241,3 +241,12 @@ def test_work_units_shrink_toward_the_end():
             # the last units are small: the workers run out of work within a few images of each other
             assert max(sizes[-2 * workers:]) <= batch_mod.MIN_UNIT
     assert set(batch_mod.unit_sizes(624, 1)[:-1]) == {64}  # one worker: no need for small units
+
+
+def test_uri_folder_listing_keeps_uid_named_and_suffixless_files(tmp_path):
+    """Object-store listings are not read file by file: files named as DICOM exports name them (no suffix, a
+    UID) are listed, and a non-image among them becomes an error row instead of a silent skip."""
+    for name in ("a.jpeg", "IM0001", "1.2.840.113619.2.55.3.211", "notes.txt", "table.csv", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    listed = {Path(p).name for p, reason in batch_mod.list_inputs([tmp_path.as_uri()]) if reason is None}
+    assert listed == {"a.jpeg", "IM0001", "1.2.840.113619.2.55.3.211"}

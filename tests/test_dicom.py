@@ -100,6 +100,30 @@ def test_dicom_without_suffix_in_a_folder_through_cli(scan, tmp_path, bundle_dir
     assert len(rows) == 1 and rows[0]["path"].endswith("IM000001") and rows[0]["label"] in CLASS_NAMES
 
 
+def test_dicom_named_by_uid_or_bare_in_a_folder_through_cli(scan, tmp_path, bundle_dir):
+    """PACS exports name files by their UID (the last component reads as a numeric suffix) or write bare data
+    sets without the DICM preamble: a folder walk finds both; other numbered files are left out."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    _, v = scan
+    small = (v[:400, :360].astype(np.uint16) * 16)
+    write_dicom(tmp_path / "1.2.826.0.1.3680043.8.498.1017", small, bits_stored=12)
+    ds = pydicom.dcmread(write_dicom(tmp_path / "tmp.dcm", small, bits_stored=12))
+    (tmp_path / "tmp.dcm").unlink()
+    del ds.file_meta
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = True, True
+    write_dataset(buf, ds)
+    (tmp_path / "IM0002").write_bytes(buf.getvalue())
+    (tmp_path / "log.001").write_text("rotated log file, not a scan")
+    result = CliRunner().invoke(cli, ["classify", str(tmp_path), "--json", "--model", str(bundle_dir)])
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(rows) == {"1.2.826.0.1.3680043.8.498.1017", "IM0002"}
+    assert all(r["label"] in CLASS_NAMES for r in rows.values())
+
+
 def test_dicom_from_bytes(scan, tmp_path):
     _, v = scan
     path = write_dicom(tmp_path / "b.dcm", v, bits_stored=8)

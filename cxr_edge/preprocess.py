@@ -45,6 +45,7 @@ DEFAULT_SIZE = 224
 KEEP = 1
 EXIF_ORIENTATION = 0x0112
 MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
+CONTENT_BITS = (10, 12, 14, 16)  # bit depths of radiographs in 16-bit containers (see _to_gray8)
 
 
 class PreprocessError(ValueError):
@@ -170,14 +171,18 @@ def _reason(exc: BaseException) -> str:
 
 
 def _to_gray8(img: Image.Image) -> Image.Image:
-    """Any mode to 8-bit L. 16-bit data keeps its top 8 bits: of 12 bits for 12-bit content (max < 4096),
-    else of 16 (``high_bits``); float images are mapped by their own min..max."""
+    """Any mode to 8-bit L. 16- and 32-bit integer data keeps the top 8 bits of its bit depth (``high_bits``),
+    the depth read from the content: the first of 10, 12, 14, 16 bits that holds its maximum (detectors store
+    10 to 16 bits in 16-bit files), else as many bits as the maximum needs; float images are mapped by their
+    own min..max."""
     mode = img.mode
     if mode == "L":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img)
-        return Image.fromarray(high_bits(arr, 12 if arr.max(initial=0) < 4096 else 16), "L")
+        top = int(arr.max(initial=0))
+        bits = next((b for b in CONTENT_BITS if top < 2 ** b), max(16, top.bit_length()))
+        return Image.fromarray(high_bits(arr, bits), "L")
     if mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))

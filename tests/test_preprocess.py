@@ -51,12 +51,15 @@ def _variants(scan: Image.Image) -> dict:
         "I16.png": (Image.fromarray(arr.astype(np.uint16) * 257), {}),  # full 16-bit range
         "I16_12bit.png": (Image.fromarray(arr.astype(np.uint16) * 16), {}),  # 12-bit content
         "I16_shifted.png": (Image.fromarray(arr.astype(np.uint16) << 8), {}),  # widened by a shift
+        "I16_14bit.png": (Image.fromarray(arr.astype(np.uint16) << 6), {}),  # 14-bit detector content
+        "I16_10bit.png": (Image.fromarray(arr.astype(np.uint16) << 2), {}),  # 10-bit content
         "LA.png": (scan.convert("LA"), {}),
     }
 
 
 EXPECTED_MODE = {"L.png": "L", "RGB.png": "RGB", "RGBA.png": "RGBA", "CMYK.tif": "CMYK", "P.png": "P",
-                 "I16.png": "I;16", "I16_12bit.png": "I;16", "I16_shifted.png": "I;16", "LA.png": "LA"}
+                 "I16.png": "I;16", "I16_12bit.png": "I;16", "I16_shifted.png": "I;16",
+                 "I16_14bit.png": "I;16", "I16_10bit.png": "I;16", "LA.png": "LA"}
 # Mean |difference| from the 8-bit L original, in gray levels: lossless modes match exactly (16-bit ones
 # whether widened by scaling or by shifting: preprocess.high_bits); a 256-colour adaptive palette quantizes a
 # little. (1-bit images are refused:

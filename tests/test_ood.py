@@ -619,3 +619,22 @@ def test_benchmark_non_cxr_set_is_complete(tmp_path):
     assert kinds.count("skimage") == len(bench.SKIMAGE_FILES)
     assert {"document", "screenshot", "photo_like", "solid", "texture"} <= set(kinds)
     assert all(p.is_file() for p, _ in items)
+
+
+GATE_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "gate_dev"
+
+
+@pytest.mark.skipif(not (GATE_DEV / "lateral_chest").is_dir(), reason="../shared/data/gate_dev is absent")
+def test_shipped_gate_on_the_gate_dev_views():
+    """The shipped gate as a user runs it, on the development images no license lets us ship (CheXpert
+    laterals): every lateral view is refused as a lateral view and every adult frontal film accepted. These
+    images were in the gate's fit, so this checks the shipped artifact end to end, not generalisation (the
+    benchmark's cross-validation measures that)."""
+    clf = Classifier()
+    laterals = sorted((GATE_DEV / "lateral_chest").iterdir())
+    frontals = sorted((GATE_DEV / "frontal_chest_other").iterdir())
+    results = list(clf.classify_many(laterals + frontals))
+    for path, r in zip(laterals, results[:len(laterals)]):
+        assert isinstance(r, RejectedResult) and r.reason.startswith("lateral view"), (path.name, r)
+    for path, r in zip(frontals, results[len(laterals):]):
+        assert isinstance(r, Result) and r.label in CLASS_NAMES, (path.name, r)

@@ -8,8 +8,10 @@ them:
 2. Modality LUT or rescale slope/intercept (``pydicom.pixels.apply_modality_lut``);
 3. VOI LUT or window center/width (``pydicom.pixels.apply_voi_lut``), if the file has one;
 4. linear map of the display range to 0..255: the VOI output range if a VOI step was applied, otherwise the
-   full range the stored bits can hold after the modality step; stored values without any LUT or rescale
-   keep their top 8 bits (``preprocess.high_bits``, as for 16-bit PNGs: a 12-bit image by ``v >> 4``);
+   full range the stored bits can hold after the modality step, or the values' own range when they fill
+   under an eighth of it (a CT slice in Hounsfield units); unsigned stored values without any LUT or rescale
+   keep the top 8 bits of their depth (``preprocess.high_bits``, as for 16-bit PNGs: a 12-bit image by
+   ``v >> 4``, also when the file declares 16 bits stored);
 5. MONOCHROME1 (white = low values) inverted so that bone is bright, as in MONOCHROME2 and in JPEG scans.
 
 Before any pixel is decoded, the metadata says whether this is a frontal chest radiograph at all
@@ -44,7 +46,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
-from cxr_edge.preprocess import InputRejected, PreprocessError, _reason, high_bits
+from cxr_edge.preprocess import CONTENT_BITS, InputRejected, PreprocessError, _reason, high_bits
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
@@ -145,11 +147,14 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     kind = _voi_kind(ds)
-    if kind == "none" and _identity_modality(ds) and np.issubdtype(arr.dtype, np.integer):
-        # stored values shown as they are: their top 8 bits, as for 16-bit PNGs (a widened 8-bit scan
-        # gives its own pixels back whether it was shifted or scaled)
-        lo, _ = _stored_range(ds)
-        out = high_bits(arr.astype(np.int64) - int(lo), int(ds.BitsStored))
+    unsigned = int(ds.get("PixelRepresentation", 0) or 0) == 0
+    if kind == "none" and _identity_modality(ds) and unsigned and np.issubdtype(arr.dtype, np.integer):
+        # stored values shown as they are: the top 8 bits of their depth, as for 16-bit PNGs (a widened 8-bit
+        # scan gives its own pixels back whether it was shifted or scaled; 12-bit data in a file that
+        # declares 16 bits stored is not shown 16 times too dark)
+        top = int(arr.max(initial=0))
+        bits = min(int(ds.BitsStored), next((b for b in CONTENT_BITS if top < 2 ** b), 16))
+        out = high_bits(arr, max(8, bits))
         return 255 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
     values = apply_modality_lut(arr, ds)
     if kind == "lut":
@@ -160,6 +165,13 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
         lo, hi = _modality_range(ds)  # apply_windowing maps the window onto this range
     else:
         lo, hi = _modality_range(ds)
+        v = np.asarray(values)
+        vmin, vmax = (float(v.min()), float(v.max())) if v.size else (lo, hi)
+        if vmax - vmin < (hi - lo) / 8:
+            # no window, and the values fill under an eighth of what the stored bits can hold (a CT slice in
+            # Hounsfield units, signed data): shown over their own range, as viewers do, instead of as a
+            # nearly uniform gray that reads as a blank image
+            lo, hi = vmin, vmax
     span = hi - lo if hi > lo else 1.0
     out = (np.asarray(values, dtype=np.float64) - lo) * (255.0 / span)
     out = np.clip(np.rint(np.nan_to_num(out)), 0, 255).astype(np.uint8)

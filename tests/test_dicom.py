@@ -368,3 +368,17 @@ def test_invalid_window_falls_back_to_the_full_range(scan, tmp_path, width):
     plain = write_dicom(tmp_path / "plain.dcm", stored, bits_stored=12)
     odd = write_dicom(tmp_path / "odd.dcm", stored, bits_stored=12, WindowCenter="2000", WindowWidth=width)
     assert np.array_equal(load_gray(odd, 64), load_gray(plain, 64))
+
+
+def test_values_in_a_small_part_of_the_stored_range_are_not_flattened(scan, tmp_path):
+    """Without a window, values filling a small part of what the stored bits hold (Hounsfield-like data after
+    a rescale; 12-bit content in a file declaring 16 bits stored) are shown over their own range or depth,
+    not as a nearly uniform gray that the gate would call a blank image."""
+    _, v = scan
+    small = v[:400, :360]
+    ref = load_gray(Image.fromarray(small), 64).astype(float)
+    hu_like = write_dicom(tmp_path / "hu.dcm", small.astype(np.uint16) * 8, bits_stored=16,
+                          RescaleSlope="1", RescaleIntercept="-1024", Modality=None)
+    assert np.abs(load_gray(hu_like, 64) - ref).mean() < 1.0
+    declared16 = write_dicom(tmp_path / "d16.dcm", small.astype(np.uint16) << 4, bits_stored=16)
+    assert np.array_equal(load_gray(declared16, 64), ref.astype(np.uint8))

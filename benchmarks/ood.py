@@ -37,11 +37,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 from cxr_edge.bundle import load_bundle
 from cxr_edge.ood import Gate, embedder
-from cxr_edge.preprocess import PreprocessError
+from cxr_edge.preprocess import PreprocessError, load_gray
 
 SKIMAGE_FILES = ["astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "chessboard_GRAY.png",
                  "chessboard_RGB.png", "clock_motion.png", "coffee.png", "coins.png", "color.png", "grass.png",
@@ -126,6 +126,20 @@ def make_edge_cases(scans: list[str], folder: Path) -> list[tuple[Path, str]]:
             e = _edge(img, kind)
             e.save(path, quality=92) if path.suffix == ".jpg" else e.save(path)
             out.append((path, kind))
+    return out
+
+
+def make_inverted(files: list[tuple[str, str]], folder: Path) -> list[tuple[Path, str]]:
+    """Negatives (255 - pixels, as a MONOCHROME1 image exported without its inversion reads) of ``(path,
+    kind)`` images, as PNGs: the gate should refuse each as an inverted image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (f, kind) in enumerate(files):
+        with Image.open(f) as im:
+            neg = ImageOps.invert(im.convert("L"))
+        path = folder / f"{i:03d}_{kind}.png"
+        neg.save(path)
+        out.append((path, kind))
     return out
 
 
@@ -234,6 +248,14 @@ def measure(gate_bundle_dir, data_root, edge_scans: int = 60, seed: int = 0, kee
         pick = sorted(rng.choice(len(test), min(edge_scans, len(test)), replace=False))
         edge_rows = run(make_edge_cases([test[i] for i in pick], Path(tmp) / "edge"))
         dicom = _dicom_check(bundle.root, Path(tmp) / "dicom", test[int(pick[0])])
+        frontal_dev = [it.path for it in dev_items if it.category == "frontal_chest_other"]
+        inv_rows = run(make_inverted([(test[i], "test") for i in pick] + [(f, "gate_dev frontal") for f in frontal_dev],
+                                     Path(tmp) / "inverted"))
+    polarity = None
+    if gate.has_polarity:  # fitted on train scans only: gate_dev's adult frontal films are held out from it
+        scores = gate.polarity_scores(np.stack([load_gray(f, size) for f in frontal_dev]))
+        polarity = {"n": len(frontal_dev), "refused": int((scores > gate.pol_threshold).sum()),
+                    "max_score": round(float(scores.max()), 3), "threshold": gate.pol_threshold}
     result = {
         "bundle": str(bundle.root), "threshold": gate.emb_threshold if gate.has_embedding else gate.threshold,
         "embedding_head": gate.has_embedding,
@@ -252,6 +274,11 @@ def measure(gate_bundle_dir, data_root, edge_scans: int = 60, seed: int = 0, kee
         "edge_accept": {**_rate(edge_rows, True),
                         "by_kind": {k: _rate([r for r in edge_rows if r["kind"] == k], True) for k in EDGE_KINDS}},
         "dicom": dicom,
+        "inverted_reject": {**_rate(inv_rows, False),
+                            "by_kind": {k: _rate([r for r in inv_rows if r["kind"] == k], False)
+                                        for k in sorted({r["kind"] for r in inv_rows})},
+                            "reasons": sorted({r["reason"].split(" (")[0] for r in inv_rows if not r["ok"]})},
+        "polarity_gate_dev_frontal": polarity,
         "targets": TARGETS,
     }
     if cv and gate.has_embedding:
@@ -345,6 +372,14 @@ def markdown(g: dict) -> list[str]:
               f"| altered test scans (crops, rotation, contrast) | accept | {e['count']}/{e['n']} accepted |",
               f"| synthetic DICOM (CT, MR, US palette, RT dose, DX hand/lateral/frontal) | as tagged | "
               f"{d['as_expected']}/{d['n']} as expected, {d['errors']} errors |"]
+    inv = g.get("inverted_reject")
+    if inv:
+        lines.append(f"| inverted (negative) test scans and gate_dev frontal films | reject | {inv['count']}/{inv['n']} "
+                     f"rejected ({', '.join(inv['reasons'])}) |")
+    pol = g.get("polarity_gate_dev_frontal")
+    if pol:
+        lines.append(f"| gate_dev frontal films, polarity check alone (fitted without gate_dev) | accept | "
+                     f"{pol['n'] - pol['refused']}/{pol['n']} accepted |")
     return lines
 
 
@@ -358,6 +393,9 @@ def readme_lines(g: dict) -> list[str]:
         parts.append(f"gate_dev {cat.replace('_', ' ')} {k}/{r['n']} {'accepted' if accept else 'rejected'}")
     parts.append(f"{n['count']}/{n['n']} non-radiographs rejected")
     parts.append(f"synthetic DICOM {d['as_expected']}/{d['n']} as tagged, {d['errors']} errors")
+    if g.get("inverted_reject"):
+        inv = g["inverted_reject"]
+        parts.append(f"inverted (negative) scans {inv['count']}/{inv['n']} rejected")
     return ["- **Input gate** (gate_dev cross-validated, folds grouped by patient / body part): "
             + "; ".join(parts) + "."]
 

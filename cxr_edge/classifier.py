@@ -19,7 +19,8 @@ inference threads and the decode pool's size.
 Input gate (``cxr_edge.ood``): when the bundle's card has an ``"ood"`` entry, every input is checked by it
 (``Classifier(..., ood=False)`` bypasses it): ``Gate.check_pixels`` on the decoded image before the model
 (colour photos, blank images), ``Gate.check_embedding`` on the model's embedding after its pass (not a
-radiograph, another body part, a lateral view). DICOM objects that are not frontal chest radiographs are
+radiograph, another body part, a lateral view), then ``Gate.check_polarity`` on the image (a negative). DICOM
+objects that are not frontal chest radiographs are
 refused while reading (:class:`cxr_edge.preprocess.InputRejected`). Refused inputs come back as a
 :class:`RejectedResult` (``status == "rejected"``, a one-line ``reason``, no label); accepted ones are
 :class:`Result` s whose ``to_dict()`` gains ``"status": "ok"``. Without a gate, results are exactly as before
@@ -261,9 +262,12 @@ class Classifier:
             maps = cam_maps(features, self._cam_weights, probs.argmax(axis=1))
         return probs, embedding, maps
 
-    def _result(self, source, probs: np.ndarray, embedding: Optional[np.ndarray], heatmap: Optional[np.ndarray]):
-        if self.gate is not None and embedding is not None:
-            verdict = self.gate.check_embedding(embedding)
+    def _result(self, source, gray: np.ndarray, probs: np.ndarray, embedding: Optional[np.ndarray],
+                heatmap: Optional[np.ndarray]):
+        if self.gate is not None:
+            verdict = self.gate.check_embedding(embedding) if embedding is not None else None
+            if verdict is None or verdict.ok:  # what the head refuses keeps its reason
+                verdict = self.gate.check_polarity(gray)
             if not verdict.ok:
                 return RejectedResult(str(source), verdict.reason, verdict.score, self.model)
         p = {name: float(v) for name, v in zip(CLASS_NAMES, probs)}
@@ -271,8 +275,8 @@ class Classifier:
                       gated=self.gate is not None, heatmap=heatmap)
 
     def _results(self, items: list, probs, embeddings, maps) -> list:
-        return [self._result(src, probs[i], None if embeddings is None else embeddings[i],
-                             None if maps is None else maps[i]) for i, (src, _) in enumerate(items)]
+        return [self._result(src, g, probs[i], None if embeddings is None else embeddings[i],
+                             None if maps is None else maps[i]) for i, (src, g) in enumerate(items)]
 
     def classify(self, path: PathLike) -> Union[Result, RejectedResult]:
         """Classify one file. Raises :class:`PreprocessError` when it is not a readable image; returns a

@@ -64,11 +64,13 @@ DEFAULT_MIN_STD = 2.0  # gray levels (0..255) of the thumbnail
 
 EMBED_CLASSES = ("frontal_chest", "lateral_chest", "other_body_part", "not_radiograph")
 REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body part",
-           "not_radiograph": "not a radiograph", "colour": "colour photo", "blank": "blank image"}
+           "not_radiograph": "not a radiograph", "colour": "colour photo", "blank": "blank image",
+           "inverted": "inverted image"}
 EMBED_ARRAYS = ("emb_mean", "emb_scale", "emb_weights", "emb_bias")
 DENSITY_ARRAYS = ("den_mean", "den_scale", "den_components", "den_var")
 THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
 LAYOUT_ARRAYS = ("lay_mean", "lay_proj")
+POLARITY_ARRAYS = ("pol_weights", "pol_bias")
 
 
 def grid_bins(n: int, g: int) -> list[tuple[int, int]]:
@@ -225,6 +227,15 @@ class Gate:
                 raise ValueError("inconsistent OOD gate arrays/parameters (layout: lay_mean[C], lay_proj[C, k] and "
                                  "embedding.layout.grid g must give the head's C + g*g*k inputs)")
             self.feature_channels = fc
+        self.has_polarity = all(k in arrays for k in POLARITY_ARRAYS)
+        if self.has_polarity:
+            self.pol_weights = np.asarray(arrays["pol_weights"], np.float64)
+            self.pol_bias = float(np.asarray(arrays["pol_bias"]))
+            self.pol_threshold = float((params.get("polarity") or {}).get("threshold", float("nan")))
+            if (self.pol_weights.shape != (self.thumb * self.thumb,) or not np.all(np.isfinite(self.pol_weights))
+                    or not np.isfinite(self.pol_bias) or not np.isfinite(self.pol_threshold)):
+                raise ValueError("inconsistent OOD gate arrays/parameters (polarity: pol_weights[thumb*thumb], "
+                                 "pol_bias and polarity.threshold)")
         self.has_density = self.has_embedding and all(k in arrays for k in DENSITY_ARRAYS)
         if self.has_density:
             self.den_mean = np.asarray(arrays["den_mean"], np.float64)
@@ -279,6 +290,26 @@ class Gate:
             return Verdict(False, f"does not look like a chest X-ray (OOD score {score:.1f} > "
                                   f"threshold {self.threshold:.1f})", score)
         return Verdict(True, "", 0.0 if np.isnan(score) else score)
+
+    def polarity_scores(self, gray: np.ndarray) -> np.ndarray:
+        """Polarity scores ``[N]`` of ``uint8[N, S, S]`` (higher = more like a negative image; NaN without a
+        polarity part): a linear function of the standardized thumbnail."""
+        x, _ = features(gray, self.thumb)
+        if not self.has_polarity:
+            return np.full(len(x), np.nan)
+        return x @ self.pol_weights + self.pol_bias
+
+    def check_polarity(self, gray: np.ndarray) -> Verdict:
+        """Verdict for one ``uint8[S, S]`` image on its polarity: a negative (bones dark, air bright, as a
+        MONOCHROME1 image exported without its inversion reads) is refused. Asked after the head, so that
+        what the head already refuses keeps the head's reason."""
+        if not self.has_polarity:
+            return OK
+        score = float(self.polarity_scores(np.asarray(gray)[None])[0])
+        if not score <= self.pol_threshold:
+            return Verdict(False, f"{REASONS['inverted']} (a negative: bones dark, air bright; polarity score "
+                                  f"{score:.1f} > {self.pol_threshold:.1f})", score)
+        return Verdict(True, "", score)
 
     # -- embedding, after the model ----------------------------------------------------------------------
     def embedding_scores(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -354,9 +385,17 @@ class Gate:
     # -- both ----------------------------------------------------------------------------------------------
     def check(self, gray: np.ndarray, colour_fraction: float = 0.0,
               embedding: Optional[np.ndarray] = None) -> Verdict:
-        """``check_pixels``, then ``check_embedding`` when an embedding is given."""
+        """``check_pixels``, then ``check_embedding`` when an embedding is given, then ``check_polarity``."""
         v = self.check_pixels(gray, colour_fraction)
-        return v if not v.ok else self.check_embedding(embedding)
+        v = v if not v.ok else self.check_embedding(embedding)
+        return self._then_polarity(v, gray)
+
+    def _then_polarity(self, v: Verdict, gray: np.ndarray) -> Verdict:
+        """``v``, or the polarity check's refusal when ``v`` accepted (an accepted verdict keeps its score)."""
+        if not v.ok:
+            return v
+        p = self.check_polarity(gray)
+        return v if p.ok else p
 
     def check_source(self, source: Source, size: int = 224,
                      embed: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Verdict:
@@ -364,9 +403,9 @@ class Gate:
         :func:`embedder`, with ``gate=`` this gate) supplies the gate vector for the head."""
         gray, colour = load_gray_colour(source, size)
         v = self.check_pixels(gray, colour)
-        if not v.ok or embed is None or not self.has_embedding:
-            return v
-        return self.check_embedding(embed(gray[None])[0])
+        if v.ok and embed is not None and self.has_embedding:
+            v = self.check_embedding(embed(gray[None])[0])
+        return self._then_polarity(v, gray)
 
 
 def feature_maps(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:

@@ -13,6 +13,7 @@ X-ray gets no label, and says what it is.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import sys
@@ -638,3 +639,25 @@ def test_shipped_gate_on_the_gate_dev_views():
         assert isinstance(r, RejectedResult) and r.reason.startswith("lateral view"), (path.name, r)
     for path, r in zip(frontals, results[len(laterals):]):
         assert isinstance(r, Result) and r.label in CLASS_NAMES, (path.name, r)
+
+
+def test_shipped_gate_refuses_negatives_as_inverted_images():
+    """A scan's negative (a MONOCHROME1 image exported without its inversion) is refused by the polarity
+    check, which the head alone let through; the scans themselves are accepted. The check is asked only after
+    the head, so what the head refuses keeps its reason."""
+    clf = Classifier()
+    assert clf.gate.has_polarity
+    scans = image_files("train") + image_files("test")
+    negatives = []
+    for f in scans:
+        with Image.open(f) as im:
+            buf = io.BytesIO()
+            ImageOps.invert(im.convert("L")).save(buf, "PNG")
+            negatives.append(buf.getvalue())
+    assert all(isinstance(r, Result) for r in clf.classify_many(scans))
+    refused = [clf.classify(b) for b in negatives]
+    assert all(isinstance(r, RejectedResult) for r in refused), refused
+    assert sum(r.reason.startswith("inverted image (") for r in refused) >= len(refused) - 1, refused
+    gray = np.stack([load_gray(f, 224) for f in scans])
+    assert np.all(clf.gate.polarity_scores(gray) <= clf.gate.pol_threshold)
+    assert np.all(clf.gate.polarity_scores(255 - gray) > clf.gate.pol_threshold)

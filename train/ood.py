@@ -37,7 +37,9 @@ The rejection threshold on the score ``logsumexp(other logits) - frontal logit``
 ``--max-val-reject`` of the validation scans would be refused. A density check (``fit_density``: Mahalanobis
 distance in the first ``--density-components`` principal components of the frontal training vectors) catches
 what none of the head's classes describes; its threshold is the ``1 - max_val_reject`` quantile of the
-validation scans' distances. The official test split is never read.
+validation scans' distances. A polarity check (``fit_polarity``: a logistic regression on the standardized
+16x16 thumbnail, train scans against their negatives, no gate_dev) refuses negative images; its threshold is
+chosen on the validation split the same way. The official test split is never read.
 ``gate_dev`` is cross-validated (``cross_validate``: folds grouped by patient / body part and source; each fold
 refits everything, layout projection included, without the fold's images and any variant of them) and the
 per-category rates go into the card's ``ood.fitted_on.gate_dev_cv``. The 3-class classifier never sees
@@ -59,8 +61,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from cxr_edge.bundle import CARD_NAME, load_bundle, sha256_file
-from cxr_edge.ood import (CHROMA_LEVEL, DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, EMBED_CLASSES, Gate,
-                          density_distance, embedder, head_logits, head_score, layout_vector)
+from cxr_edge.ood import (CHROMA_LEVEL, DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, DEFAULT_THUMB, EMBED_CLASSES,
+                          Gate, density_distance, embedder, features, head_logits, head_score, layout_vector)
 from cxr_edge.preprocess import load_gray
 
 GATE_FILE = "ood.npz"
@@ -771,6 +773,38 @@ def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np
     return GateData(np.concatenate(xs), np.concatenate(ys), np.concatenate(devs), np.concatenate(basis)), val_x
 
 
+POLARITY = ("a logistic regression (scikit-learn defaults, C 1) on the standardized 16x16 thumbnail: train "
+            "scans and one train.ood.variants variant each, against the same images inverted (255 - x); "
+            "threshold from the validation scans")
+
+
+def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
+                 max_val_reject: float = DEFAULT_MAX_VAL_REJECT, thumb: int = DEFAULT_THUMB) -> tuple[dict, dict]:
+    """The polarity check (``Gate.check_polarity``): a linear function of the standardized thumbnail that tells
+    a radiograph from its negative (``POLARITY``), from train scans only (no gate_dev: its frontal films are a
+    held-out check, ``benchmarks.ood``). Threshold: ``choose_threshold`` on the validation scans. Returns
+    (arrays ``pol_weights``, ``pol_bias``; card parameters)."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = np.asarray(train_gray, np.uint8)
+    imgs = np.concatenate([g, variants(g, 1, seed + 41)])
+    x = np.concatenate([features(imgs, thumb)[0], features(255 - imgs, thumb)[0]])
+    y = np.r_[np.zeros(len(imgs)), np.ones(len(imgs))]
+    model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+    w, b = model.coef_[0].astype(np.float64), float(model.intercept_[0])
+    val = np.asarray(val_gray, np.uint8)
+    val_scores = features(val, thumb)[0] @ w + b
+    threshold = choose_threshold(val_scores, max_val_reject)
+    inverted_scores = features(255 - val, thumb)[0] @ w + b
+    params = {"threshold": round(threshold, 6), "model": POLARITY,
+              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "train_images": int(len(imgs)), "val_images": int(len(val)),
+              "val_rejected": int((val_scores > threshold).sum()),
+              "val_inverted_refused": int((inverted_scores > threshold).sum()),
+              "val_margin": round(float(inverted_scores.min() - val_scores.max()), 3)}
+    return {"pol_weights": w, "pol_bias": np.float64(b)}, params
+
+
 def write_gate(bundle_dir: str | Path, arrays: dict, card_params: dict) -> dict:
     """Save ``ood.npz`` into ``bundle_dir`` and set the card's ``"ood"`` entry (path, sha256, bytes + params);
     the card's other fields are kept as they are. Returns the new ``"ood"`` entry."""
@@ -879,8 +913,9 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as exc:
         ap.error(f"{exc}; pass --gate-dev DIR (see ../shared/data/gate_dev/README.md)")
     embed = embedder(bundle, threads=args.threads, grid=args.grid)
-    data, val_x = collect(embed, size, load_images(train, size, workers=args.workers),
-                          load_images(val, size, workers=args.workers), items, args.variants, args.seed, log,
+    train_gray = load_images(train, size, workers=args.workers)
+    val_gray = load_images(val, size, workers=args.workers)
+    data, val_x = collect(embed, size, train_gray, val_gray, items, args.variants, args.seed, log,
                           args.n_synth, args.stretched, args.stretched_dev, args.frontal_variants,
                           args.train_variants, args.clinical_variants)
     cv = None
@@ -920,7 +955,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"--seed {args.seed}"),
         "seed": args.seed, "date": datetime.date.today().isoformat(),
         "seconds": round(time.monotonic() - t0, 1)}
-    entry = write_gate(args.bundle, arrays, card_entry(params, fitted_on, cv))
+    pol_arrays, pol_params = fit_polarity(train_gray, val_gray, args.seed, args.max_val_reject)
+    arrays.update(pol_arrays)
+    log(f"polarity check: threshold {pol_params['threshold']}, validation scans refused "
+        f"{pol_params['val_rejected']}/{pol_params['val_images']}, their negatives refused "
+        f"{pol_params['val_inverted_refused']}/{pol_params['val_images']}")
+    entry = write_gate(args.bundle, arrays, {**card_entry(params, fitted_on, cv), "polarity": pol_params})
     log(f"wrote {args.bundle / GATE_FILE}: threshold {params['threshold']}, "
         f"validation scans refused {params['val_rejected']}/{params['val_images']}")
     print(json.dumps({k: v for k, v in entry.items() if k != "fitted_on"}, indent=2))

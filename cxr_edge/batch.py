@@ -87,13 +87,13 @@ def is_uri(text: str) -> bool:
 
 
 def _uri_looks_like_image(path: str) -> bool:
-    from cxr_edge.cli import IMAGE_SUFFIXES
+    from cxr_edge.cli import IMAGE_SUFFIXES, dicom_style_suffix
 
     name = path.rstrip("/").rsplit("/", 1)[-1]
     suffix = os.path.splitext(name)[1].lower()
-    # no suffix, or a number ("1.2.840.113619.2.55.3.211"): how DICOM files are often named; listed without
-    # reading them (a request per object), a file that is no image becomes an error row, not a silent skip
-    return not name.startswith(".") and (suffix in IMAGE_SUFFIXES or not suffix or suffix[1:].isdigit())
+    # names as DICOM files often have are listed without reading them (a request per object): a file that is
+    # no image becomes an error row, not a silent skip
+    return not name.startswith(".") and (suffix in IMAGE_SUFFIXES or dicom_style_suffix(suffix))
 
 
 def _list_uri(uri: str) -> list[tuple[str, Optional[str]]]:

@@ -37,7 +37,7 @@ from cxr_edge import __version__
 from cxr_edge.bundle import BundleError, load_bundle, sha256_file
 from cxr_edge.engines import EngineError, available_backends
 from cxr_edge.labels import CLASS_NAMES
-from cxr_edge.preprocess import looks_like_bare_dicom
+from cxr_edge.preprocess import DICOM_MAGIC_OFFSET, has_dicom_magic, looks_like_bare_dicom
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm",
                   ".ppm", ".pnm", ".jp2", ".j2k", ".dcm", ".dicom"}
@@ -70,16 +70,20 @@ def _looks_like_image(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return True
-    if suffix and not suffix[1:].isdigit():
+    if not dicom_style_suffix(suffix):
         return False
-    # DICOM files often have no suffix ("IM0001") or are named by their UID ("1.2.840.113619.2.55.3.211"):
-    # accept those with the DICM magic, or that start as a bare DICOM data set does
-    try:
+    try:  # accept those with the DICM magic, or that start as a bare DICOM data set does
         with open(path, "rb") as f:
-            head = f.read(132)
+            head = f.read(DICOM_MAGIC_OFFSET + 4)
     except OSError:
         return False
-    return head[128:] == b"DICM" or looks_like_bare_dicom(head)
+    return has_dicom_magic(head) or looks_like_bare_dicom(head)
+
+
+def dicom_style_suffix(suffix: str) -> bool:
+    """DICOM files often have no suffix ("IM0001") or are named by their UID ("1.2.840.113619.2.55.3.211",
+    whose last part reads as a numeric suffix)."""
+    return not suffix or suffix[1:].isdigit()
 
 
 def _walk(folder: Path) -> list[str]:

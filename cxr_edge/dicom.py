@@ -46,7 +46,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
-from cxr_edge.preprocess import CONTENT_BITS, InputRejected, PreprocessError, _reason, high_bits
+from cxr_edge.preprocess import InputRejected, PreprocessError, _reason, content_bits, high_bits
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
@@ -152,8 +152,7 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
         # stored values shown as they are: the top 8 bits of their depth, as for 16-bit PNGs (a widened 8-bit
         # scan gives its own pixels back whether it was shifted or scaled; 12-bit data in a file that
         # declares 16 bits stored is not shown 16 times too dark)
-        top = int(arr.max(initial=0))
-        bits = min(int(ds.BitsStored), next((b for b in CONTENT_BITS if top < 2 ** b), 16))
+        bits = min(int(ds.BitsStored), content_bits(int(arr.max(initial=0))))
         out = high_bits(arr, max(8, bits))
         return 255 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
     values = apply_modality_lut(arr, ds)

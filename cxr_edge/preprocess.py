@@ -93,8 +93,13 @@ def _head(source: Union[str, os.PathLike, bytes, bytearray]) -> bytes:
         return f.read(DICOM_MAGIC_OFFSET + 4)
 
 
+def has_dicom_magic(head: bytes) -> bool:
+    """``head`` (a file's first bytes) is a DICOM Part 10 file's: ``DICM`` after the 128-byte preamble."""
+    return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
 def _is_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> bool:
-    return _head(source)[DICOM_MAGIC_OFFSET:] == b"DICM"
+    return has_dicom_magic(_head(source))
 
 
 def looks_like_bare_dicom(head: bytes) -> bool:
@@ -180,9 +185,7 @@ def _to_gray8(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img)
-        top = int(arr.max(initial=0))
-        bits = next((b for b in CONTENT_BITS if top < 2 ** b), max(16, top.bit_length()))
-        return Image.fromarray(high_bits(arr, bits), "L")
+        return Image.fromarray(high_bits(arr, content_bits(int(arr.max(initial=0)))), "L")
     if mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
@@ -196,6 +199,12 @@ def _to_gray8(img: Image.Image) -> Image.Image:
     if mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "P", "RGB", "RGBX"):
         return img.convert("RGB").convert("L") if mode in ("CMYK", "YCbCr", "LAB", "HSV") else img.convert("L")
     raise PreprocessError(f"unsupported image mode {mode!r}")
+
+
+def content_bits(top: int) -> int:
+    """The bit depth of integer pixels whose maximum is ``top``: the first of ``CONTENT_BITS`` that holds it,
+    else as many bits as it needs."""
+    return next((b for b in CONTENT_BITS if top < 2 ** b), max(CONTENT_BITS[-1], int(top).bit_length()))
 
 
 def high_bits(values: np.ndarray, bits: int) -> np.ndarray:

@@ -19,12 +19,11 @@ inference threads and the decode pool's size.
 Input gate (``cxr_edge.ood``): when the bundle's card has an ``"ood"`` entry, every input is checked by it
 (``Classifier(..., ood=False)`` bypasses it): ``Gate.check_pixels`` on the decoded image before the model
 (colour photos, blank images), ``Gate.check_embedding`` on the model's embedding after its pass (not a
-radiograph, another body part, a lateral view), then ``Gate.check_polarity`` on the image (a negative). DICOM
-objects that are not frontal chest radiographs are
-refused while reading (:class:`cxr_edge.preprocess.InputRejected`). Refused inputs come back as a
-:class:`RejectedResult` (``status == "rejected"``, a one-line ``reason``, no label); accepted ones are
-:class:`Result` s whose ``to_dict()`` gains ``"status": "ok"``. Without a gate, results are exactly as before
-(no ``status`` key).
+radiograph, another body part, a lateral view) and then on the image's polarity (a negative), both in
+``Gate.check_after_model``. DICOM objects that are not frontal chest radiographs are refused while reading
+(:class:`cxr_edge.preprocess.InputRejected`). Refused inputs come back as a :class:`RejectedResult`
+(``status == "rejected"``, a one-line ``reason``, no label); accepted ones are :class:`Result` s whose
+``to_dict()`` gains ``"status": "ok"``. Without a gate, results are exactly as before (no ``status`` key).
 """
 from __future__ import annotations
 
@@ -265,9 +264,7 @@ class Classifier:
     def _result(self, source, gray: np.ndarray, probs: np.ndarray, embedding: Optional[np.ndarray],
                 heatmap: Optional[np.ndarray]):
         if self.gate is not None:
-            verdict = self.gate.check_embedding(embedding) if embedding is not None else None
-            if verdict is None or verdict.ok:  # what the head refuses keeps its reason
-                verdict = self.gate.check_polarity(gray)
+            verdict = self.gate.check_after_model(embedding, gray)
             if not verdict.ok:
                 return RejectedResult(str(source), verdict.reason, verdict.score, self.model)
         p = {name: float(v) for name, v in zip(CLASS_NAMES, probs)}

@@ -387,11 +387,13 @@ class Gate:
               embedding: Optional[np.ndarray] = None) -> Verdict:
         """``check_pixels``, then ``check_embedding`` when an embedding is given, then ``check_polarity``."""
         v = self.check_pixels(gray, colour_fraction)
-        v = v if not v.ok else self.check_embedding(embedding)
-        return self._then_polarity(v, gray)
+        return v if not v.ok else self.check_after_model(embedding, gray)
 
-    def _then_polarity(self, v: Verdict, gray: np.ndarray) -> Verdict:
-        """``v``, or the polarity check's refusal when ``v`` accepted (an accepted verdict keeps its score)."""
+    def check_after_model(self, embedding: Optional[np.ndarray], gray: np.ndarray) -> Verdict:
+        """The checks after the model's pass: ``check_embedding``, then, for what the head accepts (so that its
+        refusals keep their reasons), ``check_polarity`` on the image; an accepted verdict keeps the head's
+        score."""
+        v = self.check_embedding(embedding)
         if not v.ok:
             return v
         p = self.check_polarity(gray)
@@ -403,9 +405,10 @@ class Gate:
         :func:`embedder`, with ``gate=`` this gate) supplies the gate vector for the head."""
         gray, colour = load_gray_colour(source, size)
         v = self.check_pixels(gray, colour)
-        if v.ok and embed is not None and self.has_embedding:
-            v = self.check_embedding(embed(gray[None])[0])
-        return self._then_polarity(v, gray)
+        if not v.ok:
+            return v
+        return self.check_after_model(embed(gray[None])[0] if embed is not None and self.has_embedding else None,
+                                      gray)
 
 
 def feature_maps(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:

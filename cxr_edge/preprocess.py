@@ -98,10 +98,6 @@ def has_dicom_magic(head: bytes) -> bool:
     return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
-def _is_dicom(source: Union[str, os.PathLike, bytes, bytearray]) -> bool:
-    return has_dicom_magic(_head(source))
-
-
 def looks_like_bare_dicom(head: bytes) -> bool:
     """A DICOM data set without the Part 10 preamble and ``DICM`` (older archives, ACR-NEMA style files): it
     starts with a data element of group 0002 (file meta) or 0008 (identification), little- or big-endian,
@@ -136,7 +132,8 @@ def _open(source: Source) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     try:
-        if _is_dicom(source):
+        head = _head(source)  # read once: the DICM magic now, a bare DICOM data set if Pillow fails
+        if has_dicom_magic(head):
             from cxr_edge.dicom import read_dicom  # imports pydicom only when a DICOM shows up
             return read_dicom(source)
         with warnings.catch_warnings():
@@ -148,7 +145,6 @@ def _open(source: Source) -> Image.Image:
     except PreprocessError:
         raise
     except UnidentifiedImageError:
-        head = _head(source)
         if not head:
             raise PreprocessError("empty file (0 bytes)") from None
         if looks_like_bare_dicom(head):

@@ -38,6 +38,7 @@ the ``dicom`` extra installs (Pillow for JPEG baseline and JPEG 2000; GDCM for J
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -59,6 +60,11 @@ LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LEFT LATERAL", "RIGHT LATERAL"}
 FLOAT_PIXELS = ("FloatPixelData", "DoubleFloatPixelData")
 
 
+def _is_multi(value) -> bool:
+    """A multi-valued element's value (pydicom's ``MultiValue``, or a list/tuple)."""
+    return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+
+
 def _text(ds, keyword: str) -> str:
     """A tag's value as upper-case text, ``""`` when missing/empty (multi-valued: joined with ``\\``)."""
     try:
@@ -67,7 +73,7 @@ def _text(ds, keyword: str) -> str:
         return ""
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if _is_multi(value):
         value = "\\".join(str(v) for v in value)
     return " ".join(str(value).upper().split())
 
@@ -126,8 +132,7 @@ def _voi_kind(ds) -> str:
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         width = ds.WindowWidth
         try:
-            width = float(width[0] if isinstance(width, (list, tuple)) or type(width).__name__ == "MultiValue"
-                          else width)
+            width = float(width[0] if _is_multi(width) else width)
         except (TypeError, ValueError, IndexError):
             return "none"
         return "window" if width >= 1 else "none"  # an invalid window (width < 1): shown over the full range
@@ -230,9 +235,10 @@ def _set_transfer_syntax(ds) -> None:
     ds.file_meta = meta
 
 
+@functools.lru_cache(maxsize=None)
 def _quiet_gdcm() -> None:
     """GDCM (the decoder for JPEG lossless and JPEG-LS) prints its warnings to stderr; errors reach us as
-    exceptions anyway."""
+    exceptions anyway. Once per process."""
     try:
         import gdcm
     except ImportError:
@@ -279,8 +285,8 @@ def _read_dicom(source, force: bool) -> Image.Image:
                               "possible decompression bomb)")
     if bits < 1:
         raise PreprocessError(f"DICOM with {bits} bits stored is not supported (1 to 16 bits)")
-    if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "").startswith("1.2.840.10008.1.2.4"):
-        _quiet_gdcm()  # a JPEG family transfer syntax: GDCM may be the decoder
+    if getattr(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None), "is_compressed", False):
+        _quiet_gdcm()  # GDCM may be the decoder (imported only for compressed pixel data)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # missing decoder plugins, truncated pixel data, ...

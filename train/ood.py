@@ -792,17 +792,19 @@ def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
     y = np.r_[np.zeros(len(imgs)), np.ones(len(imgs))]
     model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
     w, b = model.coef_[0].astype(np.float64), float(model.intercept_[0])
+    arrays = {"pol_weights": w, "pol_bias": np.float64(b)}
+    gate = Gate(arrays, {"thumb": thumb, "polarity": {"threshold": 0.0}})  # the runtime's own scoring
     val = np.asarray(val_gray, np.uint8)
-    val_scores = features(val, thumb)[0] @ w + b
+    val_scores = gate.polarity_scores(val)
     threshold = choose_threshold(val_scores, max_val_reject)
-    inverted_scores = features(255 - val, thumb)[0] @ w + b
+    inverted_scores = gate.polarity_scores(255 - val)
     params = {"threshold": round(threshold, 6), "model": POLARITY,
               "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
               "train_images": int(len(imgs)), "val_images": int(len(val)),
               "val_rejected": int((val_scores > threshold).sum()),
               "val_inverted_refused": int((inverted_scores > threshold).sum()),
               "val_margin": round(float(inverted_scores.min() - val_scores.max()), 3)}
-    return {"pol_weights": w, "pol_bias": np.float64(b)}, params
+    return arrays, params
 
 
 def write_gate(bundle_dir: str | Path, arrays: dict, card_params: dict) -> dict:

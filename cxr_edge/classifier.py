@@ -12,9 +12,11 @@ layout: ``Gate.embedding_of``), and with
 ``Classifier(heatmaps=True)`` each :class:`Result` carries the class-activation map of its label
 (``result.heatmap``, ``cxr_edge.heatmap``).
 
-``classify_many`` decodes in a small thread pool (Pillow releases the GIL while decoding and resizing) while
-the model runs batches in the calling thread; results come back in input order. ``threads`` sets both the
-inference threads and the decode pool's size.
+``classify_many`` runs a small pool of worker threads ("lanes"): each takes the next batch of paths, decodes it
+and runs it through its own copy of the model (one inference thread each); Pillow, LiteRT and ONNX Runtime
+release the GIL, so the lanes use the cores in parallel, and a core never waits while another decodes.
+Results come back in input order. ``threads`` sets the number of lanes (and the inference threads of
+``classify``).
 
 Input gate (``cxr_edge.ood``): when the bundle's card has an ``"ood"`` entry, every input is checked by it
 (``Classifier(..., ood=False)`` bypasses it): ``Gate.check_pixels`` on the decoded image before the model
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +50,7 @@ from cxr_edge.preprocess import InputRejected, PreprocessError, load_gray, load_
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_BATCH = 8
-MAX_DECODE_THREADS = 4  # decode pool size when ``threads`` is not given (at most half the CPUs)
+MAX_LANES = 8  # classify_many's worker threads when ``threads`` is not given (one per CPU, at most this)
 
 
 def usable_cpus() -> int:
@@ -58,14 +62,13 @@ def usable_cpus() -> int:
 
 
 def thread_split(threads: Optional[int]) -> tuple[int, int]:
-    """(inference threads, decode threads): ``threads`` for both when given; otherwise half the CPUs decode
-    (at most ``MAX_DECODE_THREADS``) and the rest run the model, so that decoding and inference overlap
-    without oversubscribing the CPU (one and one on two cores)."""
+    """(inference threads of ``classify``, lanes of ``classify_many``): ``threads`` for both when given;
+    otherwise ``classify`` runs the model on half the CPUs (rounded up) and ``classify_many`` runs one lane
+    per CPU (at most ``MAX_LANES``), each lane one thread that decodes and runs its own model copy."""
     if threads:
         return int(threads), int(threads)
     cpus = usable_cpus()
-    decode = max(1, min(MAX_DECODE_THREADS, cpus // 2))
-    return max(1, cpus - decode), decode
+    return max(1, cpus - cpus // 2), max(1, min(MAX_LANES, cpus))
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,8 @@ class Classifier:
 
     ``model``: a bundle folder or its ``card.json`` (``None``: the embedded default bundle).
     ``backend``: ``"tflite"`` or ``"onnx"`` (``None``: TFLite if importable, else ONNX).
-    ``threads``: CPU threads for inference and the size of ``classify_many``'s decode pool (``None``: half
-    the CPUs decode, at most 4, the others run the model; see :func:`thread_split`).
+    ``threads``: CPU threads for ``classify``'s inference and the number of ``classify_many``'s lanes
+    (``None``: see :func:`thread_split`).
     ``ood``: use the bundle's input gate when its card has one (``False``: bypass it).
     ``heatmaps``: attach the class-activation map of the label to each :class:`Result` (the bundle needs
     ``cam.npz``; dual-output models give it from the same pass).
@@ -177,6 +180,8 @@ class Classifier:
     def __init__(self, model: Optional[PathLike] = None, backend: Optional[str] = None,
                  threads: Optional[int] = None, batch_size: int = DEFAULT_BATCH, ood: bool = True,
                  heatmaps: bool = False, decode_threads: Optional[int] = None):
+        # decode_threads: classify_many's lanes instead of ``threads`` (0: decode and infer in the calling
+        # thread with this classifier's engine: one process = one core, as a batch worker wants)
         self.bundle = load_bundle(model)
         self.backend = backend or default_backend(self.bundle)
         model_path, sha = self.bundle.model_file(self.backend, verify=True)
@@ -184,9 +189,12 @@ class Classifier:
         if threads is not None and int(threads) < 1:
             raise EngineError(f"threads must be >= 1, got {threads}")
         infer_threads, self.decode_threads = thread_split(threads)
-        if decode_threads is not None:  # 0: decode in the calling thread (one process = one core, as a
-            self.decode_threads = max(0, int(decode_threads))  # batch worker wants)
+        if decode_threads is not None:
+            self.decode_threads = max(0, int(decode_threads))
         self.engine = open_engine(model_path, self.backend, threads=infer_threads)
+        self._model_path = model_path
+        self._lane_engines: queue.SimpleQueue = queue.SimpleQueue()  # idle one-thread engines of the lanes
+        self._legacy_lock = threading.Lock()  # LegacyFeatures' interpreter is not safe across threads
         self.spec = self.bundle.spec
         raw = self.bundle.card.get("temperature")
         try:
@@ -212,16 +220,18 @@ class Classifier:
     def card(self) -> dict:
         return self.bundle.card
 
-    def predict(self, gray: np.ndarray) -> np.ndarray:
+    def predict(self, gray: np.ndarray, engine=None) -> np.ndarray:
         """``uint8[N, S, S]`` (from ``load_gray``) to calibrated probabilities ``float32[N, 3]``."""
-        probs = self.engine.run(to_input(gray, self.spec))
+        probs = (engine or self.engine).run(to_input(gray, self.spec))
         return calibrate(probs, self.temperature)
 
-    def predict_full(self, gray: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    def predict_full(self, gray: np.ndarray, engine=None
+                     ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
         """``uint8[N, S, S]`` to ``(calibrated probabilities float32[N, 3], embedding float32[N, C] or None,
         feature map float32[N, h, w, C] or None)`` from one model pass; the embedding is the feature map's
-        global average (the penultimate vector). ``None`` for models with a single output."""
-        probs, features = self.engine.run_full(to_input(gray, self.spec))
+        global average (the penultimate vector). ``None`` for models with a single output. ``engine``: one
+        of the lanes' model copies (default: this classifier's own)."""
+        probs, features = (engine or self.engine).run_full(to_input(gray, self.spec))
         embedding = None if features is None else features.mean(axis=(1, 2), dtype=np.float32)
         return calibrate(probs, self.temperature), embedding, features
 
@@ -246,18 +256,20 @@ class Classifier:
         except PreprocessError as exc:
             return ErrorResult(str(source), one_line(exc))
 
-    def _infer(self, gray: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    def _infer(self, gray: np.ndarray, engine=None
+               ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
         """(calibrated probs, the gate's embedding (``Gate.embedding_of`` the feature map) or None, heatmaps of the
         labels or None) for ``uint8[N, S, S]``."""
         if not (self.heatmaps or self._gate_needs_embedding):
-            return self.predict(gray), None, None
-        probs, embedding, features = self.predict_full(gray)
+            return self.predict(gray, engine), None, None
+        probs, embedding, features = self.predict_full(gray, engine)
         if self._gate_needs_embedding and features is not None:  # the gate's own vector (global average, or
             embedding = self.gate.embedding_of(features)        # with the layout of the feature map)
         maps = None
         if self.heatmaps:
             if features is None:
-                features = self._legacy_features(to_input(gray, self.spec))
+                with self._legacy_lock:
+                    features = self._legacy_features(to_input(gray, self.spec))
             maps = cam_maps(features, self._cam_weights, probs.argmax(axis=1))
         return probs, embedding, maps
 
@@ -283,18 +295,18 @@ class Classifier:
             return gray
         return self._results([(path, gray)], *self._infer(gray[None]))[0]
 
-    def _finish(self, items: list) -> list:
+    def _finish(self, items: list, engine=None) -> list:
         """Results for ``(source, gray or final result)`` pairs, in order; one model pass for the batch."""
         loaded = [(src, g) for src, g in items if isinstance(g, np.ndarray)]
         out: list = []
         if loaded:
             try:
-                out = self._results(loaded, *self._infer(np.stack([g for _, g in loaded])))
+                out = self._results(loaded, *self._infer(np.stack([g for _, g in loaded]), engine))
             except EngineError:
                 # The runtime failed on this batch: one by one, so that only the input it fails on fails.
                 for src, g in loaded:
                     try:
-                        out.append(self._results([(src, g)], *self._infer(g[None]))[0])
+                        out.append(self._results([(src, g)], *self._infer(g[None], engine))[0])
                     except EngineError as exc:
                         out.append(ErrorResult(str(src), f"inference failed: {one_line(exc)}"))
         done = iter(out)
@@ -302,36 +314,51 @@ class Classifier:
 
     def classify_many(self, paths: Iterable[PathLike]) -> Iterator[Union[Result, RejectedResult, ErrorResult]]:
         """Classify files in batches; yields a :class:`Result`, :class:`RejectedResult` (input gate) or
-        :class:`ErrorResult` per path, in input order. Decoding runs ``decode_threads`` ahead of the model,
-        at most two batches in flight (``decode_threads == 0``: in the calling thread, no pool)."""
-        prepared = (((src, self._prepare(src)) for src in paths) if self.decode_threads == 0
-                    else self._decoded_ahead(paths))
+        :class:`ErrorResult` per path, in input order. Batches of ``batch_size`` paths go to ``decode_threads``
+        lanes, each decoding its batch and running it through its own one-thread model copy, at most two
+        batches per lane in flight (``decode_threads == 0``: in the calling thread, this classifier's engine)."""
+        if self.decode_threads == 0:
+            yield from self._serial(paths)
+            return
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cxr-edge-decode")
+        pending: deque = deque()
         try:
             batch: list = []
-            for item in prepared:
-                batch.append(item)
-                if len(batch) == self.batch_size:
-                    yield from self._finish(batch)
-                    batch = []
-            if batch:
-                yield from self._finish(batch)
-        finally:
-            prepared.close()  # a caller that stops early stops the decode pool too
-
-    def _decoded_ahead(self, paths: Iterable[PathLike]) -> Iterator[tuple]:
-        """``(source, _prepare(source))`` in input order, decoded in a pool of ``decode_threads`` that runs
-        up to two batches ahead of the consumer."""
-        window = 2 * self.batch_size + self.decode_threads
-        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cxr-edge-decode")
-        try:
-            pending: deque = deque()
             for source in paths:
-                pending.append((source, pool.submit(self._prepare, source)))
-                if len(pending) >= window:
-                    src, fut = pending.popleft()
-                    yield src, fut.result()
+                batch.append(source)
+                if len(batch) == self.batch_size:
+                    pending.append(pool.submit(self._lane, batch))
+                    batch = []
+                    while len(pending) > 2 * self.decode_threads:
+                        yield from pending.popleft().result()
+            if batch:
+                pending.append(pool.submit(self._lane, batch))
             while pending:
-                src, fut = pending.popleft()
-                yield src, fut.result()
-        finally:
+                yield from pending.popleft().result()
+        finally:  # a caller that stops early stops the lanes too
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _serial(self, paths: Iterable[PathLike]) -> Iterator:
+        batch: list = []
+        for source in paths:
+            batch.append((source, self._prepare(source)))
+            if len(batch) == self.batch_size:
+                yield from self._finish(batch)
+                batch = []
+        if batch:
+            yield from self._finish(batch)
+
+    def _lane(self, sources: list) -> list:
+        """One lane's work on one batch: decode each path, then one pass of an idle model copy (opened on
+        first use, one thread, kept for the next batch and the next call)."""
+        items = [(source, self._prepare(source)) for source in sources]
+        if not any(isinstance(g, np.ndarray) for _, g in items):
+            return self._finish(items)
+        try:
+            engine = self._lane_engines.get_nowait()
+        except queue.Empty:
+            engine = open_engine(self._model_path, self.backend, threads=1)
+        try:
+            return self._finish(items, engine)
+        finally:
+            self._lane_engines.put(engine)

@@ -190,7 +190,9 @@ _model_option = click.option("--model", "model", metavar="BUNDLE", default=None,
 @_model_option
 @click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None,
               help="Inference runtime (default: tflite if installed, else onnx).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for inference.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads: files are decoded and classified in this many parallel lanes "
+                   "(default: one per CPU, at most 8).")
 @click.option("--no-ood", "no_ood", is_flag=True,
               help="Bypass the bundle's out-of-distribution gate: label every readable image.")
 @click.option("--heatmap", "heatmap_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),

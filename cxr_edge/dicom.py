@@ -218,8 +218,14 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray], force: bool = 
 
 
 def _sop_class(ds) -> str:
-    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
-    return getattr(uid, "name", None) or str(uid or "unknown SOP class")
+    """The SOP class's name (or UID) for a message: one line of printable text, whatever the file holds."""
+    try:
+        uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+        text = str(getattr(uid, "name", None) or uid or "")
+    except Exception:  # a malformed element
+        text = ""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text or "unknown SOP class"
 
 
 def _set_transfer_syntax(ds) -> None:

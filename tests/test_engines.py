@@ -245,6 +245,41 @@ def test_decoding_runs_in_the_pool(bundle_dir, monkeypatch):
     assert len(seen) == len(image_files("train")) and all(n.startswith("cxr-edge-decode") for n in seen)
 
 
+def test_lanes_run_the_model_on_their_own_copies(bundle_dir, monkeypatch):
+    """classify_many's lanes each run the model on a one-thread copy of their own, in the lane's thread (never
+    the classifier's own engine, which ``classify`` may be using), and keep the copies for the next call."""
+    import threading
+
+    import cxr_edge.classifier as classifier_mod
+
+    opened, used = [], []
+    real_open = classifier_mod.open_engine
+
+    def spy_open(path, backend, threads=None):
+        engine = real_open(path, backend, threads=threads)
+        real_run = engine.run
+
+        def run(x):
+            used.append((id(engine), threading.current_thread().name))
+            return real_run(x)
+
+        engine.run = run
+        opened.append((engine, threads))
+        return engine
+
+    monkeypatch.setattr(classifier_mod, "open_engine", spy_open)
+    clf = Classifier(model=bundle_dir, threads=2, ood=False)
+    clf.batch_size = 1
+    files = image_files("train") + image_files("test")
+    first = [r.to_dict() for r in clf.classify_many(files)]
+    lanes = opened[1:]  # opened[0] is the classifier's own engine
+    assert 1 <= len(lanes) <= 2 and all(threads == 1 for _, threads in lanes)
+    assert {e for e, _ in used} <= {id(e) for e, _ in lanes}
+    assert len(used) == len(files) and all(name.startswith("cxr-edge-decode") for _, name in used)
+    assert [r.to_dict() for r in clf.classify_many(files)] == first
+    assert len(opened) == 1 + len(lanes)  # the second call reused the lanes' copies
+
+
 def test_a_refused_input_is_a_rejection_and_a_bug_is_not_an_input_error(bundle_dir, monkeypatch):
     import cxr_edge.classifier as classifier_mod
     from cxr_edge.preprocess import InputRejected

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -189,6 +189,7 @@ def test_fuzz_mutated_images(data):
                         b"RIFF\x00\x00\x00\x00WEBP", b"\x00" * 128 + b"DICM",
                         b"\x08\x00\x05\x00CS", b"\x08\x00\x16\x00\x1a\x00\x00\x00"]),  # bare DICOM data sets
        st.binary(max_size=1024))
+@example(b"\x08\x00\x16\x00\x1a\x00\x00\x00", b"\x00\n\x01")  # a SOP class UID with a line break in it
 def test_fuzz_magic_then_garbage(magic, tail):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

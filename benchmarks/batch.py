@@ -142,6 +142,8 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
                         best[key] = row
         if mode_ray := (modes[-1] if len(modes) > 1 else None):
             out["long_job"] = _long_job(files, tmp, model, mode_ray)
+            if not quick:
+                out["ray_floor"] = _ray_floor()
     finally:
         if ray is not None:
             ray.shutdown()
@@ -164,6 +166,58 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
         out["targets"] = []
         out.pop("scaling_note", None)
     return out
+
+
+def _ray_floor(workers: int = 2, repeats: int = 3) -> dict:
+    """What Ray alone costs per job, with nothing of cxr-edge in it (medians of ``repeats`` jobs): a Ray Data
+    job of ``workers`` one-row blocks through a pool of ``workers`` actors whose function does nothing (the
+    shape of a ``cxr-edge batch`` job: from_blocks, map_batches on an ActorPoolStrategy, iter_batches), and
+    ``workers`` plain Ray actors created and called once. Times from the job's start to the first actor
+    constructor and to the last result."""
+    import ray
+    import ray.data
+
+    class Noop:  # defined here so that Ray ships it by value (workers need not import this module)
+        def __init__(self):
+            self.t = time.time()
+
+        def __call__(self, batch):
+            import pyarrow as pa
+            return pa.table({"t0": [self.t]})
+
+    @ray.remote(num_cpus=1)
+    class Plain:
+        def __init__(self):
+            self.t = time.time()
+
+        def ping(self):
+            return self.t
+
+    import logging
+
+    import pyarrow as pa
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # as cxr_edge.batch does: no per-job notices
+    data_init, data_done, core_init, core_done = [], [], [], []
+    for _ in range(repeats):
+        t0 = time.time()
+        ds = ray.data.from_blocks([pa.table({"a": [i]}) for i in range(workers)]).map_batches(
+            Noop, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, batch_size=None,
+            batch_format="pyarrow")
+        inits = [b.column("t0")[0].as_py() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+        data_done.append(time.time() - t0)
+        data_init.append(min(inits) - t0)
+        t0 = time.time()
+        actors = [Plain.remote() for _ in range(workers)]
+        inits = ray.get([a.ping.remote() for a in actors])
+        core_done.append(time.time() - t0)
+        core_init.append(min(inits) - t0)
+        for a in actors:
+            ray.kill(a)
+    med = lambda v: round(statistics.median(v), 2)  # noqa: E731
+    return {"workers": workers, "repeats": repeats,
+            "ray_data_first_constructor_s": med(data_init), "ray_data_job_s": med(data_done),
+            "plain_actor_first_constructor_s": med(core_init), "plain_actors_s": med(core_done)}
 
 
 def _long_job(files: list[str], tmp: Path, model, ray_mode: str, copies: int = LONG_JOB_COPIES,
@@ -211,7 +265,7 @@ def _derived(best: dict, mean_bytes: float) -> dict:
                 best[("ray", w)]["first_result_s"] - best[("local", w)]["first_result_s"], 2)
             if best[("ray", w)].get("worker_cpu_s") and best[("local", w)].get("worker_cpu_s"):
                 # what a Ray actor costs beyond a local worker, in CPU-seconds each: mostly its start-up (a
-                # fresh Ray worker process imports Ray and Ray Data, with pandas, before it loads the model)
+                # Ray worker process imports Ray and Ray Data, with pandas, besides the model)
                 d.setdefault("ray_extra_worker_cpu_s", {})[str(w)] = round(
                     (best[("ray", w)]["worker_cpu_s"] - best[("local", w)]["worker_cpu_s"]) / w, 2)
             # Steady state (after each mode's first results) and where the fixed start-up stops mattering:
@@ -296,9 +350,26 @@ def markdown(r: dict) -> str:
                      + ("; each Ray actor used " + ", ".join(
                          f"{x:+.2f} CPU-s ({w} worker{'s' * (w != '1')})"
                          for w, x in r["ray_extra_worker_cpu_s"].items())
-                        + " more than a local worker over the same images (its start-up: a fresh Ray worker "
-                        "process imports Ray and Ray Data, with pandas, before the model)"
+                        + " more than a local worker over the same images (a Ray worker process imports Ray "
+                        "and Ray Data, with pandas, besides the model)"
                         if r.get("ray_extra_worker_cpu_s") else "") + ".")
+    if r.get("ray_floor"):
+        f = r["ray_floor"]
+        local2 = next((b["run_s"] for b in r["best"] if b["mode"] == "local" and b["workers"] == f["workers"]), None)
+        ray_first = next((b["first_result_s"] for b in r["best"]
+                          if b["mode"] == "ray" and b["workers"] == f["workers"]), None)
+        lines += ["", f"Ray's own floor, with nothing of cxr-edge in it (medians of {f['repeats']} jobs): a Ray Data "
+                  f"job shaped like this one ({f['workers']} one-row blocks, an actor pool of {f['workers']}, a "
+                  f"function that does nothing) reached its first actor constructor after "
+                  f"{f['ray_data_first_constructor_s']:.2f} s and finished in {f['ray_data_job_s']:.2f} s; "
+                  f"{f['workers']} plain Ray actors were constructed after {f['plain_actor_first_constructor_s']:.2f} s "
+                  f"and answered in {f['plain_actors_s']:.2f} s"
+                  + (f"; so most of the Ray rows' {ray_first:.2f} s to first results is Ray Data's own start-up, "
+                     "not cxr-edge's imports or model loading" if ray_first and f["ray_data_job_s"] >= ray_first / 2
+                     else "")
+                  + (f"; the empty job alone is {100 * f['ray_data_job_s'] / local2:.0f}% of the local pool's "
+                     f"{local2:.2f} s run with {f['workers']} workers, against a 15% allowance" if local2 else "")
+                  + "."]
     if r.get("steady_ray_overhead_pct"):
         lines += ["", "After the first results (steady state): Ray overhead " + ", ".join(
             f"{w} worker(s) {p:+.1f}%" for w, p in r["steady_ray_overhead_pct"].items())

@@ -32,6 +32,11 @@ def _pct(x, ci=None):
     return s + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
+def label(row: dict) -> str:
+    """A row's artifact name; a row copied from an earlier run of the benchmark says so."""
+    return row["artifact"] + (f" [carried from {row['carried_from']}]" if row.get("carried_from") else "")
+
+
 def accuracy_table(rows: list[dict]) -> str:
     out = ["| artifact | 3-class acc % [95% CI] | macro-F1 % [CI] | recall N / B / V % | AUC (OvR) N / B / V "
            "| normal-vs-pneumonia acc % | sens % | spec % | AUC | size |",
@@ -42,7 +47,7 @@ def accuracy_table(rows: list[dict]) -> str:
         auc = " / ".join(f"{m['auc_ovr'].get(c, float('nan')):.3f}" for c in CLASS_NAMES)
         b = m["binary"]
         size = f"{r['file_bytes'] / 2**20:.2f} MiB" if r.get("file_bytes") else "n/a"
-        out.append(f"| {r['artifact']} | {_pct(m['accuracy'], ci['accuracy'])} | "
+        out.append(f"| {label(r)} | {_pct(m['accuracy'], ci['accuracy'])} | "
                    f"{_pct(m['macro_f1'], ci['macro_f1'])} | {rec} | {auc} | "
                    f"{_pct(b['accuracy'], ci.get('binary_accuracy'))} | {_pct(b['sensitivity'])} | "
                    f"{_pct(b['specificity'])} | {b['auc']:.3f} | {size} |")
@@ -79,7 +84,7 @@ def plots(rows: list[dict], y: np.ndarray, out: Path, latency: dict | None) -> l
             ax.set_yticks(range(3), CLASS_NAMES)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
-            ax.set_title(r["artifact"], fontsize=8)
+            ax.set_title(label(r), fontsize=8)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.tight_layout()
@@ -88,7 +93,7 @@ def plots(rows: list[dict], y: np.ndarray, out: Path, latency: dict | None) -> l
         files.append("confusion.png")
 
         fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-        for r in rows:
+        for r in (r for r in rows if "probs" in r):  # rows carried from an earlier run have no probabilities
             p = np.array(r["probs"])
             for k, ax in enumerate(axes[:3]):
                 fpr, tpr, _ = roc_curve(y == k, p[:, k])
@@ -219,7 +224,10 @@ def markdown(r: dict) -> str:
         for row in r["report_table"]:
             lines.append(f"| {row['name']} | {row['model']} | {row['protocol']} | {_pct(row.get('val_accuracy'))} | "
                          f"{_pct(row.get('test_accuracy'), row.get('test_ci95'))} | {row.get('epochs', '')} | "
-                         f"{row.get('machine', '')} | {row.get('note', '')} |")
+                         f"{row.get('machine', '')} | "
+                         + "; ".join(filter(None, [row.get("note"), row.get("carried_from") and (
+                             f"carried from the benchmark run of {row['carried_from']}: its run folder is not in "
+                             "this checkout")])) + " |")
         lines.append("")
     lat = r.get("latency") or {}
     if lat.get("end_to_end"):
@@ -266,7 +274,7 @@ def _readme_table(r: dict) -> list[str]:
     for a in rows:
         m, ci = a["metrics"], a["ci95"]
         size = f"{a['file_bytes'] / 2**20:.2f} MiB" if a.get("file_bytes") else "n/a"
-        out.append(f"| {a['artifact']} | {_pct(m['accuracy'], ci['accuracy'])} | {_pct(m['macro_f1'])} | "
+        out.append(f"| {label(a)} | {_pct(m['accuracy'], ci['accuracy'])} | {_pct(m['macro_f1'])} | "
                    f"{_pct(m['recall']['viral'])} | {_pct(m['binary']['accuracy'])} | {size} |")
     return out + [""]
 

@@ -76,3 +76,30 @@ def test_readme_block_comes_from_the_results(tmp_path):
     assert write_readme(_results(0.8093), readme) and readme.read_text().count(README_START) == 1
     readme.write_text("no markers\n")
     assert not write_readme(_results(0.8093), readme) and readme.read_text() == "no markers\n"
+
+
+def test_rows_whose_runs_are_absent_are_carried_with_their_date_not_dropped(tmp_path):
+    """Run folders stay out of git (most came from GPU leases): a fresh checkout re-running the benchmark keeps
+    the experiment table's measured rows from the previous results.json, each saying which run measured it;
+    a row never measured stays 'no finished run', and a carried row keeps its first date through later carries."""
+    import benchmarks.__main__ as bm
+    from benchmarks.report import accuracy_table, label
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"defaults": {"model": "baseline"}, "rows": [{"name": "zz-measured"},
+                                                                          {"name": "zz-never"}]}))
+    measured = {"name": "zz-measured", "model": "baseline", "protocol": "grouped", "val_accuracy": 0.8,
+                "test_accuracy": 0.7, "test_ci95": [0.65, 0.75], "epochs": 3, "machine": "gpu, 9 s"}
+    prev = {"date": "2026-01-02 03:04", "report_table": [measured]}
+    rows = bm._report_table(plan, None, 10, prev)
+    assert rows[0]["val_accuracy"] == 0.8 and rows[0]["carried_from"] == "2026-01-02 03:04"
+    assert "carried_from" not in rows[1] and rows[1]["note"].startswith("no finished run")
+    again = bm._report_table(plan, None, 10, {"date": "2026-02-02 00:00", "report_table": rows})
+    assert again[0]["carried_from"] == "2026-01-02 03:04"
+    acc_row = {"artifact": "m / Keras float32", "metrics": {"accuracy": 0.8, "macro_f1": 0.8,
+               "recall": {"normal": 1, "bacterial": 1, "viral": 1}, "auc_ovr": {}, "binary": {
+                   "accuracy": 1, "sensitivity": 1, "specificity": 1, "auc": 1}}, "ci95": {"accuracy": [0.7, 0.9],
+                                                                                           "macro_f1": [0.7, 0.9]}}
+    carried = bm._carried(acc_row, prev)
+    assert label(carried) == "m / Keras float32 [carried from 2026-01-02 03:04]"
+    assert "[carried from 2026-01-02 03:04]" in accuracy_table([carried]) and label(acc_row) == acc_row["artifact"]

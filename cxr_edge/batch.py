@@ -60,6 +60,8 @@ LIST_SUFFIXES = {".txt", ".lst", ".list"}
 PART_RE = re.compile(r"^part-(\d{6})-([0-9a-f]{12})\.parquet$")
 URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RAY_HINT = 'pip install "cxr-edge[ray]"'
+UNDECODABLE_NAME = ("file name is not UTF-8 text (shown with escapes); the results hold text paths, so rename "
+                    "the file or classify it with cxr-edge classify")
 
 SCHEMA = pa.schema([
     ("path", pa.string()), ("status", pa.string()), ("label", pa.string()),
@@ -143,6 +145,10 @@ def list_inputs(sources: Sequence[str]) -> list[tuple[str, Optional[str]]]:
     the argument names nothing (an empty folder, a glob that matches nothing), which becomes an error row."""
     seen: dict[str, Optional[str]] = {}
     for path, reason in _expand(sources):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system gave undecoded: a Parquet string cannot hold them
+            path, reason = path.encode("utf-8", "backslashreplace").decode("utf-8"), UNDECODABLE_NAME
         if path not in seen or (seen[path] is not None and reason is None):
             seen[path] = reason
     return sorted(seen.items())

@@ -122,8 +122,15 @@ def _load_classifier(model: Optional[str], backend: Optional[str], threads: Opti
         raise ModelLoadError(str(exc)) from None
 
 
+def shown(path: str) -> str:
+    """A path for one line of a terminal: control characters (a line break in a file name) and bytes that
+    are not text in the file system's encoding are written as escapes (``\\n``, ``\\udcff``), so that every
+    input stays one line; printable characters, non-ASCII letters included, are kept."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(path))
+
+
 def _err(path: str, reason: str) -> None:
-    click.echo(f"cxr-edge: error: {path}: {reason}", err=True)
+    click.echo(f"cxr-edge: error: {shown(path)}: {reason}", err=True)
 
 
 def _results(clf, inputs: list) -> Iterator:
@@ -150,7 +157,8 @@ class _Table:
         if not self.header_done:
             click.echo(f"{'PATH':<{self.width}}  {'LABEL':<9}  " + "  ".join(f"{c.upper():>9}" for c in CLASS_NAMES))
             self.header_done = True
-        path = result.path if len(result.path) <= self.width else "..." + result.path[-(self.width - 3):]
+        path = shown(result.path)
+        path = path if len(path) <= self.width else "..." + path[-(self.width - 3):]
         if result.status == "rejected":
             click.echo(f"{path:<{self.width}}  {'REJECTED':<9}  {result.reason}")
             return
@@ -213,13 +221,16 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
         _make_heatmap_dir(heatmap_dir)
     clf = _load_classifier(model, backend, threads, ood=not no_ood, heatmaps=heatmap_dir is not None)
 
-    table = None if as_json else _Table(max((len(getattr(i, "path", i)) for i in inputs), default=4))
+    table = None if as_json else _Table(max((len(shown(getattr(i, "path", i))) for i in inputs), default=4))
     failed = done = rejected = 0
     with contextlib.ExitStack() as stack:
         writer = None
         if csv_path is not None:
             try:
-                csv_file = stack.enter_context(open(csv_path, "w" if overwrite else "x", newline="", encoding="utf-8"))
+                # errors: a file name that is not valid text (bytes the file system gave undecoded) is written
+                # with escapes, as --json writes it, instead of failing the whole CSV
+                csv_file = stack.enter_context(open(csv_path, "w" if overwrite else "x", newline="", encoding="utf-8",
+                                                    errors="backslashreplace"))
             except FileExistsError:
                 raise click.UsageError(f"{csv_path} exists; pass --overwrite to replace it") from None
             except OSError as exc:

@@ -250,3 +250,22 @@ def test_uri_folder_listing_keeps_uid_named_and_suffixless_files(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     listed = {Path(p).name for p, reason in batch_mod.list_inputs([tmp_path.as_uri()]) if reason is None}
     assert listed == {"a.jpeg", "IM0001", "1.2.840.113619.2.55.3.211"}
+
+
+def test_an_undecodable_file_name_is_an_error_row_not_a_failed_job(tmp_path):
+    """Parquet holds text: a file whose name is not UTF-8 becomes an error row with its name escaped, and the
+    job still completes with every other file classified."""
+    src = DATA / "test" / "NORMAL"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = folder / "good.jpeg"
+    good.write_bytes(next(src.glob("*.jpeg")).read_bytes())
+    bad = os.fsdecode(os.fsencode(str(folder)) + b"/bad\xff.jpeg")
+    Path(bad).write_bytes(good.read_bytes())
+    summary = run_batch([str(folder)], tmp_path / "out", workers=1, progress=False, log=lambda m: None)
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert set(rows) == {str(good), f"{folder}/bad\\udcff.jpeg"}
+    assert rows[str(good)]["status"] in ("ok", "rejected")
+    assert rows[f"{folder}/bad\\udcff.jpeg"]["status"] == "error"
+    assert rows[f"{folder}/bad\\udcff.jpeg"]["error"] == batch_mod.UNDECODABLE_NAME
+    assert summary["status"]["error"] == 1

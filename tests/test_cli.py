@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +251,26 @@ def test_an_internal_error_has_its_own_exit_status_and_says_it_is_a_bug(monkeypa
     err = capsys.readouterr().err
     assert "internal error" in err and "bug" in err and "ZeroDivisionError: simulated bug" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_odd_file_names_stay_one_line_and_do_not_break_the_csv(bundle_dir, tmp_path):
+    """A line break in a file name, and bytes that are not text in the file system's encoding, are shown with
+    escapes: every error is still one line naming the file, the table one row per file, and --csv (which
+    used to fail the whole run on the undecodable name) writes every row."""
+    scan = image_files("test")[0].read_bytes()
+    broken = tmp_path / "new\nline.jpg"
+    broken.write_bytes(b"not an image")
+    undecodable = os.fsdecode(os.fsencode(str(tmp_path)) + b"/scan\xff.jpg")
+    Path(undecodable).write_bytes(scan)
+    out = tmp_path / "out.csv"
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge", "classify", str(broken), undecodable, "--csv", str(out),
+                           "--model", str(bundle_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert f"cxr-edge: error: {tmp_path}/new\\nline.jpg: not an image Pillow can read" in proc.stderr.splitlines()
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith(str(tmp_path))]
+    assert len(table) == 1 and table[0].split()[0] == f"{tmp_path}/scan\\udcff.jpg"
+    import csv
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(broken), f"{tmp_path}/scan\\udcff.jpg"]
+    assert rows[0]["status"] == "error" and rows[1]["status"] in ("ok", "rejected")

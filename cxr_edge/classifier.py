@@ -317,36 +317,33 @@ class Classifier:
         :class:`ErrorResult` per path, in input order. Batches of ``batch_size`` paths go to ``decode_threads``
         lanes, each decoding its batch and running it through its own one-thread model copy, at most two
         batches per lane in flight (``decode_threads == 0``: in the calling thread, this classifier's engine)."""
+        batches = self._batches(paths)
         if self.decode_threads == 0:
-            yield from self._serial(paths)
+            for batch in batches:
+                yield from self._finish([(source, self._prepare(source)) for source in batch])
             return
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cxr-edge-decode")
         pending: deque = deque()
         try:
-            batch: list = []
-            for source in paths:
-                batch.append(source)
-                if len(batch) == self.batch_size:
-                    pending.append(pool.submit(self._lane, batch))
-                    batch = []
-                    while len(pending) > 2 * self.decode_threads:
-                        yield from pending.popleft().result()
-            if batch:
+            for batch in batches:
                 pending.append(pool.submit(self._lane, batch))
+                while len(pending) > 2 * self.decode_threads:
+                    yield from pending.popleft().result()
             while pending:
                 yield from pending.popleft().result()
         finally:  # a caller that stops early stops the lanes too
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _serial(self, paths: Iterable[PathLike]) -> Iterator:
+    def _batches(self, paths: Iterable[PathLike]) -> Iterator[list]:
+        """``paths`` in lists of ``batch_size`` (the last one shorter), in order."""
         batch: list = []
         for source in paths:
-            batch.append((source, self._prepare(source)))
+            batch.append(source)
             if len(batch) == self.batch_size:
-                yield from self._finish(batch)
+                yield batch
                 batch = []
         if batch:
-            yield from self._finish(batch)
+            yield batch
 
     def _lane(self, sources: list) -> list:
         """One lane's work on one batch: decode each path, then one pass of an idle model copy (opened on

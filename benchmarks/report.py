@@ -302,7 +302,8 @@ def _readme_accuracy(r: dict) -> list[str]:
             out.append(f"- Leaky split: row {seed['name']} ({seed['model']}, the report's random split, patients "
                        f"leak) scores {_pct(seed['test_accuracy'])}% on its own random test portion; row "
                        f"{same['name']} (same model, patient-grouped) scores {_pct(same['test_accuracy'])}% on the "
-                       "official test set.")
+                       "official test set" + "".join(sorted({f" (carried from {x['carried_from']})" for x in (seed, same)
+                                                            if x.get("carried_from")})) + ".")
     return out
 
 

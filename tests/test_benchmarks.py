@@ -103,3 +103,25 @@ def test_rows_whose_runs_are_absent_are_carried_with_their_date_not_dropped(tmp_
     carried = bm._carried(acc_row, prev)
     assert label(carried) == "m / Keras float32 [carried from 2026-01-02 03:04]"
     assert "[carried from 2026-01-02 03:04]" in accuracy_table([carried]) and label(acc_row) == acc_row["artifact"]
+
+
+def test_resolution_probe_exports_each_size_and_times_the_runtime_steps(tmp_path):
+    """python -m benchmarks.resolution on a small model: one int8 model file per input size, each really
+    taking that size, and per size the runtime's preprocessing and one model pass timed against the bare
+    decode of the same files."""
+    from benchmarks import resolution
+    from cxr_edge.engines import open_engine
+
+    data = Path(__file__).parent / "data" / "chest_xray"
+    r = resolution.run([32, 48], n_files=2, repeats=1, model_name="baseline", data=data, weights=None,
+                       work=tmp_path / "work")
+    assert [row["size"] for row in r["sizes"]] == [32, 48] and r["files"] == 2
+    for row in r["sizes"]:
+        assert open_engine(tmp_path / "work" / str(row["size"]) / "model.tflite").input_shape == (
+            row["size"], row["size"], 1)
+        assert row["load_gray"]["n"] == row["model"]["n"] == 2
+        assert row["ratio_lower_bound"] == row["load_plus_model_median_ms"] / r["bare_decode"]["median_ms"]
+        assert row["load_plus_model_median_ms"] > row["model"]["min_ms"]
+    assert r["any_size_within_target"] == any(row["ratio_lower_bound"] <= 3 for row in r["sizes"])
+    md = resolution.markdown({"command": "x", "date": "d", "machine": {"cpu": "c", "usable_cores": 2}, **r})
+    assert "| 32 |" in md and "| 48 |" in md

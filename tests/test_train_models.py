@@ -84,3 +84,24 @@ def test_tiny_fit_records_a_run_that_the_registry_ranks(tmp_path, monkeypatch):
     # the recorded weights rebuild the same inference model
     m = models.build("baseline", input_size=32).model
     models.assign(m, models.load_named(run / "weights.npz"))
+
+
+def test_a_student_learns_from_a_bundle_at_the_bundles_own_input_size(tiny_bundle):
+    """Distilling the shipped model into a smaller-input student: the teacher (a bundle, 64 px) sees the
+    same training images at its own size, and its engine's probabilities become the soft targets."""
+    import dataclasses
+
+    from cxr_edge import Classifier
+    from train.fit import _targets, load_arrays
+
+    cfg = FitConfig(model="baseline", input_size=32, val_fraction=0.5, teachers=[str(tiny_bundle)],
+                    distill_alpha=0.3)
+    arrays = load_arrays(cfg, MINI)
+    y = arrays["train"][1]
+    targets, weights = _targets(cfg, y, arrays, MINI)
+    teacher = Classifier(model=tiny_bundle, ood=False)
+    at_64 = load_arrays(dataclasses.replace(cfg, input_size=64), MINI, splits=("train",))["train"][0]
+    soft = teacher.engine.run(to_input(at_64, teacher.spec))
+    np.testing.assert_allclose(targets, 0.3 * np.eye(3)[y] + 0.7 * soft, atol=1e-5)
+    assert not np.allclose(soft, np.eye(3)[y])  # the soft part is the teacher's, not the labels again
+    np.testing.assert_array_equal(weights, np.ones(len(y), np.float32))

@@ -169,28 +169,49 @@ def build_trainer(cfg: FitConfig, steps_per_epoch: int):
     return built, model
 
 
-def teacher_probs(run_ids: list[str], x_by_spec, batch: int = 64) -> np.ndarray:
-    """Mean probabilities of finished runs (``runs/<id>``) on images ``x_by_spec(spec)``: the soft targets
-    that distil an ensemble into one student."""
+def teacher_probs(run_ids: list[str], images_at, batch: int = 64) -> np.ndarray:
+    """Mean probabilities of teachers on the training images, ``images_at(size)`` giving them as
+    ``uint8[N, size, size]`` at the teacher's own input size (a student may read fewer pixels than its
+    teachers): the soft targets that distil an ensemble into one student. A teacher is a finished run
+    (``runs/<id>`` or its folder) or a model bundle (a folder with ``card.json``, such as the shipped
+    ``cxr_edge/models/default``): its own probabilities, as its engine gives them (no temperature)."""
     from train.models import load_named
 
     out = []
     for run_id in run_ids:
         run = RUNS_DIR / run_id if not Path(run_id).is_dir() else Path(run_id)
+        if (run / "card.json").is_file():
+            from cxr_edge.classifier import Classifier
+
+            clf = Classifier(model=run, ood=False, threads=os.cpu_count())
+            gray = images_at(clf.spec.size)
+            out.append(np.concatenate([clf.engine.run(to_input(gray[i:i + batch], clf.spec))
+                                       for i in range(0, len(gray), batch)]))
+            continue
         tcfg = json.loads((run / "config.json").read_text())
         t = build(tcfg["model"], input_size=tcfg["input_size"], weights=None, dropout=tcfg["dropout"],
                   batchnorm=tcfg.get("batchnorm", False))
         assign(t.model, load_named(run / "weights.npz"))
-        out.append(predict_fixed(t.model, x_by_spec(t.spec), batch))
+        out.append(predict_fixed(t.model, to_input(images_at(t.spec.size), t.spec), batch))
     return np.mean(out, axis=0)
 
 
-def _targets(cfg: FitConfig, y: np.ndarray, arrays: dict) -> tuple[np.ndarray, np.ndarray]:
+def _targets(cfg: FitConfig, y: np.ndarray, arrays: dict, root: Path | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Training targets (one-hot, or mixed with an ensemble's soft targets) and per-image weights."""
     eye = np.eye(len(CLASS_NAMES), dtype=np.float32)
     targets = eye[y]
     if cfg.teachers:
-        soft = teacher_probs(cfg.teachers, lambda spec: to_input(arrays["train"][0], spec))
+        def images_at(size: int) -> np.ndarray:  # the same training images, at a teacher's input size
+            if size == cfg.input_size:
+                return arrays["train"][0]
+            other = load_arrays(dataclasses.replace(cfg, input_size=size), data_mod.data_dir(
+                str(root) if root else None), splits=("train",))
+            if not np.array_equal(other["train"][1], y):
+                raise ValueError("the teacher's training images are not the student's")
+            return other["train"][0]
+
+        soft = teacher_probs(cfg.teachers, images_at)
         targets = cfg.distill_alpha * targets + (1 - cfg.distill_alpha) * soft
     w = np.ones(len(y), np.float32)
     if cfg.class_weight:
@@ -218,7 +239,7 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
     if arrays is None:
         arrays = load_arrays(cfg, data_mod.data_dir(str(root) if root else None))
     y_tr, y_va = arrays["train"][1], arrays["val"][1]
-    targets, weights = _targets(cfg, y_tr, arrays)
+    targets, weights = _targets(cfg, y_tr, arrays, root)
     steps = len(y_tr) // cfg.batch
     with CompileCounter() as compiles:
         built, model = build_trainer(cfg, steps)
@@ -293,13 +314,15 @@ def probe(cfg: FitConfig, arrays: dict, steps: int = 5) -> dict:
     return out
 
 
-def load_arrays(cfg: FitConfig, root: Path) -> dict:
-    splits = data_mod.protocol_splits(root, cfg.protocol, cfg.val_fraction, cfg.seed)
+def load_arrays(cfg: FitConfig, root: Path, splits: tuple[str, ...] | None = None) -> dict:
+    """``{split: (uint8[N, size, size] images, labels)}`` of ``cfg``'s protocol (only ``splits`` if given)."""
+    parts = data_mod.protocol_splits(root, cfg.protocol, cfg.val_fraction, cfg.seed)
     if cfg.limit:
         rng = np.random.default_rng(cfg.seed)
-        splits = {k: [v[i] for i in sorted(rng.choice(len(v), min(cfg.limit, len(v)), replace=False))]
-                  for k, v in splits.items()}
-    return {k: (data_mod.load_images(v, cfg.input_size), data_mod.labels_of(v)) for k, v in splits.items()}
+        parts = {k: [v[i] for i in sorted(rng.choice(len(v), min(cfg.limit, len(v)), replace=False))]
+                 for k, v in parts.items()}
+    return {k: (data_mod.load_images(v, cfg.input_size), data_mod.labels_of(v)) for k, v in parts.items()
+            if splits is None or k in splits}
 
 
 def _all_layers(model):

@@ -105,3 +105,21 @@ def test_a_student_learns_from_a_bundle_at_the_bundles_own_input_size(tiny_bundl
     np.testing.assert_allclose(targets, 0.3 * np.eye(3)[y] + 0.7 * soft, atol=1e-5)
     assert not np.allclose(soft, np.eye(3)[y])  # the soft part is the teacher's, not the labels again
     np.testing.assert_array_equal(weights, np.ones(len(y), np.float32))
+
+
+def test_teachers_at_one_input_size_share_one_decode(tiny_bundle, monkeypatch):
+    """Three 224 px teachers of a 128 px student (the lease's phase 2) decode the training images at 224 px
+    once, not once per teacher."""
+    from train import fit as fit_mod
+
+    cfg = FitConfig(model="baseline", input_size=32, val_fraction=0.5, teachers=[str(tiny_bundle)] * 3)
+    arrays = fit_mod.load_arrays(cfg, MINI)
+    loads = []
+    real = fit_mod.load_arrays
+    monkeypatch.setattr(fit_mod, "load_arrays", lambda c, *a, **k: loads.append(c.input_size) or real(c, *a, **k))
+    one, _ = fit_mod._targets(FitConfig(**{**cfg.__dict__, "teachers": [str(tiny_bundle)]}), arrays["train"][1],
+                              arrays, MINI)
+    loads.clear()
+    three, _ = fit_mod._targets(cfg, arrays["train"][1], arrays, MINI)
+    assert loads == [64]
+    np.testing.assert_allclose(three, one, atol=1e-6)  # the mean of one teacher three times is that teacher

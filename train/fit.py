@@ -202,14 +202,16 @@ def _targets(cfg: FitConfig, y: np.ndarray, arrays: dict, root: Path | None = No
     eye = np.eye(len(CLASS_NAMES), dtype=np.float32)
     targets = eye[y]
     if cfg.teachers:
+        at_size = {cfg.input_size: arrays["train"][0]}  # decoded once per size, however many teachers
+
         def images_at(size: int) -> np.ndarray:  # the same training images, at a teacher's input size
-            if size == cfg.input_size:
-                return arrays["train"][0]
-            other = load_arrays(dataclasses.replace(cfg, input_size=size), data_mod.data_dir(
-                str(root) if root else None), splits=("train",))
-            if not np.array_equal(other["train"][1], y):
-                raise ValueError("the teacher's training images are not the student's")
-            return other["train"][0]
+            if size not in at_size:
+                other = load_arrays(dataclasses.replace(cfg, input_size=size), data_mod.data_dir(
+                    str(root) if root else None), splits=("train",))
+                if not np.array_equal(other["train"][1], y):
+                    raise ValueError("the teacher's training images are not the student's")
+                at_size[size] = other["train"][0]
+            return at_size[size]
 
         soft = teacher_probs(cfg.teachers, images_at)
         targets = cfg.distill_alpha * targets + (1 - cfg.distill_alpha) * soft

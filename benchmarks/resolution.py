@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,14 +30,10 @@ from benchmarks.machine import describe
 from benchmarks.timing import stats
 from cxr_edge.engines import open_engine
 from cxr_edge.preprocess import load_gray, to_input
+from train.data import data_dir
 
 PROJECT = Path(__file__).resolve().parent.parent
 TARGET = 3.0  # issue 10: classify <= 3x the bare decode
-
-
-def _data_root() -> Path:
-    root = os.environ.get("CXR_EDGE_DATA")
-    return Path(root) if root else PROJECT.parent / "shared" / "data" / "chest_xray"
 
 
 def export_int8(model_name: str, size: int, calibration_files: list[Path], work: Path,
@@ -99,7 +94,10 @@ def measure(models: dict[int, tuple[Path, object]], files: list[Path], repeats: 
 
 def run(sizes: list[int], n_files: int = 40, repeats: int = 3, model_name: str = "efficientnet_lite0",
         data: Path | None = None, weights: str | None = "imagenet", work: Path | None = None) -> dict:
-    root = Path(data) if data else _data_root()
+    try:
+        root = data_dir(str(data) if data else None)
+    except FileNotFoundError as exc:
+        return {"skipped": str(exc)}
     test = sorted((root / "test").rglob("*.jpeg"))
     train = sorted((root / "train").rglob("*.jpeg"))
     if not test or not train:

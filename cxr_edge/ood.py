@@ -48,6 +48,7 @@ in ``card.json``::
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -79,22 +80,39 @@ def grid_bins(n: int, g: int) -> list[tuple[int, int]]:
     return [(int(np.floor(i * n / g)), int(np.ceil((i + 1) * n / g))) for i in range(g)]
 
 
+@functools.lru_cache(maxsize=16)
+def pooling_matrix(h: int, w: int, g: int) -> np.ndarray:
+    """``float32[1 + g*g, h*w]``: row 0 averages all ``h x w`` positions (the global average), row ``1 + i*g
+    + j`` averages grid cell ``(i, j)`` (``grid_bins``). One matrix product pools a whole feature map."""
+    rows, cols = grid_bins(h, g), grid_bins(w, g)
+    m = np.zeros((1 + g * g, h, w), np.float64)
+    m[0] = 1.0 / (h * w)
+    for k, ((r0, r1), (c0, c1)) in enumerate((r, c) for r in rows for c in cols):
+        m[1 + k, r0:r1, c0:c1] = 1.0 / ((r1 - r0) * (c1 - c0))
+    out = m.reshape(1 + g * g, h * w).astype(np.float32)
+    out.flags.writeable = False  # shared by every call (cached)
+    return out
+
+
+def _pool(f: np.ndarray, g: int) -> np.ndarray:
+    """``float32[N, 1 + g*g, C]``: global average and grid cells of feature maps ``[N, h, w, C]``."""
+    n, h, w, c = f.shape
+    return np.matmul(pooling_matrix(h, w, g), f.reshape(n, h * w, c))
+
+
 def grid_cells(features: np.ndarray, g: int) -> np.ndarray:
     """Feature maps ``[N, h, w, C]`` average-pooled on a ``g x g`` grid: ``float32[N, g*g, C]`` (row-major)."""
-    f = np.asarray(features, np.float32)
-    rows, cols = grid_bins(f.shape[1], g), grid_bins(f.shape[2], g)
-    return np.stack([f[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in rows for c0, c1 in cols], axis=1)
+    return _pool(np.asarray(features, np.float32), g)[:, 1:]
 
 
 def pooled(features: np.ndarray, grid: int = 0) -> np.ndarray:
     """``[N, C]`` global averages of feature maps ``[N, h, w, C]``, followed (``grid`` > 0) by their
     ``grid x grid`` cells: ``float32[N, C + grid*grid*C]``. What a gate's fit needs before the layout
-    projection (``layout_vector``)."""
+    projection (``layout_vector``). One matrix product (``pooling_matrix``) for all of them."""
     f = np.asarray(features, np.float32)
-    gap = f.mean(axis=(1, 2), dtype=np.float32)
     if not grid:
-        return gap
-    return np.concatenate([gap, grid_cells(f, grid).reshape(len(f), -1)], axis=1)
+        return f.mean(axis=(1, 2), dtype=np.float32)
+    return _pool(f, grid).reshape(len(f), -1)
 
 
 def layout_vector(pooled_x: np.ndarray, mean: np.ndarray, proj: np.ndarray, grid: int) -> np.ndarray:
@@ -107,6 +125,14 @@ def layout_vector(pooled_x: np.ndarray, mean: np.ndarray, proj: np.ndarray, grid
     return np.concatenate([x[:, :c], z], axis=1)
 
 
+@functools.lru_cache(maxsize=8)
+def _box_ones(s: int, side: int) -> np.ndarray:
+    """``float32[side, s]``: row ``i`` is 1 on the ``s // side`` pixels of box ``i``, 0 elsewhere."""
+    out = np.kron(np.eye(side, dtype=np.float32), np.ones((1, s // side), np.float32))
+    out.flags.writeable = False
+    return out
+
+
 def thumbnail(gray: np.ndarray, side: int = DEFAULT_THUMB) -> np.ndarray:
     """``uint8[S, S]`` (or ``[N, S, S]``) to ``float32[.., side, side]`` box-filter averages."""
     arr = np.asarray(gray)
@@ -114,8 +140,10 @@ def thumbnail(gray: np.ndarray, side: int = DEFAULT_THUMB) -> np.ndarray:
         return np.stack([thumbnail(a, side) for a in arr])
     s = arr.shape[0]
     if arr.shape == (s, s) and s % side == 0:
-        f = s // side
-        return arr.reshape(side, f, side, f).astype(np.float32).mean(axis=(1, 3))
+        # box sums as two products with a 0/1 matrix (several times faster than a strided numpy mean, and the
+        # same numbers: sums of whole gray levels are exact in float32), then one division
+        ones = _box_ones(s, side)
+        return (ones @ arr.astype(np.float32) @ ones.T) / np.float32((s // side) ** 2)
     img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "L")
     return np.asarray(img.resize((side, side), Image.Resampling.BOX), dtype=np.float32)
 

@@ -29,7 +29,7 @@ from cxr_edge.bundle import DEFAULT_BUNDLE, BundleError, load_bundle, sha256_fil
 from cxr_edge.classifier import Classifier, RejectedResult, Result
 from cxr_edge.cli import cli
 from cxr_edge.labels import CLASS_NAMES
-from cxr_edge.ood import EMBED_CLASSES, Gate, embedder, feature_maps, grid_bins, pooled
+from cxr_edge.ood import EMBED_CLASSES, Gate, embedder, feature_maps, grid_bins, pooled, thumbnail
 from cxr_edge.preprocess import load_gray, load_gray_colour
 from train import ood as fit
 from train.ood import _document, _photo_like, _screenshot, choose_threshold, write_gate
@@ -108,6 +108,21 @@ def _layout_gate(channels: int, grid: int = 3, k: int = 2, bias=(0.0, 0.0, 0.0, 
               "emb_bias": np.asarray(bias, np.float64)}
     return Gate(arrays, {"embedding": {"classes": list(EMBED_CLASSES), "threshold": threshold,
                                        "layout": {"grid": grid, "components": k}}})
+
+
+def test_thumbnail_is_the_box_mean():
+    """The gate's thumbnail (box sums by matrix products) is the plain box mean, to the last bit, at the
+    model sizes; one image or a batch; a side that does not divide falls back to Pillow's box resize."""
+    rng = np.random.default_rng(3)
+    for s in (224, 128, 160):
+        g = rng.integers(0, 256, (2, s, s), dtype=np.uint8)
+        f = s // 16
+        want = g.reshape(2, 16, f, 16, f).astype(np.float32).mean(axis=(2, 4))
+        assert np.array_equal(thumbnail(g, 16), want)
+        assert np.array_equal(thumbnail(g[1], 16), want[1])
+    odd = rng.integers(0, 256, (100, 100), dtype=np.uint8)
+    t = thumbnail(odd, 16)
+    assert t.shape == (16, 16) and abs(float(t.mean()) - float(odd.mean())) < 2
 
 
 def test_layout_vector_by_hand():
@@ -658,6 +673,6 @@ def test_shipped_gate_refuses_negatives_as_inverted_images():
     refused = [clf.classify(b) for b in negatives]
     assert all(isinstance(r, RejectedResult) for r in refused), refused
     assert sum(r.reason.startswith("inverted image (") for r in refused) >= len(refused) - 1, refused
-    gray = np.stack([load_gray(f, 224) for f in scans])
+    gray = np.stack([load_gray(f, clf.spec.size) for f in scans])
     assert np.all(clf.gate.polarity_scores(gray) <= clf.gate.pol_threshold)
     assert np.all(clf.gate.polarity_scores(255 - gray) > clf.gate.pol_threshold)

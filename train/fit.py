@@ -31,7 +31,7 @@ RUNS_DIR = Path(os.environ.get("CXR_EDGE_RUNS", "runs"))
 class FitConfig:
     model: str = "efficientnet_lite0"
     input_size: int = 224
-    weights: str | None = None  # None, "imagenet", or a weights file
+    weights: str | None = None  # None, "imagenet", a weights file, or a model bundle (its int8 model, read back)
     dropout: float = 0.2
     batchnorm: bool = False  # baseline only
     freeze_bn: bool = True  # pretrained backbones: keep batch-norm statistics (see README)

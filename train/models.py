@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from cxr_edge.preprocess import InputSpec
@@ -83,9 +84,14 @@ def _efficientnet_lite(variant: str, input_size: int, weights: str | None, dropo
     inp, x = _gray_input(input_size, rgb=True)
     features = layers.Activation("linear", name="features")(lite.backbone(variant, x))
     model = keras.Model(inp, _head(features, dropout), name=f"cxr_efficientnet_{variant}")
-    if weights:
-        ported = lite.imagenet_weights(variant) if weights == "imagenet" else load_named(weights)
-        assign(model, ported, strict=False)
+    if weights == "imagenet":
+        assign(model, lite.imagenet_weights(variant), strict=False)
+    elif weights and Path(weights).is_dir():  # a shipped bundle: its int8 model's weights, read back
+        from train.unfold import bundle_model_file, weights_from_tflite
+
+        assign(model, weights_from_tflite(model, bundle_model_file(Path(weights))))
+    elif weights:
+        assign(model, load_named(weights), strict=False)
     return Built(model, InputSpec(input_size, lite.SCALE, lite.OFFSET), weights or "none")
 
 

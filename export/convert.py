@@ -83,7 +83,7 @@ def _check_formats(formats) -> None:
 def build_artifact(saved_model: Path, fmt: str, dest: Path, calibration: np.ndarray | None,
                    work: Path, **options) -> Path:
     """One model file from the SavedModel. ``options`` (int8 ONNX): those of
-    ``export.onnx.quantize_int8`` (per_channel, reduce_range, exclude_op_types, activations)."""
+    ``export.onnx.quantize_int8`` (per_channel, reduce_range, exclude_op_types, activations, calibrate)."""
     backend, precision = FORMATS[fmt]
     if backend == "tflite":
         return tflite.convert(saved_model, dest, precision, calibration if precision == "int8" else None)
@@ -135,12 +135,14 @@ class _Ref:
 
 def _ladder(fmt: str, n: int) -> list[dict]:
     """Int8 attempts, in order, until one passes the gate: more and fewer calibration images (activation
-    ranges from a different sample), then, for ONNX, the classifier head kept in float."""
+    ranges from a different sample); for ONNX, first percentile ranges (``export.onnx.PERCENTILE``) on the
+    same images, and last the classifier head kept in float."""
     sizes = [{"calibration": n}, {"calibration": max(50, n // 3)}, {"calibration": 3 * n}]
     if fmt == "tflite-int8":
         return sizes
     head = ("Softmax", "MatMul", "Gemm")
-    return sizes + [{"calibration": 3 * n, "exclude_op_types": head},
+    return sizes[:1] + [{"calibration": n, "calibrate": "percentile"}] + sizes[1:] + [
+            {"calibration": 3 * n, "exclude_op_types": head},
             {"calibration": 3 * n, "exclude_op_types": head, "activations": "uint8"}]
 
 

@@ -1,7 +1,8 @@
 """SavedModel -> ONNX float32 (tf2onnx, in a subprocess) -> ONNX int8 (onnxruntime static quantization).
 
 int8: QDQ format, per-channel symmetric int8 weights and int8 activations (S8S8, onnxruntime's documented
-first choice) calibrated (MinMax) on the same preprocessed images as TFLite's int8; input and output stay
+first choice) calibrated (MinMax, or a percentile range as a retry) on the same preprocessed images as
+TFLite's int8; input and output stay
 float32. S8S8 without ``reduce_range`` is the default; the other settings stay available as options and
 the export's retry ladder (``export.convert._ladder``) tries some of them; what each attempt measured is
 in the export's parity report (``parity.md``, "Int8 attempts"), never typed here."""
@@ -57,11 +58,25 @@ def _input_name(path: Path) -> str:
     return next(i.name for i in model.graph.input if i.name not in init)
 
 
+CALIBRATE = ("minmax", "percentile")
+PERCENTILE = 99.999  # "percentile": each activation's range ends where 0.001% of calibration values lie beyond
+
+
+def _even_batch(n: int, batch: int) -> int:
+    """The largest batch size <= ``batch`` that divides ``n``: the histogram calibrators of onnxruntime need
+    every calibration batch to have the same shape."""
+    return max(d for d in range(1, max(1, min(batch, n)) + 1) if n % d == 0)
+
+
 def quantize_int8(fp32: str | Path, out: str | Path, calibration: np.ndarray, per_channel: bool = True,
                   reduce_range: bool = False, exclude_op_types: tuple[str, ...] = (),
                   activations: str = "int8", weights: str = "int8",
-                  batch: int = 16) -> Path:
-    """Static QDQ quantization of ``fp32`` calibrated on ``calibration`` (float32[N, S, S, 1])."""
+                  batch: int = 16, calibrate: str = "minmax") -> Path:
+    """Static QDQ quantization of ``fp32`` calibrated on ``calibration`` (float32[N, S, S, 1]). ``calibrate``:
+    activation ranges from the calibration images' ``minmax`` (the default) or their ``percentile`` range
+    (``PERCENTILE``: a few extreme values no longer stretch a range, and so the step, of a whole tensor)."""
+    if calibrate not in CALIBRATE:
+        raise ValueError(f"calibrate must be one of {CALIBRATE}, got {calibrate!r}")
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
@@ -70,6 +85,7 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: np.ndarray, pe
     fp32, out = Path(fp32), Path(out)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     x = np.asarray(calibration, np.float32)
+    batch = _even_batch(len(x), batch)
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         try:
@@ -94,6 +110,9 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: np.ndarray, pe
         quantize_static(str(prepped), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, reduce_range=reduce_range,
                         activation_type=types[activations], weight_type=types[weights],
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
-                        extra_options={"CalibTensorRangeSymmetric": False})
+                        calibrate_method=(CalibrationMethod.Percentile if calibrate == "percentile"
+                                          else CalibrationMethod.MinMax),
+                        nodes_to_exclude=exclude,
+                        extra_options={"CalibTensorRangeSymmetric": False,
+                                       **({"CalibPercentile": PERCENTILE} if calibrate == "percentile" else {})})
     return out

@@ -406,3 +406,37 @@ def test_install_refused_when_the_bundle_is_too_large(tmp_path, capsys):
     args = Namespace(install_default=True, allow_oversize=False)
     assert _finish(report, target, tmp_path, args) == 4
     assert "7.00 MiB" in capsys.readouterr().err
+
+
+def test_onnx_percentile_calibration(tiny_export, tmp_path):
+    """The ONNX retry ladder's percentile rung: a model quantized with percentile activation ranges answers as
+    the float model does, its ranges are not the min-max ones, and calibration sets no batch size divides work
+    (onnxruntime's histogram calibrators need equal batches)."""
+    import onnx
+    import onnxruntime as ort
+
+    from export import onnx as onnx_x
+    from export import savedmodel
+    from export.convert import _ladder
+
+    assert {"calibration": 300, "calibrate": "percentile"} in _ladder("onnx-int8", 300)
+    assert all("calibrate" not in o for o in _ladder("tflite-int8", 300))
+    assert [onnx_x._even_batch(n, 16) for n in (300, 9, 7, 1)] == [15, 9, 7, 1]
+    fp32 = onnx_x.from_saved_model(savedmodel.save(tiny_export.model, tmp_path / "sm", tiny_export.spec.size),
+                                   tmp_path / "float32.onnx")
+    x = tiny_export.x  # 9 images, in batches of 4 asked for: 3 batches of 3
+    paths = {c: onnx_x.quantize_int8(fp32, tmp_path / f"{c}.onnx", x, batch=4, calibrate=c)
+             for c in ("minmax", "percentile")}
+    scales = {}
+    for c, path in paths.items():
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        probs = [o for o in sess.run(None, {sess.get_inputs()[0].name: x}) if o.ndim == 2][0]
+        assert np.array_equal(probs.argmax(1), tiny_export.keras_probs.argmax(1)), c
+        np.testing.assert_allclose(probs, tiny_export.keras_probs, atol=0.1)
+        model = onnx.load(str(path))
+        scales[c] = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                     if t.name.endswith("_scale") and len(t.dims) == 0}
+    assert scales["minmax"].keys() == scales["percentile"].keys()
+    assert any(not np.isclose(scales["minmax"][k], scales["percentile"][k]) for k in scales["minmax"])
+    with pytest.raises(ValueError, match="calibrate"):
+        onnx_x.quantize_int8(fp32, tmp_path / "x.onnx", x, calibrate="entropy")

@@ -87,9 +87,11 @@ def _efficientnet_lite(variant: str, input_size: int, weights: str | None, dropo
     if weights == "imagenet":
         assign(model, lite.imagenet_weights(variant), strict=False)
     elif weights and Path(weights).is_dir():  # a shipped bundle: its int8 model's weights, read back
-        from train.unfold import bundle_model_file, weights_from_tflite
+        from cxr_edge.bundle import load_bundle
+        from train.unfold import weights_from_tflite
 
-        assign(model, weights_from_tflite(model, bundle_model_file(Path(weights))))
+        tflite_file, _ = load_bundle(weights).model_file("tflite")  # as the card lists it, sha256 checked
+        assign(model, weights_from_tflite(model, tflite_file))
     elif weights:
         assign(model, load_named(weights), strict=False)
     return Built(model, InputSpec(input_size, lite.SCALE, lite.OFFSET), weights or "none")

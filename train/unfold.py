@@ -105,10 +105,3 @@ def weights_from_tflite(model, path: Path) -> dict[str, np.ndarray]:
         named[bn.moving_variance.path] = np.full(channels, 1.0 - bn.epsilon, np.float32)
     return named
 
-
-def bundle_model_file(bundle: Path) -> Path:
-    """The int8 TFLite model of a bundle folder (``card.json`` + ``model.tflite``)."""
-    path = Path(bundle) / "model.tflite"
-    if not (Path(bundle) / "card.json").is_file() or not path.is_file():
-        raise FileNotFoundError(f"{bundle} is not a model bundle with a model.tflite")
-    return path

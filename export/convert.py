@@ -342,7 +342,7 @@ def run_data(cfg: dict, spec: InputSpec, data_arg: str | None) -> ExportData:
 
     root = data.data_dir(data_arg)
     splits = data.protocol_splits(root, cfg.get("protocol", "grouped"), cfg.get("val_fraction", 0.15),
-                                  cfg.get("seed", 0))
+                                  data.split_seed_of(cfg))
 
     def arrays(records) -> Split:
         return Split(to_input(data.load_images(records, spec.size), spec), data.labels_of(records))

@@ -88,3 +88,16 @@ def test_training_images_come_from_the_runtime_preprocessing():
     assert arr.shape == (len(recs), 96, 96) and arr.dtype == np.uint8
     for i, r in enumerate(recs):
         np.testing.assert_array_equal(arr[i], load_gray(r.path, 96))
+
+
+def test_the_validation_split_does_not_follow_the_training_seed():
+    """Runs with other training seeds (ensemble teachers) are validated on the same images as the rest, so
+    none trains on a student's validation images; a run recorded before ``split_seed`` keeps its split."""
+    from train.fit import FitConfig, load_arrays, train_names
+
+    a, b = FitConfig(val_fraction=0.5, input_size=32), FitConfig(val_fraction=0.5, input_size=32, seed=1)
+    assert train_names(a, MINI) == train_names(b, MINI)
+    np.testing.assert_array_equal(load_arrays(a, MINI)["val"][1], load_arrays(b, MINI)["val"][1])
+    moved = FitConfig(val_fraction=0.5, input_size=32, split_seed=1)
+    assert train_names(moved, MINI) != train_names(a, MINI)  # the split seed does move it
+    assert data.split_seed_of({"seed": 2}) == 2 and data.split_seed_of({"seed": 2, "split_seed": 0}) == 0

@@ -76,3 +76,23 @@ def test_random_affine_identity_transform_is_exact():
     layer = RandomAffine(rotation_deg=0.0, zoom=0.0, shift=0.0, seed=0)
     x = np.random.default_rng(1).random((2, 16, 16, 1)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(layer(x, training=True)), x, atol=1e-5)
+
+
+def test_random_photometric_changes_exposure_in_training_only():
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from train.augment import RandomPhotometric
+
+    gray = np.random.default_rng(2).integers(0, 256, (8, 24, 24)).astype(np.float32)
+    x = (gray * 0.0078125 - 0.9921875)[..., None]
+    layer = RandomPhotometric(0.4, seed=3)
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    y = np.asarray(layer(x, training=True))
+    assert y.shape == x.shape
+    assert -1.0 - 1e-6 <= y.min() and y.max() <= 1.0 + 1e-6  # stays in the model's input range
+    per_image = np.abs(y - x).mean(axis=(1, 2, 3))
+    assert (per_image > 1e-3).all()  # every image changed
+    assert np.ptp(y.std(axis=(1, 2, 3))) > 0.01  # by different amounts (contrast differs per image)
+    # a monotone change: brighter pixels stay brighter within an image (up to clipping ties)
+    order = np.argsort(x[0].ravel())
+    assert (np.diff(y[0].ravel()[order]) >= -1e-5).all()
+    np.testing.assert_array_equal(np.asarray(RandomPhotometric(0.0)(x, training=True)), x)

@@ -123,3 +123,36 @@ def test_teachers_at_one_input_size_share_one_decode(tiny_bundle, monkeypatch):
     three, _ = fit_mod._targets(cfg, arrays["train"][1], arrays, MINI)
     assert loads == [64]
     np.testing.assert_allclose(three, one, atol=1e-6)  # the mean of one teacher three times is that teacher
+
+
+def test_a_soft_target_file_teaches_as_its_teachers_do(tiny_bundle, tmp_path):
+    """A lease student can learn from teachers that do not travel: their mean probabilities on the training
+    images, saved here with the images' names, give the same targets as the teachers themselves, count
+    as many teachers as they average when mixed with another, and are refused for other images."""
+    import dataclasses
+
+    import pytest
+
+    from train import fit as fit_mod
+
+    cfg = FitConfig(model="baseline", input_size=32, val_fraction=0.5, teachers=[str(tiny_bundle)] * 2,
+                    distill_alpha=0.3)
+    arrays = fit_mod.load_arrays(cfg, MINI)
+    y = arrays["train"][1]
+    direct, _ = fit_mod._targets(cfg, y, arrays, MINI)
+    path = fit_mod.save_soft_targets(cfg, tmp_path / "t.npz", MINI)
+    via_file, _ = fit_mod._targets(dataclasses.replace(cfg, teachers=[str(path)]), y, arrays, MINI)
+    np.testing.assert_allclose(via_file, direct, atol=1e-6)
+    assert not np.allclose(via_file, np.eye(3)[y])
+    # mixed with a third teacher (the same bundle): the file weighs two, so the mean is still the bundle's
+    mixed, _ = fit_mod._targets(dataclasses.replace(cfg, teachers=[str(path), str(tiny_bundle)]), y, arrays, MINI)
+    np.testing.assert_allclose(mixed, direct, atol=1e-6)
+    # another split's training images (another split seed): refused, naming the file
+    other = dataclasses.replace(cfg, split_seed=3, teachers=[str(path)])
+    other_arrays = fit_mod.load_arrays(other, MINI)
+    if fit_mod.train_names(other, MINI) != fit_mod.train_names(cfg, MINI):
+        with pytest.raises(ValueError, match="t.npz"):
+            fit_mod._targets(other, other_arrays["train"][1], other_arrays, MINI)
+    names = fit_mod.train_names(cfg, MINI)
+    with pytest.raises(ValueError, match="other training images"):
+        fit_mod.load_soft_targets(path, names[::-1], y[::-1])

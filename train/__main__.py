@@ -55,7 +55,7 @@ def run_plan(configs: list[FitConfig], root: Path) -> list[Path]:
     cache: dict[tuple, dict] = {}
     out = []
     for cfg in configs:
-        key = (cfg.protocol, cfg.input_size, cfg.val_fraction, cfg.seed, cfg.limit)
+        key = (cfg.protocol, cfg.input_size, cfg.val_fraction, cfg.split_seed, cfg.limit)
         if key not in cache:
             cache[key] = load_arrays(cfg, root)
         out.append(fit(cfg, root, cache[key]))
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "probe":
         cache: dict[tuple, dict] = {}
         for cfg in configs:
-            key = (cfg.protocol, cfg.input_size, cfg.val_fraction, cfg.seed, cfg.limit)
+            key = (cfg.protocol, cfg.input_size, cfg.val_fraction, cfg.split_seed, cfg.limit)
             if key not in cache:
                 cache[key] = load_arrays(cfg, root)
             probe(cfg, cache[key], args.steps)

@@ -95,6 +95,12 @@ def seed_split(records: list[Record], seed: int = 0) -> tuple[list[Record], list
     return train, val, test
 
 
+def split_seed_of(cfg: dict) -> int:
+    """The validation split's seed of a recorded run config: ``split_seed``, or for runs recorded before that
+    field existed, ``seed`` (which then set the split too)."""
+    return int(cfg.get("split_seed", cfg.get("seed", 0)))
+
+
 def protocol_splits(root: Path, protocol: str = "grouped", val_fraction: float = 0.15, seed: int = 0
                     ) -> dict[str, list[Record]]:
     """Splits for a protocol. ``grouped`` never lists the official test split; ``seed`` pools all."""

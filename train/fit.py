@@ -37,6 +37,7 @@ class FitConfig:
     freeze_bn: bool = True  # pretrained backbones: keep batch-norm statistics (see README)
     trainable_from: str = ""  # freeze every layer before the first one whose name starts with this
     augment: bool = True  # rotation 30 deg, zoom 0.2, shift 0.1, no flips
+    photometric: float = 0.0  # random gamma / contrast / brightness of this strength (0 = off)
     optimizer: str = "sgd"  # sgd (momentum 0.9) or adam
     lr: float = 1e-3
     schedule: str = "constant"  # constant or cosine
@@ -52,7 +53,9 @@ class FitConfig:
     precision: str = "float32"  # float32 or bf16 (mixed, GPU)
     protocol: str = "grouped"  # grouped (patient-grouped val from train/) or seed (report, leaky)
     val_fraction: float = 0.15
-    seed: int = 0
+    seed: int = 0  # initial weights, batch order, augmentation
+    split_seed: int = 0  # the validation split: the same for every run unless set (teachers with other seeds
+    #                      must not train on the images their students are validated on)
     deadline_s: float | None = None  # stop after this many seconds of training (best weights kept)
     limit: int = 0  # smoke tests: a seeded sample of N images per split (0 = all)
     name: str = ""  # run id prefix; the report-table row name, say
@@ -143,7 +146,7 @@ def build_trainer(cfg: FitConfig, steps_per_epoch: int):
     """The inference model (``Built``) and the compiled trainer around it (augmentation in front)."""
     import keras
 
-    from train.augment import RandomAffine
+    from train.augment import RandomAffine, RandomPhotometric
 
     built = build(cfg.model, input_size=cfg.input_size, weights=cfg.weights, dropout=cfg.dropout,
                   batchnorm=cfg.batchnorm)
@@ -159,6 +162,8 @@ def build_trainer(cfg: FitConfig, steps_per_epoch: int):
             layer.trainable = False
     inp = keras.Input((cfg.input_size, cfg.input_size, 1), name="image")
     x = RandomAffine(seed=cfg.seed, name="augment")(inp) if cfg.augment else inp
+    if cfg.photometric:
+        x = RandomPhotometric(cfg.photometric, seed=cfg.seed + 1, name="photometric")(x)
     model = keras.Model(inp, core(x), name="trainer")
     model.compile(optimizer=_optimizer(cfg, steps_per_epoch),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -213,13 +218,74 @@ def _targets(cfg: FitConfig, y: np.ndarray, arrays: dict, root: Path | None = No
                 at_size[size] = other["train"][0]
             return at_size[size]
 
-        soft = teacher_probs(cfg.teachers, images_at)
+        files = [t for t in cfg.teachers if str(t).endswith(".npz")]
+        models = [t for t in cfg.teachers if not str(t).endswith(".npz")]
+        parts, counts = [], []
+        if models:
+            parts.append(teacher_probs(models, images_at))
+            counts.append(len(models))
+        if files:
+            names = train_names(cfg, data_mod.data_dir(str(root) if root else None))
+            for f in files:
+                probs, n = load_soft_targets(f, names, y)
+                parts.append(probs)
+                counts.append(n)
+        soft = np.average(np.stack(parts), axis=0, weights=counts).astype(np.float32)
         targets = cfg.distill_alpha * targets + (1 - cfg.distill_alpha) * soft
     w = np.ones(len(y), np.float32)
     if cfg.class_weight:
         counts = np.bincount(y, minlength=len(CLASS_NAMES))
         w = (len(y) / (len(CLASS_NAMES) * counts))[y].astype(np.float32)
     return targets.astype(np.float32), w
+
+
+def split_records(cfg: FitConfig, root: Path) -> dict:
+    """``{split: records}`` of ``cfg``'s protocol and validation split (a seeded sample under ``limit``)."""
+    parts = data_mod.protocol_splits(root, cfg.protocol, cfg.val_fraction, cfg.split_seed)
+    if cfg.limit:
+        rng = np.random.default_rng(cfg.split_seed)
+        parts = {k: [v[i] for i in sorted(rng.choice(len(v), min(cfg.limit, len(v)), replace=False))]
+                 for k, v in parts.items()}
+    return parts
+
+
+def train_names(cfg: FitConfig, root: Path) -> list[str]:
+    """The training images of ``cfg``'s protocol, as paths relative to the data folder."""
+    return [Path(r.path).relative_to(root).as_posix() for r in split_records(cfg, root)["train"]]
+
+
+def save_soft_targets(cfg: FitConfig, out: Path, root: Path | None = None) -> Path:
+    """The mean probabilities of ``cfg.teachers`` on ``cfg``'s training images, with the images' names
+    and labels, as one small file that a student elsewhere (a GPU lease) can name as its teacher: the
+    teachers' weights and their input size need not travel."""
+    root = data_mod.data_dir(str(root) if root else None)
+    names = train_names(cfg, root)
+    arrays = load_arrays(cfg, root, splits=("train",))
+    gray, y = arrays["train"]
+    at_size = {cfg.input_size: gray}
+
+    def images_at(size: int) -> np.ndarray:
+        if size not in at_size:
+            at_size[size] = load_arrays(dataclasses.replace(cfg, input_size=size), root, splits=("train",))["train"][0]
+        return at_size[size]
+
+    probs = teacher_probs(list(cfg.teachers), images_at)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, probs=probs.astype(np.float32), names=np.array(names), labels=y.astype(np.int32),
+                        teachers=np.array([str(t) for t in cfg.teachers]))
+    return out
+
+
+def load_soft_targets(path, names: list[str], y: np.ndarray) -> tuple[np.ndarray, int]:
+    """A ``save_soft_targets`` file checked against the student's training images (same names, same
+    order, same labels): its probabilities and how many teachers they average."""
+    with np.load(path) as z:
+        probs, saved, labels, teachers = z["probs"], list(z["names"]), z["labels"], z["teachers"]
+    if saved != list(names) or not np.array_equal(labels, y):
+        raise ValueError(f"{path}: soft targets for other training images than this run's "
+                         f"({len(saved)} saved, {len(names)} here)")
+    return probs, max(1, len(teachers))
 
 
 def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) -> Path:
@@ -318,11 +384,7 @@ def probe(cfg: FitConfig, arrays: dict, steps: int = 5) -> dict:
 
 def load_arrays(cfg: FitConfig, root: Path, splits: tuple[str, ...] | None = None) -> dict:
     """``{split: (uint8[N, size, size] images, labels)}`` of ``cfg``'s protocol (only ``splits`` if given)."""
-    parts = data_mod.protocol_splits(root, cfg.protocol, cfg.val_fraction, cfg.seed)
-    if cfg.limit:
-        rng = np.random.default_rng(cfg.seed)
-        parts = {k: [v[i] for i in sorted(rng.choice(len(v), min(cfg.limit, len(v)), replace=False))]
-                 for k, v in parts.items()}
+    parts = split_records(cfg, root)
     return {k: (data_mod.load_images(v, cfg.input_size), data_mod.labels_of(v)) for k, v in parts.items()
             if splits is None or k in splits}
 

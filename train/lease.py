@@ -1,7 +1,9 @@
 """Train on a lent GPU (the workplace's ``device`` tool): what to carry there and what to bring back.
 
-    python -m train.lease prepare            # here: fills .gpu/ (data, ImageNet weights, wheels)
-    bash train/lease.sh                      # there: the device command (carry [".gpu"])
+    python -m train.lease prepare            # here: fills .gpu/ (data as one zip, ImageNet weights, wheels)
+    bash train/lease.sh                      # there: the device command (carry .gpu/data.zip, .gpu/whl,
+                                             # .gpu/cache and, if used, .gpu/targets)
+    python -m train.lease targets FILE --teachers A,B   # here: teachers' soft targets as one small file
     python -m train.lease teachers           # there, called by lease.sh: the best phase-1 Lite runs
     python -m train.lease pack "$OUT"        # there, called by lease.sh: the runs into $OUT
     python -m train.lease unpack FILES_DIR   # here: the returned files into runs/
@@ -48,6 +50,9 @@ def prepare(data_root: Path) -> None:
     data = GPU_DIR / "data" / "chest_xray" / "train"
     if not data.exists():
         shutil.copytree(data_root / "train", data)
+    archive = GPU_DIR / "data.zip"  # what travels: one file (thousands of small ones count more there)
+    if not archive.exists():
+        shutil.make_archive(str(archive.with_suffix("")), "zip", GPU_DIR, "data")
     cache = GPU_DIR / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     for variant in ("lite0", "lite1", "lite2"):
@@ -165,9 +170,10 @@ def revalidate(runs_dir: Path = RUNS) -> None:
         if "returned_weights" not in m or "val_on_lease" in m:
             continue
         model, spec, cfg = load_run(mpath.parent)
-        key = (cfg["protocol"], cfg["val_fraction"], cfg["seed"], spec.size)
+        key = (cfg["protocol"], cfg["val_fraction"], data.split_seed_of(cfg), spec.size)
         if key not in cache:
-            recs = data.protocol_splits(data.data_dir(), cfg["protocol"], cfg["val_fraction"], cfg["seed"])["val"]
+            recs = data.protocol_splits(data.data_dir(), cfg["protocol"], cfg["val_fraction"],
+                                        data.split_seed_of(cfg))["val"]
             cache[key] = (data.load_images(recs, spec.size), data.labels_of(recs))
         gray, y = cache[key]
         probs = model.predict(to_input(gray, spec), batch_size=32, verbose=0)
@@ -186,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pack")
     p.add_argument("out")
     p.add_argument("--budget-mib", type=float, default=60)
+    sg = sub.add_parser("targets", help="here: a distillation file of teachers' probabilities (carry it)")
+    sg.add_argument("out")
+    sg.add_argument("--teachers", required=True, help="comma-separated run ids or bundles")
+    sg.add_argument("--split-seed", type=int, default=0, help="the students' validation split")
     sub.add_parser("unpack").add_argument("files")
     sub.add_parser("revalidate")
     args = ap.parse_args(argv)
@@ -194,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         prepare(data_dir(args.data))
     elif args.cmd == "teachers":
         print(",".join(teachers(args.top)))
+    elif args.cmd == "targets":
+        from train.fit import FitConfig, save_soft_targets
+        cfg = FitConfig(teachers=args.teachers.split(","), split_seed=args.split_seed)
+        path = save_soft_targets(cfg, Path(args.out))
+        print(f"{path}: soft targets of {args.teachers}")
     elif args.cmd == "pack":
         pack(Path(args.out), budget_mib=args.budget_mib)
     elif args.cmd == "revalidate":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device command for one GPU lease (see train/lease.py; carry [".gpu"]). Phase 1: each group of
+# The device command for one GPU lease (see train/lease.py for what to carry). Phase 1: each group of
 # train/plans/gpu.json, and the report table's baseline rows, as its own process on the one GPU. Phase 2,
 # once the Lite groups are done: distil the best of them into the students. Then the runs are packed
 # into $OUT. Every group stops by its deadline; `timeout` is only the backstop.
@@ -12,6 +12,7 @@ if [ -z "${LEASE_LOCAL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
+[ -d .gpu/data ] || [ ! -f .gpu/data.zip ] || python3 -m zipfile -e .gpu/data.zip .gpu/ || exit 1
 export KERAS_BACKEND=jax CXR_EDGE_DATA=${CXR_EDGE_DATA:-.gpu/data/chest_xray} CXR_EDGE_CACHE=${CXR_EDGE_CACHE:-.gpu/cache} \
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 CXR_EDGE_JAX_CACHE=/tmp/jax-cache TF_CPP_MIN_LOG_LEVEL=3
 PLAN=${LEASE_PLAN:-train/plans/gpu.json}
@@ -31,12 +32,14 @@ for g in ${LEASE_DENSENET-dn-report dn-adam}; do
 done
 [ -n "${LEASE_NO_BASELINE:-}" ] || run_group baseline "$DN" plan train/plans/report_table.json --only r01-baseline-128 r02-baseline-128-bn r03-baseline-128-do0.2 r04-baseline-128-do0.5 r05-baseline-128-do0.8 r06-baseline-224 r07-baseline-128-bn-do0.5-aug --set deadline_s=${LEASE_BASE_S:-30} ${LEASE_SET:+$LEASE_SET} &
 LITE=()
-for g in ${LEASE_LITE:-lite0 lite0cw lite1 lite2}; do
+for g in ${LEASE_LITE-lite0 lite0cw lite1 lite2}; do
   run_group "$g" "$P1" plan "$PLAN" --only "$g" ${LEASE_SET:+--set $LEASE_SET} &
   LITE+=($!)
 done
 wait "${LITE[@]}"
-TEACHERS=$(python3 -m train.lease teachers --top ${LEASE_TOP:-3})
+TEACHERS=${LEASE_TEACHERS:-$(python3 -m train.lease teachers --top ${LEASE_TOP:-3})}  # or given: a soft-target file
+# model bundles that teach too (the shipped cxr_edge/models/default, say), comma-separated
+[ -z "$TEACHERS" ] || [ -z "${LEASE_EXTRA_TEACHERS:-}" ] || TEACHERS="$TEACHERS,$LEASE_EXTRA_TEACHERS"
 say "phase 2, teachers: $TEACHERS"
 if [ -n "$TEACHERS" ]; then
   for g in ${LEASE_STUDENTS:-distill0 distill2}; do

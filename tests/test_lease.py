@@ -50,3 +50,22 @@ def test_pack_returns_students_first_within_budget_and_every_record(tmp_path):
         assert np.abs(got["dense/kernel"] - want["dense/kernel"]).max() <= tol * (
             np.abs(want["dense/kernel"]).max() if fmt == "float16" else 1)
         assert json.loads((here / name / "metrics.json").read_text())["returned_weights"] == fmt
+
+
+def test_pack_returns_lite_teachers_in_float16_when_the_budget_allows(tmp_path):
+    runs = tmp_path / "there" / "runs"
+    _run(runs, "a-lite0", "efficientnet_lite0", 0.80)
+    _run(runs, "b-lite2", "efficientnet_lite2", 0.85)
+    _run(runs, "c-student", "efficientnet_lite0", 0.84, teachers=["a-lite0", "b-lite2"])
+    lease.pack(tmp_path / "roomy", runs, budget_mib=2)  # 3 x 100 kB in float16: room for all
+    lease.unpack(tmp_path / "roomy", tmp_path / "r1" / "runs")
+    assert set(json.loads((tmp_path / "r1" / "runs" / "returned.json").read_text())["returned_weights"].values()) \
+        == {"float16"}
+    # weights: student 100 kB (float16); each teacher 100 kB in float16, 50 kB in int8
+    for budget, want in ((0.27, {"b-lite2": "float16", "a-lite0": "int8"}),  # the better one in float16
+                         (0.22, {"b-lite2": "int8", "a-lite0": "int8"})):  # both, rather than one in float16
+        out, here = tmp_path / f"out{budget}", tmp_path / f"here{budget}" / "runs"
+        lease.pack(out, runs, budget_mib=budget)
+        lease.unpack(out, here)
+        returned = json.loads((here / "returned.json").read_text())["returned_weights"]
+        assert returned == {"c-student": "float16", **want}

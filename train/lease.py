@@ -14,7 +14,8 @@ at most 8 files of 16 MiB (64 MiB together). So the ImageNet weights travel as i
 output channel (``train.lite.quantize``: at most half a step, 0.4% of a channel's largest weight), and the
 runs come back as one tarball split into 15 MiB parts: every run's records, the students' weights in
 float16, and as many other runs' weights as the budget allows (int8 per channel, the same scheme an int8
-export uses), in order: best DenseNet201, Lite teachers, baselines, other DenseNet201. ``metrics.json``
+export uses), in order: best DenseNet201, Lite teachers, baselines, other DenseNet201. A Lite teacher
+comes back in float16 instead where that still leaves room for the later ones in int8. ``metrics.json``
 says which (``returned_weights``).
 
 History: the first lease (2026-11-26, two attempts) finished no epoch: Keras ran the step eagerly because
@@ -111,10 +112,20 @@ def pack(out: Path, runs_dir: Path = RUNS, budget_mib: float = 60) -> None:
         for f in sorted(runs_dir.rglob("*")):
             if f.is_file() and not f.name.startswith("weights"):
                 tar.add(f, arcname=str(f.relative_to(runs_dir.parent)))
+        # Lite teachers come back in float16 where that still leaves room for the later ones in int8: the
+        # int8-returned Lite2 of the 2026-11-27 lease read 2 pp lower here (float32) than there (bf16), and
+        # int8 rounding and bf16 cannot be told apart on int8 weights
+        lite = [r for r, fmt in order if fmt == "int8" and r["model"] in LITES]
+        int8_bytes = {str(r["dir"]): sum(v.size for v in load_named(r["dir"] / "weights.npz").values())
+                      for r in lite}
         for r, fmt in order:
             w = load_named(r["dir"] / "weights.npz")
-            blob = _blob({k: v.astype(np.float16) if v.ndim >= 2 else v for k, v in w.items()}
-                         if fmt == "float16" else _quantized(w))
+            half = _blob({k: v.astype(np.float16) if v.ndim >= 2 else v for k, v in w.items()})
+            if fmt == "int8" and r in lite:
+                later = sum(int8_bytes[str(x["dir"])] for x in lite[lite.index(r) + 1:])
+                if buf.tell() + len(half) + later <= budget:
+                    fmt = "float16"
+            blob = half if fmt == "float16" else _blob(_quantized(w))
             if buf.tell() + len(blob) > budget:
                 continue
             info = tarfile.TarInfo(f"runs/{r['dir'].name}/weights.{fmt}.npz")

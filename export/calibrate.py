@@ -42,8 +42,7 @@ def calibrate_bundle(bundle_dir: Path, run_dir: Path, backend: str = "tflite", d
     if val is None:
         cfg = json.loads((run_dir / "config.json").read_text())
         root = data_mod.data_dir(data)
-        recs = data_mod.protocol_splits(root, cfg["protocol"], cfg["val_fraction"],
-                                        data_mod.split_seed_of(cfg))["val"]
+        recs = data_mod.run_splits(root, cfg)["val"]
         val = (to_input(data_mod.load_images(recs, bundle.spec.size), bundle.spec), data_mod.labels_of(recs))
     x, y = val
     engine = open_engine(bundle.model_file(backend)[0], backend)

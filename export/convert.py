@@ -341,8 +341,7 @@ def run_data(cfg: dict, spec: InputSpec, data_arg: str | None) -> ExportData:
     from train import data
 
     root = data.data_dir(data_arg)
-    splits = data.protocol_splits(root, cfg.get("protocol", "grouped"), cfg.get("val_fraction", 0.15),
-                                  data.split_seed_of(cfg))
+    splits = data.run_splits(root, cfg)
 
     def arrays(records) -> Split:
         return Split(to_input(data.load_images(records, spec.size), spec), data.labels_of(records))

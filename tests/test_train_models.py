@@ -150,9 +150,9 @@ def test_a_soft_target_file_teaches_as_its_teachers_do(tiny_bundle, tmp_path):
     # another split's training images (another split seed): refused, naming the file
     other = dataclasses.replace(cfg, split_seed=3, teachers=[str(path)])
     other_arrays = fit_mod.load_arrays(other, MINI)
-    if fit_mod.train_names(other, MINI) != fit_mod.train_names(cfg, MINI):
-        with pytest.raises(ValueError, match="t.npz"):
-            fit_mod._targets(other, other_arrays["train"][1], other_arrays, MINI)
+    assert fit_mod.train_names(other, MINI) != fit_mod.train_names(cfg, MINI)
+    with pytest.raises(ValueError, match="t.npz"):
+        fit_mod._targets(other, other_arrays["train"][1], other_arrays, MINI)
     names = fit_mod.train_names(cfg, MINI)
     with pytest.raises(ValueError, match="other training images"):
         fit_mod.load_soft_targets(path, names[::-1], y[::-1])

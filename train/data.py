@@ -101,6 +101,11 @@ def split_seed_of(cfg: dict) -> int:
     return int(cfg.get("split_seed", cfg.get("seed", 0)))
 
 
+def run_splits(root: Path, cfg: dict) -> dict[str, list[Record]]:
+    """``protocol_splits`` of a recorded run config (its ``config.json``): the split it was validated on."""
+    return protocol_splits(root, cfg.get("protocol", "grouped"), cfg.get("val_fraction", 0.15), split_seed_of(cfg))
+
+
 def protocol_splits(root: Path, protocol: str = "grouped", val_fraction: float = 0.15, seed: int = 0
                     ) -> dict[str, list[Record]]:
     """Splits for a protocol. ``grouped`` never lists the official test split; ``seed`` pools all."""

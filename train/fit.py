@@ -207,17 +207,7 @@ def _targets(cfg: FitConfig, y: np.ndarray, arrays: dict, root: Path | None = No
     eye = np.eye(len(CLASS_NAMES), dtype=np.float32)
     targets = eye[y]
     if cfg.teachers:
-        at_size = {cfg.input_size: arrays["train"][0]}  # decoded once per size, however many teachers
-
-        def images_at(size: int) -> np.ndarray:  # the same training images, at a teacher's input size
-            if size not in at_size:
-                other = load_arrays(dataclasses.replace(cfg, input_size=size), data_mod.data_dir(
-                    str(root) if root else None), splits=("train",))
-                if not np.array_equal(other["train"][1], y):
-                    raise ValueError("the teacher's training images are not the student's")
-                at_size[size] = other["train"][0]
-            return at_size[size]
-
+        images_at = _training_images_at(cfg, data_mod.data_dir(str(root) if root else None), arrays["train"])
         files = [t for t in cfg.teachers if str(t).endswith(".npz")]
         models = [t for t in cfg.teachers if not str(t).endswith(".npz")]
         parts, counts = [], []
@@ -239,6 +229,23 @@ def _targets(cfg: FitConfig, y: np.ndarray, arrays: dict, root: Path | None = No
     return targets.astype(np.float32), w
 
 
+def _training_images_at(cfg: FitConfig, root: Path, train: tuple[np.ndarray, np.ndarray]):
+    """``images_at(size)``: ``cfg``'s training images (``train``: decoded at ``cfg.input_size``, and their
+    labels) at a teacher's input size, decoded once per size however many teachers ask."""
+    gray, y = train
+    at_size = {cfg.input_size: gray}
+
+    def images_at(size: int) -> np.ndarray:
+        if size not in at_size:
+            other = load_arrays(dataclasses.replace(cfg, input_size=size), root, splits=("train",))
+            if not np.array_equal(other["train"][1], y):
+                raise ValueError("the teacher's training images are not the student's")
+            at_size[size] = other["train"][0]
+        return at_size[size]
+
+    return images_at
+
+
 def split_records(cfg: FitConfig, root: Path) -> dict:
     """``{split: records}`` of ``cfg``'s protocol and validation split (a seeded sample under ``limit``)."""
     parts = data_mod.protocol_splits(root, cfg.protocol, cfg.val_fraction, cfg.split_seed)
@@ -249,9 +256,13 @@ def split_records(cfg: FitConfig, root: Path) -> dict:
     return parts
 
 
+def _names(records, root: Path) -> list[str]:
+    return [Path(r.path).relative_to(root).as_posix() for r in records]
+
+
 def train_names(cfg: FitConfig, root: Path) -> list[str]:
     """The training images of ``cfg``'s protocol, as paths relative to the data folder."""
-    return [Path(r.path).relative_to(root).as_posix() for r in split_records(cfg, root)["train"]]
+    return _names(split_records(cfg, root)["train"], root)
 
 
 def save_soft_targets(cfg: FitConfig, out: Path, root: Path | None = None) -> Path:
@@ -259,17 +270,11 @@ def save_soft_targets(cfg: FitConfig, out: Path, root: Path | None = None) -> Pa
     and labels, as one small file that a student elsewhere (a GPU lease) can name as its teacher: the
     teachers' weights and their input size need not travel."""
     root = data_mod.data_dir(str(root) if root else None)
-    names = train_names(cfg, root)
-    arrays = load_arrays(cfg, root, splits=("train",))
-    gray, y = arrays["train"]
-    at_size = {cfg.input_size: gray}
-
-    def images_at(size: int) -> np.ndarray:
-        if size not in at_size:
-            at_size[size] = load_arrays(dataclasses.replace(cfg, input_size=size), root, splits=("train",))["train"][0]
-        return at_size[size]
-
-    probs = teacher_probs(list(cfg.teachers), images_at)
+    records = split_records(cfg, root)["train"]
+    names = _names(records, root)
+    y = data_mod.labels_of(records)
+    probs = teacher_probs(list(cfg.teachers), _training_images_at(
+        cfg, root, (data_mod.load_images(records, cfg.input_size), y)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, probs=probs.astype(np.float32), names=np.array(names), labels=y.astype(np.int32),

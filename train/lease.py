@@ -93,6 +93,10 @@ def _quantized(weights: dict) -> dict:
     return quantize(weights)
 
 
+def _half(weights: dict) -> dict:
+    return {k: v.astype(np.float16) if v.ndim >= 2 else v for k, v in weights.items()}
+
+
 def _blob(arrays: dict) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -115,17 +119,18 @@ def pack(out: Path, runs_dir: Path = RUNS, budget_mib: float = 60) -> None:
         # Lite teachers come back in float16 where that still leaves room for the later ones in int8: the
         # int8-returned Lite2 of the 2026-11-27 lease read 2 pp lower here (float32) than there (bf16), and
         # int8 rounding and bf16 cannot be told apart on int8 weights
-        lite = [r for r, fmt in order if fmt == "int8" and r["model"] in LITES]
-        int8_bytes = {str(r["dir"]): sum(v.size for v in load_named(r["dir"] / "weights.npz").values())
-                      for r in lite}
+        lite = [r["dir"].name for r, fmt in order if fmt == "int8" and r["model"] in LITES]
+        lite_weights = {name: load_named(runs_dir / name / "weights.npz") for name in lite}  # read once
         for r, fmt in order:
-            w = load_named(r["dir"] / "weights.npz")
-            half = _blob({k: v.astype(np.float16) if v.ndim >= 2 else v for k, v in w.items()})
-            if fmt == "int8" and r in lite:
-                later = sum(int8_bytes[str(x["dir"])] for x in lite[lite.index(r) + 1:])
-                if buf.tell() + len(half) + later <= budget:
-                    fmt = "float16"
-            blob = half if fmt == "float16" else _blob(_quantized(w))
+            name = r["dir"].name
+            w = lite_weights[name] if name in lite_weights else load_named(r["dir"] / "weights.npz")
+            if name in lite_weights:
+                half = _blob(_half(w))
+                later = sum(v.size for n in lite[lite.index(name) + 1:] for v in lite_weights[n].values())
+                fmt, blob = ("float16", half) if buf.tell() + len(half) + later <= budget else ("int8", None)
+            else:
+                blob = _blob(_half(w)) if fmt == "float16" else None
+            blob = blob or _blob(_quantized(w))
             if buf.tell() + len(blob) > budget:
                 continue
             info = tarfile.TarInfo(f"runs/{r['dir'].name}/weights.{fmt}.npz")
@@ -183,8 +188,7 @@ def revalidate(runs_dir: Path = RUNS) -> None:
         model, spec, cfg = load_run(mpath.parent)
         key = (cfg["protocol"], cfg["val_fraction"], data.split_seed_of(cfg), spec.size)
         if key not in cache:
-            recs = data.protocol_splits(data.data_dir(), cfg["protocol"], cfg["val_fraction"],
-                                        data.split_seed_of(cfg))["val"]
+            recs = data.run_splits(data.data_dir(), cfg)["val"]
             cache[key] = (data.load_images(recs, spec.size), data.labels_of(recs))
         gray, y = cache[key]
         probs = model.predict(to_input(gray, spec), batch_size=32, verbose=0)

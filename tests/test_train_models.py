@@ -156,3 +156,39 @@ def test_a_soft_target_file_teaches_as_its_teachers_do(tiny_bundle, tmp_path):
     names = fit_mod.train_names(cfg, MINI)
     with pytest.raises(ValueError, match="other training images"):
         fit_mod.load_soft_targets(path, names[::-1], y[::-1])
+
+
+def test_ema_weights_are_the_ones_validated_and_kept(tmp_path, monkeypatch):
+    """With ``ema`` the run validates, keeps and returns the optimizer's moving average of the weights: the
+    saved weights give the validation loss recorded for their epoch and differ from the same run's without
+    ``ema``, while training itself goes on from the raw weights (the same training losses)."""
+    import csv
+
+    from train.batches import predict_fixed
+    from train.fit import load_arrays
+
+    monkeypatch.setattr("train.fit.RUNS_DIR", tmp_path)
+    runs = {}
+    for ema in (0.0, 0.8):
+        cfg = FitConfig(model="baseline", input_size=32, epochs=3, batch=1, val_fraction=0.5,
+                        optimizer="adam", lr=3e-3, augment=False, ema=ema, patience=100, monitor="val_loss",
+                        name=f"ema{ema}")
+        run = fit(cfg, MINI)
+        rows = list(csv.DictReader((run / "history.csv").open()))
+        runs[ema] = (run, rows, json.loads((run / "metrics.json").read_text()))
+    run, rows, metrics = runs[0.8]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in runs[0.0][1]],
+                                                               rel=1e-5)
+    spec = models.build("baseline", input_size=32).spec
+    x, y = load_arrays(cfg, MINI)["val"]
+    kept = {}
+    for ema, (r, _, _) in runs.items():
+        m = models.build("baseline", input_size=32).model
+        kept[ema] = models.load_named(r / "weights.npz")
+        models.assign(m, kept[ema])
+        probs = predict_fixed(m, to_input(x, spec), 1)
+        val_loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1)).mean())
+        best = runs[ema][1][runs[ema][2]["best_epoch"] - 1]
+        assert val_loss == pytest.approx(float(best["val_loss"]), rel=1e-4)
+    assert metrics["best_epoch"] == runs[0.0][2]["best_epoch"] == 3  # the same epoch, the last, in both runs
+    assert any(not np.allclose(kept[0.8][k], kept[0.0][k]) for k in kept[0.0])

@@ -6,6 +6,7 @@ Backend-agnostic Keras 3: TensorFlow on the CPU here, JAX on a lent GPU. A run d
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -47,6 +48,8 @@ class FitConfig:
     label_smoothing: float = 0.0
     class_weight: bool = False  # balanced class weights (per-image loss weights)
     mixup: float = 0.0  # mixup Beta(a, a) on training batches (0 = off)
+    ema: float = 0.0  # validate, keep and return an exponential moving average of the weights (its momentum
+    #                   per step, 0.998 say; 0 = off, the raw weights)
     teachers: list = field(default_factory=list)  # run ids: distil their mean probabilities
     distill_alpha: float = 0.3  # weight of the hard label against the teachers' soft targets
     monitor: str = "val_loss"  # early stopping and best epoch: val_loss, val_accuracy or val_macro_f1
@@ -69,10 +72,11 @@ def _optimizer(cfg: FitConfig, steps_per_epoch: int):
     lr = cfg.lr
     if cfg.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": cfg.ema} if cfg.ema else {}
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
+        return keras.optimizers.Adam(lr, **ema)
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9)
+        return keras.optimizers.SGD(lr, momentum=0.9, **ema)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -117,6 +121,10 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
+            with ema_weights(self.model.optimizer, enabled=bool(cfg.ema)):
+                self._validate(epoch, logs)
+
+        def _validate(self, epoch, logs):
             probs = predict_fixed(core, x_va, cfg.batch)
             m = classification_metrics(y_va, probs)
             p = np.clip(probs[np.arange(len(y_va)), y_va], 1e-7, 1.0)
@@ -140,6 +148,24 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
                 self.deadline_hit = True
 
     return [Validate(), keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
+
+
+@contextlib.contextmanager
+def ema_weights(optimizer, enabled: bool = True):
+    """Inside, the trained variables hold the optimizer's moving averages (``use_ema``); the raw weights come
+    back on exit, so training goes on from them."""
+    if not enabled:
+        yield
+        return
+    pairs = list(zip(optimizer._trainable_variables, optimizer._model_variables_moving_average))
+    raw = [np.array(v.numpy()) for v, _ in pairs]
+    for v, avg in pairs:
+        v.assign(np.array(avg.numpy()))
+    try:
+        yield
+    finally:
+        for (v, _), r in zip(pairs, raw):
+            v.assign(r)
 
 
 def build_trainer(cfg: FitConfig, steps_per_epoch: int):

@@ -179,14 +179,13 @@ def test_ema_weights_are_the_ones_validated_and_kept(tmp_path, monkeypatch):
     run, rows, metrics = runs[0.8]
     assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in runs[0.0][1]],
                                                                rel=1e-5)
-    spec = models.build("baseline", input_size=32).spec
     x, y = load_arrays(cfg, MINI)["val"]
     kept = {}
     for ema, (r, _, _) in runs.items():
-        m = models.build("baseline", input_size=32).model
+        built = models.build("baseline", input_size=32)
         kept[ema] = models.load_named(r / "weights.npz")
-        models.assign(m, kept[ema])
-        probs = predict_fixed(m, to_input(x, spec), 1)
+        models.assign(built.model, kept[ema])
+        probs = predict_fixed(built.model, to_input(x, built.spec), 1)
         val_loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1)).mean())
         best = runs[ema][1][runs[ema][2]["best_epoch"] - 1]
         assert val_loss == pytest.approx(float(best["val_loss"]), rel=1e-4)

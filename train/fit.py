@@ -6,7 +6,6 @@ Backend-agnostic Keras 3: TensorFlow on the CPU here, JAX on a lent GPU. A run d
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -121,10 +120,6 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            with ema_weights(self.model.optimizer, enabled=bool(cfg.ema)):
-                self._validate(epoch, logs)
-
-        def _validate(self, epoch, logs):
             probs = predict_fixed(core, x_va, cfg.batch)
             m = classification_metrics(y_va, probs)
             p = np.clip(probs[np.arange(len(y_va)), y_va], 1e-7, 1.0)
@@ -147,25 +142,11 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
                 self.model.stop_training = True
                 self.deadline_hit = True
 
-    return [Validate(), keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
-
-
-@contextlib.contextmanager
-def ema_weights(optimizer, enabled: bool = True):
-    """Inside, the trained variables hold the optimizer's moving averages (``use_ema``); the raw weights come
-    back on exit, so training goes on from them."""
-    if not enabled:
-        yield
-        return
-    pairs = list(zip(optimizer._trainable_variables, optimizer._model_variables_moving_average))
-    raw = [np.array(v.numpy()) for v, _ in pairs]
-    for v, avg in pairs:
-        v.assign(np.array(avg.numpy()))
-    try:
-        yield
-    finally:
-        for (v, _), r in zip(pairs, raw):
-            v.assign(r)
+    # with ``ema`` the moving average is in the model from the end of each epoch (so Validate measures and
+    # keeps it) to the start of the next (so training goes on from the raw weights)
+    swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []
+    validate = Validate()
+    return validate, swap + [validate, keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
 
 
 def build_trainer(cfg: FitConfig, steps_per_epoch: int):
@@ -349,11 +330,10 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
               f"pretrained={built.pretrained}, {core.count_params():,} parameters, "
               f"backend {keras.backend.backend()}", flush=True)
-        callbacks = _callbacks(cfg, run_dir, core, x_va, y_va)
+        best, callbacks = _callbacks(cfg, run_dir, core, x_va, y_va)
         t0 = time.monotonic()
         model.fit(data, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
         train_s = time.monotonic() - t0
-        best = callbacks[0]
         if best.best_weights is not None:
             assign(core, best.best_weights)
         probs = predict_fixed(core, x_va, cfg.batch)

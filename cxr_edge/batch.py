@@ -383,9 +383,11 @@ class ModelArgs:
     threads: Optional[int]
     ood: bool
 
-    def classifier(self):
-        from cxr_edge.classifier import Classifier
+    def classifier(self, worker: bool = True):
+        from cxr_edge.classifier import Classifier, single_threaded_blas
 
+        if worker:  # a worker process of this job: one core, so no BLAS thread pool either
+            single_threaded_blas()
         # one worker = one core: decoding in the worker's own thread, no decode pool beside the model
         return Classifier(model=self.model, backend=self.backend, threads=self.threads, ood=self.ood,
                           decode_threads=0)
@@ -668,7 +670,7 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
         bundle = load_bundle(model)
         backend = backend or default_backend(bundle)
         _, sha = bundle.model_file(backend, verify=True)
-        ModelArgs(str(bundle.root), backend, threads, ood).classifier()  # fail here, not in every worker
+        ModelArgs(str(bundle.root), backend, threads, ood).classifier(worker=False)  # fail here, not in every worker
     except (BundleError, EngineError) as exc:
         raise BatchError(f"cannot load the model: {exc}") from None
     inputs = list_inputs(sources)

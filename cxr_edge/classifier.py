@@ -61,6 +61,19 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def single_threaded_blas() -> None:
+    """Cap the BLAS library's own thread pool at one thread in this process (``threadpoolctl``). cxr-edge's
+    numpy work is small (the input gate's products: microseconds); its parallelism is the lanes, workers and
+    inference threads it starts itself. Left alone, OpenBLAS gives every lane or worker process a pool of
+    busy-waiting threads, one per core: measured on a 2-core AMD EPYC (2026-11-27, the 624 official test
+    scans), ``cxr-edge classify`` on a folder took 1.6x the wall time and ``cxr-edge batch --workers 2`` 2-12x
+    (more than one worker). For cxr-edge's own processes (the command line, batch workers); a program that
+    imports ``Classifier`` keeps its own setting."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def thread_split(threads: Optional[int]) -> tuple[int, int]:
     """(inference threads of ``classify``, lanes of ``classify_many``): ``threads`` for both when given;
     otherwise ``classify`` runs the model on half the CPUs (rounded up) and ``classify_many`` runs one lane

@@ -424,6 +424,9 @@ def batch(sources, out, ray_address, workers, model, backend, threads, no_ood, s
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: no tracebacks for anything but bugs shown with CXR_EDGE_DEBUG=1."""
+    from cxr_edge.classifier import single_threaded_blas
+
+    single_threaded_blas()  # the lanes, not BLAS threads, use the cores (see there)
     try:
         cli.main(args=argv, prog_name="cxr-edge", standalone_mode=True)
     except BrokenPipeError:  # e.g. `cxr-edge classify ... | head`

@@ -274,3 +274,38 @@ def test_odd_file_names_stay_one_line_and_do_not_break_the_csv(bundle_dir, tmp_p
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == [str(broken), f"{tmp_path}/scan\\udcff.jpg"]
     assert rows[0]["status"] == "error" and rows[1]["status"] in ("ok", "rejected")
+
+
+_BLAS_PROBE = r"""
+import contextlib, io, json, sys
+import numpy  # noqa: F401  (loads the BLAS library)
+from threadpoolctl import threadpool_info
+blas = lambda: sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+before = blas()
+from cxr_edge import Classifier
+Classifier()  # a program that imports the runtime keeps its own BLAS threads
+library = blas()
+if sys.argv[1] == "cli":
+    from cxr_edge.cli import main
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(["info", "--json"])
+else:  # what a batch worker process does first
+    from cxr_edge.batch import ModelArgs
+    ModelArgs(None, "tflite", 1, True).classifier()
+print(json.dumps({"before": before, "library": library, "after": blas()}))
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "batch worker"])
+def test_own_processes_run_blas_on_one_thread(entry):
+    """The command line and batch workers cap numpy's BLAS pool at one thread (their lanes and workers use
+    the cores; OpenBLAS' busy-waiting pools made `cxr-edge batch --workers 2` 2-12x slower on 2 cores);
+    importing the runtime into another program changes nothing."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}  # a pool to cap, on any machine
+    out = subprocess.run([sys.executable, "-c", _BLAS_PROBE, entry], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    if not got["before"]:
+        pytest.skip("numpy reports no BLAS thread pool here")
+    assert got["before"] == got["library"] == [2]
+    assert got["after"] == [1]

@@ -332,7 +332,7 @@ def resize_fidelity(scans: list[Path], size: int = 224) -> dict:
                                                                                   Image.Resampling.LANCZOS)
             ms[k].append(1000 * (time.perf_counter() - t0))
             diff[k].append(float(np.abs(np.asarray(ours, np.float32) - ref).mean()))
-    return {"scans": len(scans), "runtime_keep": KEEP,
+    return {"scans": len(scans), "size": size, "runtime_keep": KEEP,
             "mean_abs_gray_diff": {f"keep={k}": float(np.mean(v)) for k, v in diff.items()},
             "reduce_resize_median_ms": {f"keep={k}": float(np.median(v)) for k, v in ms.items()}}
 
@@ -363,7 +363,10 @@ def fast_path(bundle: Path | None, test_files: list[Path], folder: Path, quick: 
            "dct_scaling": dct_scaling_gap(bundle, pick(8 if quick else 100))}
     val = sorted((folder.parent / "val").rglob("*.jpeg"))  # the official val/ scans: full resolution, not test
     if val:
-        out["resize_fidelity"] = resize_fidelity(val[:4] if quick else val)
+        from cxr_edge.bundle import load_bundle
+
+        size = load_bundle(bundle).spec.size  # the shipped model's input side
+        out["resize_fidelity"] = resize_fidelity(val[:4] if quick else val, size)
     if not quick:
         out["folder"] = folder_throughput(folder, bundle)
     return out

@@ -28,10 +28,16 @@ MAX_SIDE = 1024  # overlays are written at most this large
 
 
 def cam_maps(features: np.ndarray, weights: np.ndarray, classes) -> np.ndarray:
-    """``float[N, h, w, C]`` feature maps and a class index per row -> ``float32[N, h, w]`` in 0..1."""
+    """``float[N, h, w, C]`` feature maps and a class index per row -> ``float32[N, h, w]`` in 0..1. A feature
+    output with more channels than ``weights`` has rows (a *fine* one: the last map on a finer grid, then a
+    finer map for the input gate; card ``cam.cam_channels``) gives its first ``C`` channels to the map."""
     f = np.asarray(features, np.float32)
+    w = np.asarray(weights, np.float32)
+    if f.shape[-1] < w.shape[0]:
+        raise ValueError(f"feature maps with {f.shape[-1]} channels, CAM weights for {w.shape[0]}")
+    f = f[..., :w.shape[0]]
     k = np.broadcast_to(np.asarray(classes, int), (len(f),))
-    m = np.maximum(np.einsum("nhwc,nc->nhw", f, np.asarray(weights, np.float32)[:, k].T), 0.0)
+    m = np.maximum(np.einsum("nhwc,nc->nhw", f, w[:, k].T), 0.0)
     peak = m.max(axis=(1, 2), keepdims=True)
     return np.where(peak > 0, m / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
 

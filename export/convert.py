@@ -15,7 +15,9 @@ GPU lease brings them back), for any model ``train.models`` builds. Writes, unde
 
 Every model file has two outputs when the model has a ``features`` layer (``export.cam``): the
 probabilities ``[N, 3]`` and the last feature map ``[N, h, w, C]``, so that a label and its heatmap cost
-one network pass; the bundle carries the dense head as ``cam.npz``.
+one network pass; the bundle carries the dense head as ``cam.npz``. ``--fine-features LAYER`` puts that map
+on ``LAYER``'s finer grid and ``LAYER``'s channels beside it (``export.cam.feature_tensor``): what the input
+gate of a small-input model reads (the shipped 144 px model: ``block11_expand_relu``, 9x9).
 
 Only the validation split decides anything: int8 must lose at most 0.5 pp validation accuracy; when it
 does not, the int8 conversion is retried (more calibration images; for ONNX also the classifier head kept
@@ -165,11 +167,11 @@ def int8_with_retries(fmt: str, ladder: list[dict], attempt: Callable[[dict], tu
 
 # ---- the one export path -----------------------------------------------------------------------------
 
-def _reference(model, data: ExportData) -> _Ref:
+def _reference(model, data: ExportData, fine: str | None = None) -> _Ref:
     probs = {s: model.predict(d.x, batch_size=32, verbose=0) for s, d in data.splits().items()}
     if not cam.has_features(model):
         return _Ref(probs, None, None)
-    feats = cam.keras_features(model, data.val.x[:CAM_CHECK_IMAGES])
+    feats = cam.keras_features(model, data.val.x[:CAM_CHECK_IMAGES], fine)
     return _Ref(probs, feats, model.get_layer("probs").get_weights()[0])
 
 
@@ -226,14 +228,14 @@ def _card(target: Target, version: str, spec: InputSpec, arts: dict, extra: dict
 
 
 def _write_bundle(model, target: Target, version: str, spec: InputSpec, arts: dict, data: ExportData,
-                  extra: dict, fitted_on: str | None) -> Bundle:
+                  extra: dict, fitted_on: str | None, fine: str | None = None) -> Bundle:
     """card.json (metrics, temperature fitted on validation, heatmap entry) + cam.npz."""
     card = _card(target, version, spec, arts, extra)
     if fitted_on:
         rec = temperature_record(data.val.y, arts[target.formats[0]]["_val_probs"],
                                  FORMATS[target.formats[0]][0], fitted_on=fitted_on)
         card.update(temperature=rec["temperature"], calibration=rec)
-    entry = cam.write_cam(model, target.dir)
+    entry = cam.write_cam(model, target.dir, fine)
     if entry:
         card["cam"] = entry
     files = {FORMATS[f][0]: target.dir / FILE_NAMES[FORMATS[f][0]] for f in target.formats}
@@ -243,14 +245,15 @@ def _write_bundle(model, target: Target, version: str, spec: InputSpec, arts: di
 def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target], *, version: str = "0.0.0",
                  n_calibration: int = 300, threads: int = 2, card_extra: dict | None = None,
                  report_extra: dict | None = None, fitted_on: str | None = "validation split",
-                 n_calibration_onnx: int | None = None) -> dict:
+                 n_calibration_onnx: int | None = None, fine_features: str | None = None) -> dict:
     """Export a Keras inference model into ``targets`` (bundle folders), each artifact built (int8: along
     the retry ladder), measured against the float model, gated on validation, and its card written with
     the temperature fitted on validation (``fitted_on`` names the split; ``None``: no temperature).
+    ``fine_features``: a layer whose finer map joins the feature output (``export.cam.feature_tensor``).
     Returns the parity report (``report["gate"]["passed"]``)."""
     for t in targets:
         _check_formats(t.formats)
-    ref = _reference(model, data)
+    ref = _reference(model, data, fine_features)
     report = {**(report_extra or {}), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads,
               "input": spec.to_card(), "keras": {s: parity.compare(d.y, ref.probs[s], ref.probs[s])
                                                  for s, d in data.splits().items()}, "artifacts": []}
@@ -258,7 +261,7 @@ def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target]
     arts: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
         work = Path(tmp)
-        saved = savedmodel.save(cam.dual_output(model), work / "saved_model", spec.size)
+        saved = savedmodel.save(cam.dual_output(model, fine_features), work / "saved_model", spec.size)
         for t in targets:
             t.dir.mkdir(parents=True, exist_ok=True)
             for fmt in t.formats:
@@ -267,7 +270,7 @@ def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target]
                 arts[fmt] = _build_measured(saved, fmt, dest, work, data, ref, n, threads)
                 arts[fmt]["path"] = str(dest)
     for t in targets:
-        b = _write_bundle(model, t, version, spec, arts, data, card_extra or {}, fitted_on)
+        b = _write_bundle(model, t, version, spec, arts, data, card_extra or {}, fitted_on, fine_features)
         for f in t.formats:
             arts[f]["sha256"] = b.card["files"][FORMATS[f][0]]["sha256"]
     report["artifacts"] = [{k: v for k, v in a.items() if not k.startswith("_")} for a in arts.values()]
@@ -295,7 +298,7 @@ def size_check(bundle_dir: Path) -> dict:
 def make_bundle(model, spec: InputSpec, out_dir: str | Path, calibration: np.ndarray,
                 formats=("tflite-int8", "onnx-int8"), name: str = "cxr-edge", version: str = "0.0.0",
                 card_extra: dict | None = None, val: tuple | None = None, test: tuple | None = None,
-                threads: int = 1, temperature: bool = False) -> Bundle:
+                threads: int = 1, temperature: bool = False, fine_features: str | None = None) -> Bundle:
     """``export_model`` into one bundle folder. ``calibration``: float32[N, S, S, 1] model inputs
     (preprocessed with ``spec``) for int8; ``val`` / ``test``: ``(inputs, labels)``. Without ``val`` the
     calibration images labelled by the float model itself stand in (the gate then measures agreement).
@@ -307,7 +310,8 @@ def make_bundle(model, spec: InputSpec, out_dir: str | Path, calibration: np.nda
     data = ExportData(Split(*val), Split(*test) if test is not None else None, lambda n: calibration[:n])
     report = export_model(model, spec, data, [Target("bundle", Path(out_dir), tuple(formats), name)],
                           version=version, n_calibration=len(calibration), threads=threads,
-                          card_extra=card_extra, fitted_on="validation split" if temperature else None)
+                          card_extra=card_extra, fitted_on="validation split" if temperature else None,
+                          fine_features=fine_features)
     if not report["gate"]["passed"]:
         raise ExportError("; ".join(report["gate"]["failures"]))
     return load_bundle(out_dir)
@@ -384,6 +388,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", help="Kaggle-layout data folder (default as train)")
     ap.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
                     help="artifacts to build (default all); --install-default needs both int8 ones")
+    ap.add_argument("--fine-features", metavar="LAYER",
+                    help="also put LAYER's finer feature map into the feature output, the last map upsampled onto "
+                         "its grid (export.cam.feature_tensor; for small inputs: the input gate reads it), e.g. "
+                         "block11_expand_relu, Lite0's stride-16 map")
     ap.add_argument("--no-ood-gate", dest="ood_gate", action="store_false",
                     help="do not fit the non-CXR gate (train.ood) into the int8 bundle")
     return ap
@@ -419,7 +427,8 @@ def main(argv=None) -> int:
     info = {"training_run": run_dir.name, "model": cfg["model"], "pretrained": pretrained}
     report = export_model(model, spec, data, targets, version=a.version, n_calibration=a.calibration,
                           n_calibration_onnx=a.calibration_onnx, threads=a.threads, report_extra={**info, "protocol": protocol},
-                          card_extra=info, fitted_on=f"validation split of {run_dir.name}")
+                          card_extra=info, fitted_on=f"validation split of {run_dir.name}",
+                          fine_features=a.fine_features)
     int8 = next((t for t in targets if t.group == "int8"), None)
     if report["gate"]["passed"] and int8 and a.ood_gate:
         from train.ood import main as fit_ood_gate

@@ -440,3 +440,51 @@ def test_onnx_percentile_calibration(tiny_export, tmp_path):
     assert any(not np.isclose(scales["minmax"][k], scales["percentile"][k]) for k in scales["minmax"])
     with pytest.raises(ValueError, match="calibrate"):
         onnx_x.quantize_int8(fp32, tmp_path / "x.onnx", x, calibrate="entropy")
+
+
+def test_fine_features_put_a_finer_map_beside_the_last_one(tiny_export, tmp_path):
+    """``--fine-features LAYER``: one feature output holding the last map on LAYER's grid (nearest, cropped)
+    and LAYER's channels; the heatmap reads the first channels and still matches Keras; one pass."""
+    from cxr_edge import Classifier
+    from export.cam import cam_maps, keras_features
+    from export.convert import make_bundle
+
+    model, x = tiny_export.model, tiny_export.x
+    last = keras_features(model, x)  # [N, 15, 15, 32]
+    fine = keras_features(model, x, "relu0")  # the stride-2 map of conv0 (8 channels) is finer
+    n, h, w, c = last.shape
+    fh, fw = model.get_layer("relu0").output.shape[1:3]
+    assert fine.shape == (n, fh, fw, c + 8) and fh > h
+    f = -(-fh // h)
+    up = last.repeat(f, axis=1).repeat(f, axis=2)[:, :fh, :fw]
+    np.testing.assert_allclose(fine[..., :c], up, atol=1e-6)  # the last map, each cell over its f x f block
+    np.testing.assert_allclose(fine[..., c:], keras_features_of(model, "relu0", x), atol=1e-6)
+
+    root = tmp_path / "fine"
+    # Calibrated on every image measured: the concatenated output has one int8 scale, set by the wider of the
+    # two maps' ranges (relu0 is unbounded here; Lite's ReLU6 maps share 0..6).
+    make_bundle(model, tiny_export.spec, root, calibration=x, formats=("tflite-int8", "onnx-int8"),
+                val=(x, tiny_export.y), fine_features="relu0")
+    b = load_bundle(root)
+    assert b.card["cam"]["feature_shape"] == [fh, fw, c + 8] and b.card["cam"]["cam_channels"] == c
+    assert b.card["cam"]["fine"]["layer"] == "relu0"
+    with np.load(root / "cam.npz") as z:
+        weights = z["weights"]
+    for backend in ("tflite", "onnx"):
+        outs = _raw_outputs(b.model_file(backend)[0], backend, x)
+        assert len(outs) == 2 and [o.ndim for o in outs].count(4) == 1  # still one pass, two outputs
+        feats = next(o for o in outs if o.ndim == 4)
+        assert feats.shape == fine.shape
+        for k in range(3):  # measured (2026-11-27): mean 0.009, worst cell 0.34 (31x31 cells, one shared scale)
+            d = np.abs(cam_maps(feats, weights, k) - cam_maps(fine, weights, k))
+            assert d.mean() <= CAM_MEAN_TOL and d.max() <= 2 * CAM_MAX_TOL
+        r = Classifier(model=root, backend=backend, ood=False, heatmaps=True).classify(tiny_export.files[0])
+        k = ["normal", "bacterial", "viral"].index(r.label)
+        assert r.heatmap.shape == (fh, fw)
+        assert np.abs(r.heatmap - cam_maps(fine[:1], weights, k)[0]).mean() <= CAM_MEAN_TOL
+
+
+def keras_features_of(model, layer: str, x: np.ndarray) -> np.ndarray:
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer(layer).output).predict(x, verbose=0)

@@ -13,7 +13,10 @@ on dual-output bundles, else ``features.tflite``): its global average (the penul
 ``--grid G`` (default 3; 0: the older global-average gates), its layout: the map average-pooled on a ``G x G``
 grid, each cell's vector projected onto the first ``--grid-components`` principal components of frontal
 training scans' cells (``fit_layout``). Where things are in the frame tells a frontal chest X-ray from a knee, a
-hand or a whole-spine film that the global average alone confuses with one. Its head is a linear softmax over
+hand or a whole-spine film that the global average alone confuses with one. A bundle exported with
+``--fine-features`` (``export.cam.feature_tensor``) gives a finer map: the last map on the stride-16 grid
+plus the stride-16 layer's own channels (9x9x1952 for Lite0 at 144 px, whose last map is only 5x5), and the
+gate reads all of it. Its head is a linear softmax over
 four classes (``frontal_chest``, ``lateral_chest``, ``other_body_part``, ``not_radiograph``), fitted
 (scikit-learn, multinomial logistic regression, balanced class weights) on:
 

@@ -782,15 +782,19 @@ POLARITY = ("a logistic regression (scikit-learn defaults, C 1) on the standardi
 
 
 def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
-                 max_val_reject: float = DEFAULT_MAX_VAL_REJECT, thumb: int = DEFAULT_THUMB) -> tuple[dict, dict]:
+                 max_val_reject: float = DEFAULT_MAX_VAL_REJECT, thumb: int = DEFAULT_THUMB,
+                 n_clinical: int = 0) -> tuple[dict, dict]:
     """The polarity check (``Gate.check_polarity``): a linear function of the standardized thumbnail that tells
     a radiograph from its negative (``POLARITY``), from train scans only (no gate_dev: its frontal films are a
-    held-out check, ``benchmarks.ood``). Threshold: ``choose_threshold`` on the validation scans. Returns
-    (arrays ``pol_weights``, ``pol_bias``; card parameters)."""
+    held-out check, ``benchmarks.ood``), each with one ``variants`` copy and ``n_clinical`` ``clinical`` ones
+    (collimation frames, letterboxing and burned-in text change a thumbnail's dark and bright areas: without
+    them such films were refused as negatives), every one against its negative. Threshold:
+    ``choose_threshold`` on the validation scans. Returns (arrays ``pol_weights``, ``pol_bias``; card
+    parameters)."""
     from sklearn.linear_model import LogisticRegression
 
     g = np.asarray(train_gray, np.uint8)
-    imgs = np.concatenate([g, variants(g, 1, seed + 41)])
+    imgs = np.concatenate([g, variants(g, 1, seed + 41)] + [clinical(g, seed + 43 + k) for k in range(n_clinical)])
     x = np.concatenate([features(imgs, thumb)[0], features(255 - imgs, thumb)[0]])
     y = np.r_[np.zeros(len(imgs)), np.ones(len(imgs))]
     model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
@@ -803,7 +807,7 @@ def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
     inverted_scores = gate.polarity_scores(255 - val)
     params = {"threshold": round(threshold, 6), "model": POLARITY,
               "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
-              "train_images": int(len(imgs)), "val_images": int(len(val)),
+              "train_images": int(len(imgs)), "clinical_variants": int(n_clinical), "val_images": int(len(val)),
               "val_rejected": int((val_scores > threshold).sum()),
               "val_inverted_refused": int((inverted_scores > threshold).sum()),
               "val_margin": round(float(inverted_scores.min() - val_scores.max()), 3)}
@@ -960,7 +964,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"--seed {args.seed}"),
         "seed": args.seed, "date": datetime.date.today().isoformat(),
         "seconds": round(time.monotonic() - t0, 1)}
-    pol_arrays, pol_params = fit_polarity(train_gray, val_gray, args.seed, args.max_val_reject)
+    pol_arrays, pol_params = fit_polarity(train_gray, val_gray, args.seed, args.max_val_reject,
+                                          n_clinical=args.clinical_variants)
     arrays.update(pol_arrays)
     log(f"polarity check: threshold {pol_params['threshold']}, validation scans refused "
         f"{pol_params['val_rejected']}/{pol_params['val_images']}, their negatives refused "

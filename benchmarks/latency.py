@@ -30,7 +30,7 @@ def end_to_end(bundle: Path, scan: Path, repeats: int, threads: int = 2) -> dict
     """``Classifier.classify`` on a full-resolution JPEG, per backend, alternating with the bare full
     decode of the same file (the floor: no classifier can avoid reading its input). One backend at a time,
     the other's classifier gone: two engines' thread pools alternating on the same cores spin against each
-    other (on 2 cores, TFLite at 2 threads measured 6.8 ms so against 2.7 ms alone). The bare decode's row
+    other (on 2 cores, TFLite at 2 threads measured 6.8 ms so against 5.1 ms alone). The bare decode's row
     is the first backend's round."""
     from cxr_edge.bundle import load_bundle
 

@@ -299,7 +299,7 @@ print(json.dumps({"before": before, "library": library, "after": blas()}))
 @pytest.mark.parametrize("entry", ["cli", "batch worker"])
 def test_own_processes_run_blas_on_one_thread(entry):
     """The command line and batch workers cap numpy's BLAS pool at one thread (their lanes and workers use
-    the cores; OpenBLAS' busy-waiting pools made `cxr-edge batch --workers 2` 2-12x slower on 2 cores);
+    the cores; OpenBLAS' busy-waiting pools made `cxr-edge batch --workers 2` 2-11x slower on 2 cores);
     importing the runtime into another program changes nothing."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}  # a pool to cap, on any machine
     out = subprocess.run([sys.executable, "-c", _BLAS_PROBE, entry], capture_output=True, text=True, env=env,

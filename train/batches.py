@@ -26,12 +26,13 @@ class FixedBatches(keras.utils.PyDataset):
     """``x``: float32[N, S, S, 1]; ``y``: float32[N, K] targets (one-hot or soft); ``w``: float32[N]."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, w: np.ndarray | None = None,
-                 mixup: float = 0.0, seed: int = 0, **kwargs):
+                 mixup: float = 0.0, seed: int = 0, transform=None, **kwargs):
         super().__init__(**kwargs)
         if len(x) == 0:
             raise ValueError("no training images")
         batch = min(batch, len(x))  # a tiny set (tests): one batch of all of it
         self.x, self.y, self.batch, self.mixup = x, y, batch, mixup
+        self.transform = transform  # transform(x_batch, idx, rng) -> x_batch, before mixup (train.aspect)
         self.w = np.ones(len(x), np.float32) if w is None else w.astype(np.float32)
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(x))
@@ -42,6 +43,8 @@ class FixedBatches(keras.utils.PyDataset):
     def __getitem__(self, i: int):
         idx = np.sort(self.order[i * self.batch:(i + 1) * self.batch])
         x, y, w = self.x[idx], self.y[idx], self.w[idx]
+        if self.transform is not None:
+            x = self.transform(x, idx, self.rng)
         if self.mixup > 0:
             lam = np.float32(self.rng.beta(self.mixup, self.mixup))
             perm = self.rng.permutation(len(idx))

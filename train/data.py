@@ -134,3 +134,41 @@ def load_images(records: list[Record], size: int, workers: int | None = None) ->
 
 def labels_of(records: list[Record]) -> np.ndarray:
     return np.array([r.label for r in records], np.int32)
+
+
+def original_aspects(records: list[Record], root: Path) -> np.ndarray:
+    """Width / height of each image as it was taken, ``NaN`` where unknown.
+
+    The squash to a square keeps this ratio as a horizontal compression of the anatomy, and in Kermany's
+    ``train/`` it follows the class: normal films were taken narrower (median 1.21, 455 known) than
+    pneumonia films (1.49-1.51, 1234 known), so a model can read the class off the squash (``train.aspect``).
+    The ratio comes from ``MANIFEST.csv`` beside the data folder (``original_width``/``original_height``),
+    else from the file itself when it is not square (a full-size download); a square file of unknown origin
+    (an already squashed copy) stays unknown."""
+    import csv
+
+    from PIL import Image
+
+    root = Path(root)
+    known: dict[str, float] = {}
+    manifest = root.parent / "MANIFEST.csv"
+    if manifest.is_file():
+        with open(manifest, newline="") as f:
+            for row in csv.DictReader(f):
+                w, h = row.get("original_width"), row.get("original_height")
+                if w and h and float(h) > 0:
+                    known[row["path"]] = float(w) / float(h)
+    out = np.full(len(records), np.nan)
+    for i, r in enumerate(records):
+        key = f"{root.name}/{Path(r.path).relative_to(root).as_posix()}"
+        if key in known:
+            out[i] = known[key]
+            continue
+        try:
+            with Image.open(r.path) as im:
+                w, h = im.size
+        except OSError:
+            continue
+        if w != h:
+            out[i] = w / h
+    return out

@@ -38,6 +38,8 @@ class FitConfig:
     trainable_from: str = ""  # freeze every layer before the first one whose name starts with this
     augment: bool = True  # rotation 30 deg, zoom 0.2, shift 0.1, no flips
     photometric: float = 0.0  # random gamma / contrast / brightness of this strength (0 = off)
+    aspect: bool = False  # rescale each training image's width to a film ratio drawn regardless of class
+    #                       (train.aspect: the squash otherwise tells normal from pneumonia films)
     optimizer: str = "sgd"  # sgd (momentum 0.9) or adam
     lr: float = 1e-3
     schedule: str = "constant"  # constant or cosine
@@ -51,7 +53,8 @@ class FitConfig:
     #                   per step, 0.998 say; 0 = off, the raw weights)
     teachers: list = field(default_factory=list)  # run ids: distil their mean probabilities
     distill_alpha: float = 0.3  # weight of the hard label against the teachers' soft targets
-    monitor: str = "val_loss"  # early stopping and best epoch: val_loss, val_accuracy or val_macro_f1
+    monitor: str = "val_loss"  # early stopping and best epoch: val_loss, val_accuracy or val_macro_f1; under
+    #                            ``aspect`` also val_neutral_loss / _accuracy / _macro_f1 (train.aspect)
     precision: str = "float32"  # float32 or bf16 (mixed, GPU)
     protocol: str = "grouped"  # grouped (patient-grouped val from train/) or seed (report, leaky)
     val_fraction: float = 0.15
@@ -102,7 +105,16 @@ def new_run_dir(cfg: FitConfig) -> Path:
     return run_dir
 
 
-def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.ndarray):
+def _val_metrics(core, x: np.ndarray, y: np.ndarray, batch: int, prefix: str = "val") -> tuple[dict, dict]:
+    """``({prefix}_loss, _accuracy, _macro_f1}, full metrics)`` of ``core`` on ``x``."""
+    probs = predict_fixed(core, x, batch)
+    m = classification_metrics(y, probs)
+    p = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+    return {f"{prefix}_loss": float(-np.log(p).mean()), f"{prefix}_accuracy": m["accuracy"],
+            f"{prefix}_macro_f1": m["macro_f1"]}, m
+
+
+def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.ndarray, neutral=None):
     import keras
 
     class Validate(keras.callbacks.Callback):
@@ -120,12 +132,12 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            probs = predict_fixed(core, x_va, cfg.batch)
-            m = classification_metrics(y_va, probs)
-            p = np.clip(probs[np.arange(len(y_va)), y_va], 1e-7, 1.0)
-            logs.update(val_loss=float(-np.log(p).mean()), val_accuracy=m["accuracy"],
-                        val_macro_f1=m["macro_f1"], seconds=round(time.monotonic() - self.start, 1))
-            score = -logs["val_loss"] if cfg.monitor == "val_loss" else logs[cfg.monitor]
+            scores, m = _val_metrics(core, x_va, y_va, cfg.batch)
+            logs.update(scores)
+            if neutral is not None:
+                logs.update(_val_metrics(core, *neutral, cfg.batch, "val_neutral")[0])
+            logs["seconds"] = round(time.monotonic() - self.start, 1)
+            score = -logs[cfg.monitor] if cfg.monitor.endswith("_loss") else logs[cfg.monitor]
             if score > self.best:
                 self.best, self.best_epoch, self.wait = score, epoch, 0
                 self.best_weights = named_weights(core)
@@ -134,7 +146,9 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
                 self.wait += 1
             print(f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f} val_loss "
                   f"{logs['val_loss']:.4f} val_acc {m['accuracy']:.4f} val_f1 {m['macro_f1']:.4f} "
-                  f"({logs['seconds']:.0f} s)", flush=True)
+                  + (f"neutral loss {logs['val_neutral_loss']:.4f} acc {logs['val_neutral_accuracy']:.4f} "
+                     if neutral is not None else "")
+                  + f"({logs['seconds']:.0f} s)", flush=True)
             if self.wait >= cfg.patience:
                 self.model.stop_training = True
             if cfg.deadline_s and time.monotonic() - self.start > cfg.deadline_s:
@@ -314,11 +328,14 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
     if cfg.precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     enable_jax_cache()
-    run_dir = new_run_dir(cfg)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if arrays is None:
         arrays = load_arrays(cfg, data_mod.data_dir(str(root) if root else None))
     y_tr, y_va = arrays["train"][1], arrays["val"][1]
+    resample, val_aspects = _aspect_transform(cfg, root, y_tr)
+    if resample is None and cfg.monitor.startswith("val_neutral"):
+        raise ValueError(f"monitor {cfg.monitor} needs aspect resampling (aspect: true)")
+    run_dir = new_run_dir(cfg)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     targets, weights = _targets(cfg, y_tr, arrays, root)
     steps = len(y_tr) // cfg.batch
     with CompileCounter() as compiles:
@@ -326,17 +343,24 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         core = built.model
         x_tr = to_input(arrays["train"][0], built.spec)
         x_va = to_input(arrays["val"][0], built.spec)
-        data = FixedBatches(x_tr, targets, cfg.batch, weights, mixup=cfg.mixup, seed=cfg.seed)
+        data = FixedBatches(x_tr, targets, cfg.batch, weights, mixup=cfg.mixup, seed=cfg.seed,
+                            transform=resample)
         print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
               f"pretrained={built.pretrained}, {core.count_params():,} parameters, "
               f"backend {keras.backend.backend()}", flush=True)
-        best, callbacks = _callbacks(cfg, run_dir, core, x_va, y_va)
+        neutral = None
+        if resample is not None:
+            from train.aspect import neutral_copies
+
+            neutral = neutral_copies(resample, x_va, y_va, val_aspects, seed=cfg.split_seed)
+        best, callbacks = _callbacks(cfg, run_dir, core, x_va, y_va, neutral)
         t0 = time.monotonic()
         model.fit(data, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
         train_s = time.monotonic() - t0
         if best.best_weights is not None:
             assign(core, best.best_weights)
         probs = predict_fixed(core, x_va, cfg.batch)
+        neutral_metrics = _val_metrics(core, *neutral, cfg.batch)[1] if neutral is not None else None
         seed_test = None
         if "test" in arrays:  # seed protocol only: its own (leaky) test portion, never the official test
             seed_test = classification_metrics(
@@ -351,6 +375,8 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         "val": classification_metrics(y_va, probs),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if neutral_metrics is not None:
+        metrics["val_neutral"] = neutral_metrics
     if seed_test is not None:
         metrics["seed_test"] = seed_test
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -359,6 +385,21 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
           f"{metrics['val']['accuracy']:.4f}, macro-F1 {metrics['val']['macro_f1']:.4f}, "
           f"{train_s:.0f} s, compiles {metrics['compiles']}", flush=True)
     return run_dir
+
+
+def _aspect_transform(cfg: FitConfig, root: Path | None, y: np.ndarray):
+    """``(train.aspect.AspectResample, validation images' own ratios)`` for ``cfg``'s training images when
+    ``cfg.aspect``, else ``(None, None)``."""
+    if not cfg.aspect:
+        return None, None
+    from train.aspect import AspectResample
+
+    root = data_mod.data_dir(str(root) if root else None)
+    records = split_records(cfg, root)
+    if not np.array_equal(data_mod.labels_of(records["train"]), y):
+        raise ValueError("aspect resampling: the training arrays are not this config's training images")
+    return (AspectResample(data_mod.original_aspects(records["train"], root), y),
+            data_mod.original_aspects(records["val"], root))
 
 
 def probe(cfg: FitConfig, arrays: dict, steps: int = 5) -> dict:

@@ -51,6 +51,9 @@ def prepare(data_root: Path) -> None:
     data = GPU_DIR / "data" / "chest_xray" / "train"
     if not data.exists():
         shutil.copytree(data_root / "train", data)
+    manifest = Path(data_root).parent / "MANIFEST.csv"  # the films' original sizes (train.aspect)
+    if manifest.is_file() and not (GPU_DIR / "data" / "MANIFEST.csv").exists():
+        shutil.copy(manifest, GPU_DIR / "data" / "MANIFEST.csv")
     archive = GPU_DIR / "data.zip"  # what travels: one file (thousands of small ones count more there)
     if not archive.exists():
         shutil.make_archive(str(archive.with_suffix("")), "zip", GPU_DIR, "data")

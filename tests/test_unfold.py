@@ -68,7 +68,11 @@ def test_shipped_bundle_as_starting_weights():
     built = build(clf.card["model"], input_size=clf.spec.size, weights=str(SHIPPED))
     assert built.pretrained == str(SHIPPED)
     mine = built.model.predict(to_input(gray, built.spec), verbose=0)
-    np.testing.assert_allclose(mine, shipped, atol=0.05)
+    # int8 activations, not only int8 weights, stand between the two: the export's parity report gives
+    # int8 against float a mean |dp| near 0.01, more on a scan between two classes (0.066 here for one at
+    # 0.38 / 0.53, with the squash-blind model); a wrong scale or a lost bias moves every scan by far more
+    assert np.abs(mine - shipped).mean() < 0.02
+    np.testing.assert_allclose(mine, shipped, atol=0.1)
     assert np.array_equal(mine.argmax(1), shipped.argmax(1))
     other = 96 if clf.spec.size != 96 else 128
     small = build(clf.card["model"], input_size=other, weights=str(SHIPPED))

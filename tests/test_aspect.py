@@ -138,3 +138,23 @@ def test_a_fit_with_aspect_resampling_resamples_every_training_batch(tmp_path, m
     (tmp_path / "MANIFEST.csv").unlink()
     with pytest.raises(ValueError, match="original size"):
         fit(cfg, root)
+
+
+def test_the_command_measures_a_bundle_as_it_is_swapped_and_neutral(tmp_path, tiny_bundle, capsys, monkeypatch):
+    """``python -m train.aspect BUNDLE`` validates on the split of the bundle's training run (its
+    ``runs/<id>/config.json``: half of this tiny set)."""
+    records = data.list_split(MINI, "train")
+    root = _data_with_manifest(tmp_path, {
+        f"train/{Path(r.path).parent.name}/{Path(r.path).name}": (1200 if r.label == 0 else 1500, 1000)
+        for r in records})
+    run = json.loads((tiny_bundle / "card.json").read_text())["training_run"]
+    (tmp_path / "runs" / run).mkdir(parents=True)
+    (tmp_path / "runs" / run / "config.json").write_text(json.dumps({"val_fraction": 0.5}))
+    monkeypatch.chdir(tmp_path)
+    assert aspect.main([str(tiny_bundle), "--data", str(root)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert lines[0]["train_ratios"]["factor"] == pytest.approx(1.25)
+    res = lines[1]
+    assert res["engine"] in ("tflite", "onnx")
+    assert {"as_is", "swapped", "neutral"} <= set(res)
+    assert all(0 <= res[k]["accuracy"] <= 1 for k in ("as_is", "swapped", "neutral"))

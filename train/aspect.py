@@ -119,8 +119,8 @@ def swapped_accuracy(predict, gray: np.ndarray, labels: np.ndarray, factor: floa
 
 
 def _predictor(path: Path, backend):
-    """``(predict, input size, run config)`` of a bundle (int8 through ``Classifier``) or of a run folder
-    (its float Keras model)."""
+    """``(predict, input size, run config, engine)`` of a bundle (int8 through ``Classifier``) or of a run
+    folder (its float Keras model, ``train.registry.load_run``)."""
     import json
 
     from cxr_edge.preprocess import to_input
@@ -133,13 +133,10 @@ def _predictor(path: Path, backend):
         cfg = json.loads(run_cfg.read_text()) if run_cfg.is_file() else {}
         return (lambda g: np.concatenate([clf.predict(a) for a in g])), clf.spec.size, cfg, clf.backend
     from train.batches import predict_fixed
-    from train.models import assign, build, load_named
+    from train.registry import load_run
 
-    cfg = json.loads((path / "config.json").read_text())
-    built = build(cfg["model"], input_size=cfg["input_size"], weights=None, dropout=cfg["dropout"],
-                  batchnorm=cfg.get("batchnorm", False))
-    assign(built.model, load_named(path / "weights.npz"))
-    return (lambda g: predict_fixed(built.model, to_input(g, built.spec), 32)), built.spec.size, cfg, "keras"
+    model, spec, cfg = load_run(path)
+    return (lambda g: predict_fixed(model, to_input(g, spec), 32)), spec.size, cfg, "keras"
 
 
 def main(argv=None) -> int:
@@ -158,17 +155,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     root = data_mod.data_dir(args.data)
     train = data_mod.list_split(root, "train")
-    ratio = class_ratio(data_mod.original_aspects(train, root), data_mod.labels_of(train))
+    known = dict(zip((r.path for r in train), data_mod.original_aspects(train, root)))  # read once
+
+    def aspects(records):
+        return np.array([known[r.path] for r in records])
+
+    ratio = class_ratio(aspects(train), data_mod.labels_of(train))
     print(json.dumps({"train_ratios": ratio}))
     for model in args.models:
         predict, size, cfg, engine = _predictor(Path(model), args.backend)
         splits = data_mod.run_splits(root, cfg)
         gray, y = data_mod.load_images(splits["val"], size), data_mod.labels_of(splits["val"])
         res = swapped_accuracy(predict, gray, y, ratio["factor"])
-        resample = AspectResample(data_mod.original_aspects(splits["train"], root),
-                                  data_mod.labels_of(splits["train"]))
-        xn, yn = neutral_copies(resample, gray, y, data_mod.original_aspects(splits["val"], root),
-                                seed=data_mod.split_seed_of(cfg))
+        resample = AspectResample(aspects(splits["train"]), data_mod.labels_of(splits["train"]))
+        xn, yn = neutral_copies(resample, gray, y, aspects(splits["val"]), seed=data_mod.split_seed_of(cfg))
         pn = np.asarray(predict(xn))
         res["neutral"] = {"accuracy": float(np.mean(pn.argmax(1) == yn)),
                           "loss": float(-np.log(np.clip(pn[np.arange(len(yn)), yn], 1e-7, 1)).mean())}

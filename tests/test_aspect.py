@@ -101,6 +101,12 @@ def _data_with_manifest(tmp_path: Path, ratios: dict) -> Path:
     return root
 
 
+def _sizes_by_class() -> dict:
+    """Original sizes for every shipped training scan: normal films 1.2:1, pneumonia films 1.5:1."""
+    return {f"train/{Path(r.path).parent.name}/{Path(r.path).name}": (1200 if r.label == 0 else 1500, 1000)
+            for r in data.list_split(MINI, "train")}
+
+
 def test_original_aspects_from_the_manifest_then_the_file(tmp_path):
     root = _data_with_manifest(tmp_path, {"train/NORMAL/IM-0115-0001.jpeg": (1200, 1000)})
     Image.new("L", (300, 200), 128).save(root / "train" / "NORMAL" / "IM-0999-0001.jpeg")
@@ -113,10 +119,7 @@ def test_original_aspects_from_the_manifest_then_the_file(tmp_path):
 
 def test_a_fit_with_aspect_resampling_resamples_every_training_batch(tmp_path, monkeypatch):
     monkeypatch.setattr("train.fit.RUNS_DIR", tmp_path / "runs")
-    records = data.list_split(MINI, "train")
-    sizes = {f"train/{Path(r.path).parent.name}/{Path(r.path).name}": (1200 if r.label == 0 else 1500, 1000)
-             for r in records}
-    root = _data_with_manifest(tmp_path, sizes)
+    root = _data_with_manifest(tmp_path, _sizes_by_class())
     calls = []
     real = aspect.AspectResample.__call__
     monkeypatch.setattr(aspect.AspectResample, "__call__",
@@ -143,10 +146,7 @@ def test_a_fit_with_aspect_resampling_resamples_every_training_batch(tmp_path, m
 def test_the_command_measures_a_bundle_as_it_is_swapped_and_neutral(tmp_path, tiny_bundle, capsys, monkeypatch):
     """``python -m train.aspect BUNDLE`` validates on the split of the bundle's training run (its
     ``runs/<id>/config.json``: half of this tiny set)."""
-    records = data.list_split(MINI, "train")
-    root = _data_with_manifest(tmp_path, {
-        f"train/{Path(r.path).parent.name}/{Path(r.path).name}": (1200 if r.label == 0 else 1500, 1000)
-        for r in records})
+    root = _data_with_manifest(tmp_path, _sizes_by_class())
     run = json.loads((tiny_bundle / "card.json").read_text())["training_run"]
     (tmp_path / "runs" / run).mkdir(parents=True)
     (tmp_path / "runs" / run / "config.json").write_text(json.dumps({"val_fraction": 0.5}))

@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     import json
 
     from train import data as data_mod
+    from train.metrics import classification_metrics
 
     ap = argparse.ArgumentParser(prog="python -m train.aspect", description=main.__doc__)
     ap.add_argument("models", nargs="+")
@@ -169,9 +170,8 @@ def main(argv=None) -> int:
         res = swapped_accuracy(predict, gray, y, ratio["factor"])
         resample = AspectResample(aspects(splits["train"]), data_mod.labels_of(splits["train"]))
         xn, yn = neutral_copies(resample, gray, y, aspects(splits["val"]), seed=data_mod.split_seed_of(cfg))
-        pn = np.asarray(predict(xn))
-        res["neutral"] = {"accuracy": float(np.mean(pn.argmax(1) == yn)),
-                          "loss": float(-np.log(np.clip(pn[np.arange(len(yn)), yn], 1e-7, 1)).mean())}
+        m = classification_metrics(yn, predict(xn))
+        res["neutral"] = {k: m[k] for k in ("accuracy", "macro_f1", "log_loss")}
         print(json.dumps({"model": str(model), "engine": engine, **res}))
     return 0
 

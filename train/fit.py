@@ -40,6 +40,9 @@ class FitConfig:
     photometric: float = 0.0  # random gamma / contrast / brightness of this strength (0 = off)
     aspect: bool = False  # rescale each training image's width to a film ratio drawn regardless of class
     #                       (train.aspect: the squash otherwise tells normal from pneumonia films)
+    framing: float = 0.0  # crop each training image to a random window of [framing, 1] of each side,
+    #                       whatever its class (train.framing: normal films otherwise show more of the
+    #                       child); 0 = off
     optimizer: str = "sgd"  # sgd (momentum 0.9) or adam
     lr: float = 1e-3
     schedule: str = "constant"  # constant or cosine
@@ -54,7 +57,8 @@ class FitConfig:
     teachers: list = field(default_factory=list)  # run ids: distil their mean probabilities
     distill_alpha: float = 0.3  # weight of the hard label against the teachers' soft targets
     monitor: str = "val_loss"  # early stopping and best epoch: val_loss, val_accuracy or val_macro_f1; under
-    #                            ``aspect`` also val_neutral_loss / _accuracy / _macro_f1 (train.aspect)
+    #                            ``aspect`` or ``framing`` also val_neutral_loss / _accuracy / _macro_f1
+    #                            (train.aspect, train.framing)
     precision: str = "float32"  # float32 or bf16 (mixed, GPU)
     protocol: str = "grouped"  # grouped (patient-grouped val from train/) or seed (report, leaky)
     val_fraction: float = 0.15
@@ -332,8 +336,14 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         arrays = load_arrays(cfg, data_mod.data_dir(str(root) if root else None))
     y_tr, y_va = arrays["train"][1], arrays["val"][1]
     resample, val_aspects = _aspect_transform(cfg, root, y_tr)
-    if resample is None and cfg.monitor.startswith("val_neutral"):
-        raise ValueError(f"monitor {cfg.monitor} needs aspect resampling (aspect: true)")
+    framer = None
+    if cfg.framing:
+        from train.framing import RandomFraming
+
+        framer = RandomFraming(cfg.framing, None)  # checks the fraction before a run folder is made
+    if resample is None and framer is None and cfg.monitor.startswith("val_neutral"):
+        raise ValueError(f"monitor {cfg.monitor} needs aspect resampling or framing (aspect: true, "
+                         "framing: 0.65)")
     run_dir = new_run_dir(cfg)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     targets, weights = _targets(cfg, y_tr, arrays, root)
@@ -343,16 +353,26 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         core = built.model
         x_tr = to_input(arrays["train"][0], built.spec)
         x_va = to_input(arrays["val"][0], built.spec)
-        data = FixedBatches(x_tr, targets, cfg.batch, weights, mixup=cfg.mixup, seed=cfg.seed,
-                            transform=resample)
+        from train.framing import chain, framed_copies
+
+        stored_tr = stored_va = None
+        if framer is not None:  # windows are cut at the files' resolution, then brought to the input
+            framer.spec = built.spec
+            stored_tr, stored_va = _stored_images(cfg, root, y_tr, y_va)
+        data = FixedBatches(x_tr if framer is None else stored_tr, targets, cfg.batch, weights,
+                            mixup=cfg.mixup, seed=cfg.seed, transform=chain(resample, framer))
         print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
               f"pretrained={built.pretrained}, {core.count_params():,} parameters, "
               f"backend {keras.backend.backend()}", flush=True)
         neutral = None
-        if resample is not None:
-            from train.aspect import neutral_copies
+        from train.aspect import neutral_copies
 
+        if resample is not None and framer is None:
             neutral = neutral_copies(resample, x_va, y_va, val_aspects, seed=cfg.split_seed)
+        if framer is not None:
+            xn, yn = (neutral_copies(resample, stored_va, y_va, val_aspects, seed=cfg.split_seed)
+                      if resample is not None else (np.concatenate([stored_va] * 2), np.tile(y_va, 2)))
+            neutral = (framed_copies(framer, xn, seed=cfg.split_seed), yn)
         best, callbacks = _callbacks(cfg, run_dir, core, x_va, y_va, neutral)
         t0 = time.monotonic()
         model.fit(data, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
@@ -385,6 +405,20 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
           f"{metrics['val']['accuracy']:.4f}, macro-F1 {metrics['val']['macro_f1']:.4f}, "
           f"{train_s:.0f} s, compiles {metrics['compiles']}", flush=True)
     return run_dir
+
+
+def _stored_images(cfg: FitConfig, root: Path | None, y_tr: np.ndarray, y_va: np.ndarray):
+    """``cfg``'s training and validation images as ``uint8[N, 224, 224]``, the resolution Kermany's
+    ``train/`` holds (``train.framing.STORED``), for windows cut before the resize."""
+    from train.framing import STORED
+
+    records = split_records(cfg, data_mod.data_dir(str(root) if root else None))
+    out = []
+    for split, y in (("train", y_tr), ("val", y_va)):
+        if not np.array_equal(data_mod.labels_of(records[split]), y):
+            raise ValueError("framing: the arrays are not this config's images")
+        out.append(data_mod.load_images(records[split], STORED))
+    return out
 
 
 def _aspect_transform(cfg: FitConfig, root: Path | None, y: np.ndarray):

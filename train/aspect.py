@@ -139,22 +139,30 @@ def _predictor(path: Path, backend):
     return (lambda g: predict_fixed(model, to_input(g, spec), 32)), spec.size, cfg, "keras"
 
 
+def model_args(prog: str, doc: str, argv):
+    """``(args, data folder)`` of a ``MODEL [MODEL ...] [--data D] [--backend B]`` command."""
+    import argparse
+
+    from train import data as data_mod
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--backend", default=None, help="bundles: tflite or onnx (default: the runtime's)")
+    args = ap.parse_args(argv)
+    return args, data_mod.data_dir(args.data)
+
+
 def main(argv=None) -> int:
     """``python -m train.aspect MODEL [MODEL ...]``: each model (a bundle, int8 through ``Classifier``, or
     a run folder, float Keras) on the validation split of its run, as it is and with the classes' ratios
     swapped by the training films' median ratios."""
-    import argparse
     import json
 
     from train import data as data_mod
     from train.metrics import classification_metrics
 
-    ap = argparse.ArgumentParser(prog="python -m train.aspect", description=main.__doc__)
-    ap.add_argument("models", nargs="+")
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--backend", default=None, help="bundles: tflite or onnx (default: the runtime's)")
-    args = ap.parse_args(argv)
-    root = data_mod.data_dir(args.data)
+    args, root = model_args("python -m train.aspect", main.__doc__, argv)
     train = data_mod.list_split(root, "train")
     known = dict(zip((r.path for r in train), data_mod.original_aspects(train, root)))  # read once
 

@@ -116,18 +116,12 @@ def main(argv=None) -> int:
     """``python -m train.framing MODEL [MODEL ...]``: each model (a bundle, int8 through ``Classifier``, or
     a run folder, float Keras) on the validation split of its run, with the scans cropped to their middle
     100 / 90 / 80 / 70% of each side."""
-    import argparse
     import json
 
     from train import data as data_mod
-    from train.aspect import _predictor
+    from train.aspect import _predictor, model_args
 
-    ap = argparse.ArgumentParser(prog="python -m train.framing", description=main.__doc__)
-    ap.add_argument("models", nargs="+")
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--backend", default=None, help="bundles: tflite or onnx (default: the runtime's)")
-    args = ap.parse_args(argv)
-    root = data_mod.data_dir(args.data)
+    args, root = model_args("python -m train.framing", main.__doc__, argv)
     for model in args.models:
         predict, size, cfg, engine = _predictor(Path(model), args.backend)
         val = data_mod.run_splits(root, cfg)["val"]

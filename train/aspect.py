@@ -112,10 +112,15 @@ def swapped_accuracy(predict, gray: np.ndarray, labels: np.ndarray, factor: floa
     normal = CLASS_NAMES.index("normal")
     s = np.where(labels == normal, factor, 1.0 / factor)
     for name, images in (("as_is", gray), ("swapped", hscale(gray, s))):
-        p = np.asarray(predict(images)).argmax(1)
-        out[name] = {"accuracy": float(np.mean(p == labels)),
-                     "recall": {CLASS_NAMES[k]: float(np.mean(p[labels == k] == k)) for k in np.unique(labels)}}
+        out[name] = accuracy_and_recall(predict(images), labels)
     return out
+
+
+def accuracy_and_recall(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """``{"accuracy", "recall": {class: recall}}`` of the argmax of ``probs`` (the classes present)."""
+    p = np.asarray(probs).argmax(1)
+    return {"accuracy": float(np.mean(p == labels)),
+            "recall": {CLASS_NAMES[k]: float(np.mean(p[labels == k] == k)) for k in np.unique(labels)}}
 
 
 def _predictor(path: Path, backend):

@@ -351,27 +351,26 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
     with CompileCounter() as compiles:
         built, model = build_trainer(cfg, steps)
         core = built.model
-        x_tr = to_input(arrays["train"][0], built.spec)
-        x_va = to_input(arrays["val"][0], built.spec)
+        from train.aspect import neutral_copies
         from train.framing import chain, framed_copies
 
-        stored_tr = stored_va = None
-        if framer is not None:  # windows are cut at the files' resolution, then brought to the input
+        x_va = to_input(arrays["val"][0], built.spec)
+        if framer is None:
+            x_tr = to_input(arrays["train"][0], built.spec)
+        else:  # windows are cut at the files' resolution, then brought to the input by the transform
             framer.spec = built.spec
-            stored_tr, stored_va = _stored_images(cfg, root, y_tr, y_va)
-        data = FixedBatches(x_tr if framer is None else stored_tr, targets, cfg.batch, weights,
-                            mixup=cfg.mixup, seed=cfg.seed, transform=chain(resample, framer))
+            x_tr, stored_va = _stored_images(cfg, root, y_tr, y_va)
+        data = FixedBatches(x_tr, targets, cfg.batch, weights, mixup=cfg.mixup, seed=cfg.seed,
+                            transform=chain(resample, framer))
         print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
               f"pretrained={built.pretrained}, {core.count_params():,} parameters, "
               f"backend {keras.backend.backend()}", flush=True)
         neutral = None
-        from train.aspect import neutral_copies
-
-        if resample is not None and framer is None:
-            neutral = neutral_copies(resample, x_va, y_va, val_aspects, seed=cfg.split_seed)
+        source = x_va if framer is None else stored_va
+        if resample is not None:
+            neutral = neutral_copies(resample, source, y_va, val_aspects, seed=cfg.split_seed)
         if framer is not None:
-            xn, yn = (neutral_copies(resample, stored_va, y_va, val_aspects, seed=cfg.split_seed)
-                      if resample is not None else (np.concatenate([stored_va] * 2), np.tile(y_va, 2)))
+            xn, yn = neutral or (np.concatenate([source] * 2), np.tile(y_va, 2))
             neutral = (framed_copies(framer, xn, seed=cfg.split_seed), yn)
         best, callbacks = _callbacks(cfg, run_dir, core, x_va, y_va, neutral)
         t0 = time.monotonic()
@@ -412,13 +411,12 @@ def _stored_images(cfg: FitConfig, root: Path | None, y_tr: np.ndarray, y_va: np
     ``train/`` holds (``train.framing.STORED``), for windows cut before the resize."""
     from train.framing import STORED
 
-    records = split_records(cfg, data_mod.data_dir(str(root) if root else None))
-    out = []
+    stored = load_arrays(dataclasses.replace(cfg, input_size=STORED),
+                         data_mod.data_dir(str(root) if root else None), ("train", "val"))
     for split, y in (("train", y_tr), ("val", y_va)):
-        if not np.array_equal(data_mod.labels_of(records[split]), y):
+        if not np.array_equal(stored[split][1], y):
             raise ValueError("framing: the arrays are not this config's images")
-        out.append(data_mod.load_images(records[split], STORED))
-    return out
+    return stored["train"][0], stored["val"][0]
 
 
 def _aspect_transform(cfg: FitConfig, root: Path | None, y: np.ndarray):

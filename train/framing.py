@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_edge.labels import CLASS_NAMES
-
 KEEPS = (1.0, 0.9, 0.8, 0.7)  # the fractions of each side that ``python -m train.framing`` keeps
 STORED = 224  # Kermany's train/ (and so the validation split) is stored 224 px square (data README)
 
@@ -103,13 +101,10 @@ def framing_accuracy(predict, images: np.ndarray, labels: np.ndarray, size: int,
     ``keep``. ``images``: ``uint8[N, H, W]`` scans at their stored size; each crop goes through
     ``cxr_edge.preprocess.load_gray`` to ``size`` (``frame_to``), ``predict(gray[N, S, S])
     -> probs``. A model that reads the lungs moves little; one that reads the framing loses normals."""
-    out = {}
-    for keep in keeps:
-        p = np.asarray(predict(frame_to(images, keep, 0.5, 0.5, size))).argmax(1)
-        out[f"keep_{keep:g}"] = {
-            "accuracy": float(np.mean(p == labels)),
-            "recall": {CLASS_NAMES[k]: float(np.mean(p[labels == k] == k)) for k in np.unique(labels)}}
-    return out
+    from train.aspect import accuracy_and_recall
+
+    return {f"keep_{keep:g}": accuracy_and_recall(predict(frame_to(images, keep, 0.5, 0.5, size)), labels)
+            for keep in keeps}
 
 
 def main(argv=None) -> int:

@@ -74,6 +74,17 @@ def test_random_framing_makes_tight_normals_as_common_as_tight_pneumonia():
     lab = np.repeat([0, 1], 200)
     assert abs(k[:, lab == 0].mean() - k[:, lab == 1].mean()) < 0.01
     assert k.min() >= 0.65 and k.max() <= 1.0
+    assert np.mean(k == 1.0) == 0  # no whole frames unless asked
+
+
+def test_random_framing_leaves_the_asked_share_of_images_whole():
+    rng = np.random.default_rng(1)
+    keep = framing.RandomFraming(0.7, InputSpec(48), full=0.5).draw(4000, rng)[0]
+    assert abs(np.mean(keep == 1.0) - 0.5) < 0.03
+    cut = keep[keep < 1.0]
+    assert cut.min() >= 0.7 and abs(cut.mean() - 0.85) < 0.01  # the rest as before
+    with pytest.raises(ValueError, match="framing_full"):
+        framing.RandomFraming(0.7, InputSpec(48), full=1.0)
 
 
 def test_chain_runs_the_transforms_in_turn():

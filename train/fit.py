@@ -43,6 +43,7 @@ class FitConfig:
     framing: float = 0.0  # crop each training image to a random window of [framing, 1] of each side,
     #                       whatever its class (train.framing: normal films otherwise show more of the
     #                       child); 0 = off
+    framing_full: float = 0.0  # under framing, the share of training images left whole (drawn at random)
     optimizer: str = "sgd"  # sgd (momentum 0.9) or adam
     lr: float = 1e-3
     schedule: str = "constant"  # constant or cosine
@@ -340,7 +341,7 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
     if cfg.framing:
         from train.framing import RandomFraming
 
-        framer = RandomFraming(cfg.framing, None)  # checks the fraction before a run folder is made
+        framer = RandomFraming(cfg.framing, None, cfg.framing_full)  # checks the fraction before a run folder is made
     if resample is None and framer is None and cfg.monitor.startswith("val_neutral"):
         raise ValueError(f"monitor {cfg.monitor} needs aspect resampling or framing (aspect: true, "
                          "framing: 0.65)")

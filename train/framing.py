@@ -54,15 +54,23 @@ def frame_to(gray: np.ndarray, keep, where_y, where_x, size: int) -> np.ndarray:
 class RandomFraming:
     """``transform(x, idx, rng)`` for ``train.batches.FixedBatches``: every image (``uint8[N, H, W]`` at
     the files' resolution) cropped to a window of ``keep ~ U[low, 1]`` of each side at a random place,
-    whatever its class, and brought to the model's input (``spec``: size, scale and offset)."""
+    whatever its class, and brought to the model's input (``spec``: size, scale and offset). ``full``: the
+    share of images left whole instead (the model still sees films as most are framed)."""
 
-    def __init__(self, low: float, spec):
+    def __init__(self, low: float, spec, full: float = 0.0):
         if not 0 < low < 1:
             raise ValueError(f"framing: the smallest kept fraction must be in (0, 1), not {low}")
-        self.low, self.spec = float(low), spec
+        if not 0 <= full < 1:
+            raise ValueError(f"framing_full: the share of whole frames must be in [0, 1), not {full}")
+        self.low, self.spec, self.full = float(low), spec, float(full)
 
     def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return rng.uniform(self.low, 1.0, n), rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+        """``keep, where_y, where_x`` for ``n`` images: ``keep ~ U[low, 1]``, or 1 (the whole frame) for a
+        share ``full`` of them drawn at random."""
+        keep, wy, wx = rng.uniform(self.low, 1.0, n), rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+        if self.full:
+            keep = np.where(rng.uniform(0, 1, n) < self.full, 1.0, keep)
+        return keep, wy, wx
 
     def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         from cxr_edge.preprocess import to_input

@@ -207,6 +207,8 @@ def test_every_container_gives_the_same_probabilities(jpeg, upscale, tmp_path):
     results = dict(zip(files, clf.classify_many(list(files.values()))))
     probs = {k: np.array([r.probabilities[c] for c in CLASS_NAMES]) for k, r in results.items()}
     for name, p in probs.items():
+        if name == "baseline JPEG q95":  # the progressive JPEG's lossy twin (as in the benchmark): a reference,
+            continue  # new pixels rather than a container of the same ones
         ref = probs["baseline JPEG q95" if name == "progressive JPEG" else "baseline JPEG"]
         assert np.abs(p - ref).max() <= FORMAT_TOL, (name, p, ref)
 

@@ -48,4 +48,4 @@ def test_a_soup_of_two_tiny_runs_is_a_run_scored_on_their_split(tmp_path, monkey
     assert json.loads((half / "config.json").read_text())["extra"]["soup"]["b"] == run_b.name
     other = fit(dataclasses.replace(cfg, input_size=40, name="c"), MINI)
     with pytest.raises(ValueError, match="input_size"):
-        soup.soup(run_a, other, 0.5, MINI)
+        soup.soup(run_a, other, [0.5], MINI)

@@ -37,12 +37,16 @@ def average(a: dict, b: dict, alpha: float) -> dict:
     return out
 
 
-def soup(run_a: str | Path, run_b: str | Path, alpha: float, root: Path | None = None) -> Path:
-    """A new run folder (under ``train.fit.RUNS_DIR``) with the average of two runs' weights and its metrics
-    on their validation split. The runs must share architecture, input size and validation split."""
+def soup(run_a: str | Path, run_b: str | Path, alphas, root: str | Path | None = None) -> list[Path]:
+    """For each of ``alphas``, a new run folder (under ``train.fit.RUNS_DIR``) with the average of two runs'
+    weights and its metrics on their validation split; both runs' weights and the validation images are
+    read once. The runs must share architecture, input size and validation split."""
+    from dataclasses import asdict, replace
+
+    from cxr_edge.preprocess import to_input
     from train import data as data_mod
     from train.batches import predict_fixed
-    from train.fit import FitConfig, load_arrays, machine, new_run_dir
+    from train.fit import FitConfig, machine, new_run_dir
     from train.metrics import classification_metrics
     from train.models import load_named, save_named
     from train.registry import load_run
@@ -52,27 +56,30 @@ def soup(run_a: str | Path, run_b: str | Path, alpha: float, root: Path | None =
     for key in MUST_AGREE:
         if cfg_a.get(key) != cfg_b.get(key):
             raise ValueError(f"{run_a.name} and {run_b.name} differ in {key}: {cfg_a.get(key)} / {cfg_b.get(key)}")
-    weights = average(load_named(run_a / "weights.npz"), load_named(run_b / "weights.npz"), alpha)
-    fields = set(FitConfig.__dataclass_fields__)
-    cfg = FitConfig(**{k: v for k, v in cfg_b.items() if k in fields})
-    cfg.name = f"{cfg_b.get('name') or cfg.model}-soup{alpha:g}"
-    cfg.notes = f"weights (1 - {alpha:g}) * {run_a.name} + {alpha:g} * {run_b.name} (python -m train.soup)"
-    cfg.extra = {**cfg.extra, "soup": {"a": run_a.name, "b": run_b.name, "alpha": alpha}}
-    run_dir = new_run_dir(cfg)
-    (run_dir / "config.json").write_text(json.dumps(cfg.__dict__, indent=2))
-    save_named(weights, str(run_dir / "weights.npz"))
-    model, spec, _ = load_run(run_dir)
-    x_va, y_va = load_arrays(cfg, data_mod.data_dir(str(root) if root else None), ("val",))["val"]
-    from cxr_edge.preprocess import to_input
-
-    metrics = {
-        "run_id": run_dir.name, "model": cfg.model, "pretrained": cfg.weights, "protocol": cfg.protocol,
-        "input": spec.to_card(), "params": int(model.count_params()), "soup": cfg.extra["soup"],
-        "machine": machine(), "val": classification_metrics(y_va, predict_fixed(model, to_input(x_va, spec), 32)),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return run_dir
+    wa, wb = load_named(run_a / "weights.npz"), load_named(run_b / "weights.npz")
+    base = FitConfig(**{k: v for k, v in cfg_b.items() if k in FitConfig.__dataclass_fields__})
+    val = data_mod.run_splits(data_mod.data_dir(str(root) if root else None), cfg_b)["val"]
+    gray, y = data_mod.load_images(val, base.input_size), data_mod.labels_of(val)
+    out = []
+    for alpha in alphas:
+        weights = average(wa, wb, alpha)
+        record = {"a": run_a.name, "b": run_b.name, "alpha": alpha}
+        cfg = replace(base, name=f"{cfg_b.get('name') or base.model}-soup{alpha:g}",
+                      extra={**base.extra, "soup": record},
+                      notes=f"weights (1 - {alpha:g}) * {run_a.name} + {alpha:g} * {run_b.name} (python -m train.soup)")
+        run_dir = new_run_dir(cfg)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        save_named(weights, str(run_dir / "weights.npz"))
+        model, spec, _ = load_run(run_dir)
+        metrics = {
+            "run_id": run_dir.name, "model": cfg.model, "pretrained": cfg.weights, "protocol": cfg.protocol,
+            "input": spec.to_card(), "params": int(model.count_params()), "soup": record, "machine": machine(),
+            "val": classification_metrics(y, predict_fixed(model, to_input(gray, spec), 32)),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        out.append(run_dir)
+    return out
 
 
 def main(argv=None) -> int:
@@ -82,8 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.5], help="the weight of RUN_B (0 = RUN_A)")
     ap.add_argument("--data", default=None)
     args = ap.parse_args(argv)
-    for alpha in args.alpha:
-        run_dir = soup(args.run_a, args.run_b, alpha, Path(args.data) if args.data else None)
+    for alpha, run_dir in zip(args.alpha, soup(args.run_a, args.run_b, args.alpha, args.data)):
         m = json.loads((run_dir / "metrics.json").read_text())["val"]
         print(json.dumps({"run": str(run_dir), "alpha": alpha, "val_accuracy": round(m["accuracy"], 4),
                           "val_macro_f1": round(m["macro_f1"], 4), "recall": m["recall"]}), flush=True)

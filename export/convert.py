@@ -52,7 +52,7 @@ from cxr_edge.bundle import DEFAULT_BUNDLE, Bundle, load_bundle, write_bundle  #
 from cxr_edge.preprocess import InputSpec, to_input  # noqa: E402
 from export import cam  # noqa: E402
 from export import onnx as onnx_x  # noqa: E402
-from export import parity  # noqa: E402
+from export import parity, prequant  # noqa: E402
 from export import savedmodel, tflite  # noqa: E402
 from export.calibrate import temperature_record  # noqa: E402
 
@@ -89,7 +89,7 @@ def build_artifact(saved_model: Path, fmt: str, dest: Path, calibration: np.ndar
     backend, precision = FORMATS[fmt]
     if backend == "tflite":
         return tflite.convert(saved_model, dest, precision, calibration if precision == "int8" else None)
-    fp32 = work / "float32.onnx"
+    fp32 = work / f"{Path(saved_model).name}.float32.onnx"  # one per SavedModel (float, or prepared for int8)
     if not fp32.is_file():
         onnx_x.from_saved_model(saved_model, fp32)
     if precision == "float32":
@@ -245,11 +245,15 @@ def _write_bundle(model, target: Target, version: str, spec: InputSpec, arts: di
 def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target], *, version: str = "0.0.0",
                  n_calibration: int = 300, threads: int = 2, card_extra: dict | None = None,
                  report_extra: dict | None = None, fitted_on: str | None = "validation split",
-                 n_calibration_onnx: int | None = None, fine_features: str | None = None) -> dict:
+                 n_calibration_onnx: int | None = None, fine_features: str | None = None,
+                 int8_prep: bool = True) -> dict:
     """Export a Keras inference model into ``targets`` (bundle folders), each artifact built (int8: along
     the retry ladder), measured against the float model, gated on validation, and its card written with
     the temperature fitted on validation (``fitted_on`` names the split; ``None``: no temperature).
     ``fine_features``: a layer whose finer map joins the feature output (``export.cam.feature_tensor``).
+    ``int8_prep``: the int8 converters read the model with its gray input folded and its biases corrected
+    for int8 rounding (``export.prequant``, means over ``n_calibration`` calibration images); the float
+    artifacts and the reference always read ``model`` as it is.
     Returns the parity report (``report["gate"]["passed"]``)."""
     for t in targets:
         _check_formats(t.formats)
@@ -262,15 +266,22 @@ def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target]
     with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
         work = Path(tmp)
         saved = savedmodel.save(cam.dual_output(model, fine_features), work / "saved_model", spec.size)
+        saved_int8 = saved
+        if int8_prep and any(FORMATS[f][1] == "int8" for t in targets for f in t.formats):
+            ready, report["int8_preparation"] = _int8_model(model, data, n_calibration)
+            saved_int8 = savedmodel.save(cam.dual_output(ready, fine_features), work / "saved_int8", spec.size)
         for t in targets:
             t.dir.mkdir(parents=True, exist_ok=True)
             for fmt in t.formats:
                 dest = t.dir / FILE_NAMES[FORMATS[fmt][0]]
                 n = n_calibration_onnx if fmt.startswith("onnx") and n_calibration_onnx else n_calibration
-                arts[fmt] = _build_measured(saved, fmt, dest, work, data, ref, n, threads)
+                source = saved_int8 if FORMATS[fmt][1] == "int8" else saved
+                arts[fmt] = _build_measured(source, fmt, dest, work, data, ref, n, threads)
                 arts[fmt]["path"] = str(dest)
     for t in targets:
-        b = _write_bundle(model, t, version, spec, arts, data, card_extra or {}, fitted_on, fine_features)
+        extra = {**(card_extra or {}), **({"int8_preparation": report["int8_preparation"]}
+                                          if t.group == "int8" and "int8_preparation" in report else {})}
+        b = _write_bundle(model, t, version, spec, arts, data, extra, fitted_on, fine_features)
         for f in t.formats:
             arts[f]["sha256"] = b.card["files"][FORMATS[f][0]]["sha256"]
     report["artifacts"] = [{k: v for k, v in a.items() if not k.startswith("_")} for a in arts.values()]
@@ -281,6 +292,19 @@ def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target]
                       "passed": not failures, "failures": failures}
     report["size"] = {t.group: size_check(t.dir) for t in targets}
     return report
+
+
+def _int8_model(model, data: ExportData, n_calibration: int):
+    """``model`` rewritten for the int8 converters (``export.prequant``), and what was done."""
+    t0 = time.monotonic()
+    folded = prequant.fold_gray_input(model)
+    x = np.asarray(data.calibration(n_calibration), np.float32)
+    ready, layers = prequant.bias_correct(folded, x)
+    info = {"gray_input_folded": folded is not model,
+            "bias_correction": {"layers": layers, "calibration_images": len(x)}}
+    print(f"  int8 preparation: gray input folded {info['gray_input_folded']}, bias correction on {layers} "
+          f"layers from {len(x)} calibration images ({time.monotonic() - t0:.0f} s)", flush=True)
+    return ready, info
 
 
 def size_check(bundle_dir: Path) -> dict:
@@ -392,6 +416,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="also put LAYER's finer feature map into the feature output, the last map upsampled onto "
                          "its grid (export.cam.feature_tensor; for small inputs: the input gate reads it), e.g. "
                          "block11_expand_relu, Lite0's stride-16 map")
+    ap.add_argument("--no-int8-prep", dest="int8_prep", action="store_false",
+                    help="convert int8 from the model as trained, without folding its gray input and correcting "
+                         "its biases for int8 rounding (export.prequant)")
     ap.add_argument("--no-ood-gate", dest="ood_gate", action="store_false",
                     help="do not fit the non-CXR gate (train.ood) into the int8 bundle")
     return ap
@@ -428,7 +455,7 @@ def main(argv=None) -> int:
     report = export_model(model, spec, data, targets, version=a.version, n_calibration=a.calibration,
                           n_calibration_onnx=a.calibration_onnx, threads=a.threads, report_extra={**info, "protocol": protocol},
                           card_extra=info, fitted_on=f"validation split of {run_dir.name}",
-                          fine_features=a.fine_features)
+                          fine_features=a.fine_features, int8_prep=a.int8_prep)
     int8 = next((t for t in targets if t.group == "int8"), None)
     if report["gate"]["passed"] and int8 and a.ood_gate:
         from train.ood import main as fit_ood_gate

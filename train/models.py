@@ -15,6 +15,7 @@ from cxr_edge.preprocess import InputSpec
 from train import lite
 
 N_CLASSES = 3
+GRAY_REPEAT = "gray_to_rgb"  # the layer that repeats the gray channel for RGB backbones
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ def _gray_input(size: int, rgb: bool):
     from keras import layers
 
     inp = layers.Input((size, size, 1), name="image")
-    x = layers.Concatenate(name="gray_to_rgb")([inp, inp, inp]) if rgb else inp
+    x = layers.Concatenate(name=GRAY_REPEAT)([inp, inp, inp]) if rgb else inp
     return inp, x
 
 

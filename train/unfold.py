@@ -5,6 +5,8 @@ shipped model further (at another input size, say), its weights are read back fr
 
 - each CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op's int8 weights times their per-channel scales, and
   its int32 bias times its scales;
+- a first convolution whose gray-to-RGB repeat the export folded (``export.prequant``: one input channel)
+  gets a third of the folded kernel on each of its three channels, the same function on gray input;
 - the converter folded each batch norm into the convolution before it, so the Keras batch norm after that
   convolution is set to the identity (gamma 1, mean 0, variance ``1 - epsilon``) with the folded bias as its
   beta. ``BN(conv(x))`` then equals the folded convolution exactly.
@@ -62,6 +64,13 @@ def tflite_layers(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
+def _reads_gray_repeat(layer) -> bool:
+    from train.models import GRAY_REPEAT
+
+    source = getattr(layer.input, "_keras_history", (None,))[0]
+    return source is not None and source.name == GRAY_REPEAT
+
+
 def weights_from_tflite(model, path: Path) -> dict[str, np.ndarray]:
     """Variable path -> array for every convolution, its batch norm and the dense layer of the Keras
     ``model``, from the int8 TFLite model at ``path`` (see the module docstring)."""
@@ -82,6 +91,8 @@ def weights_from_tflite(model, path: Path) -> dict[str, np.ndarray]:
             kernel = w[0][..., None]  # [kh, kw, C, 1]
         elif isinstance(layer, keras.layers.Conv2D):
             kernel = w.transpose(1, 2, 3, 0)  # [kh, kw, in, out]
+            if kernel.shape[2] == 1 and layer.kernel.shape[2] == 3 and _reads_gray_repeat(layer):
+                kernel = np.repeat(kernel / 3.0, 3, axis=2)  # export.prequant folded the gray repeat
         else:
             kernel = w.T  # [in, out]
         want = tuple(layer.kernel.shape)

@@ -28,6 +28,10 @@ int8 bundle to ``cxr_edge/models/default/`` and the report to ``benchmarks/resul
 size limits (a model file over 6 MiB, the bundle over 8 MiB) is not installed (exit status 4) unless
 ``--allow-oversize``.
 
+The int8 converters read the model as ``export.prequant`` prepares it (gray input folded into the stem,
+biases corrected for int8 kernel rounding; ``--no-int8-prep`` skips it); the float artifacts, the float
+reference and the heatmap weights are the model as trained.
+
 ``make_bundle`` (used by the tests) runs the same path, ``export_model``, for any Keras model.
 """
 from __future__ import annotations

@@ -87,7 +87,15 @@ def _calibration_note(report: dict) -> str:
     used = report.get("calibration", {}).get("used", {})
     if not used:
         return ""
-    return "Int8 calibration: " + ", ".join(f"{f} {n} training images" for f, n in used.items()) + "."
+    note = "Int8 calibration: " + ", ".join(f"{f} {n} training images" for f, n in used.items()) + "."
+    prep = report.get("int8_preparation")
+    if prep:
+        bc = prep["bias_correction"]
+        note += (" The int8 converters read the model prepared by `export.prequant`: gray input "
+                 f"{'folded into the first convolution' if prep['gray_input_folded'] else 'not folded'}, "
+                 f"biases of {bc['layers']} layers corrected for int8 kernel rounding (input means over "
+                 f"{bc['calibration_images']} calibration images).")
+    return note
 
 
 def to_markdown(report: dict) -> str:

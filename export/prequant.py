@@ -36,15 +36,17 @@ def _consumers(model, layer) -> list:
 
 
 def foldable(model) -> bool:
-    """True when ``model`` repeats its gray input into RGB only for top-level ``Conv2D`` layers."""
+    """True when ``model``'s ``gray_to_rgb`` layer repeats one tensor and only top-level ``Conv2D`` layers
+    read it."""
     import keras
 
     try:
         rep = model.get_layer(REPEAT_LAYER)
     except ValueError:
         return False
+    sources = {id(t) for node in rep._inbound_nodes for t in node.input_tensors}
     users = _consumers(model, rep)
-    return bool(users) and all(type(u) is keras.layers.Conv2D for u in users)
+    return len(sources) == 1 and bool(users) and all(type(u) is keras.layers.Conv2D for u in users)
 
 
 def _copy(model, call_function=None):

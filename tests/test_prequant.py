@@ -73,6 +73,11 @@ def test_models_without_a_foldable_repeat_are_returned_as_they_are():
     rgb = layers.Concatenate(name=GRAY_REPEAT)([inp, inp, inp])  # read by a depthwise conv: not a sum
     dw = keras.Model(inp, layers.GlobalAveragePooling2D()(layers.DepthwiseConv2D(3)(rgb)))
     assert not foldable(dw) and fold_gray_input(dw) is dw
+    inp = layers.Input((16, 16, 1))
+    other = layers.Activation("relu")(inp)
+    mixed = layers.Concatenate(name=GRAY_REPEAT)([inp, other, inp])  # not one channel three times
+    odd = keras.Model(inp, layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(mixed)))
+    assert not foldable(odd) and fold_gray_input(odd) is odd
 
 
 def test_fold_applies_to_the_registry_baseline():

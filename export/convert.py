@@ -283,8 +283,9 @@ def export_model(model, spec: InputSpec, data: ExportData, targets: list[Target]
                 arts[fmt] = _build_measured(source, fmt, dest, work, data, ref, n, threads)
                 arts[fmt]["path"] = str(dest)
     for t in targets:
-        extra = {**(card_extra or {}), **({"int8_preparation": report["int8_preparation"]}
-                                          if t.group == "int8" and "int8_preparation" in report else {})}
+        extra = dict(card_extra or {})
+        if t.group == "int8" and "int8_preparation" in report:
+            extra["int8_preparation"] = report["int8_preparation"]
         b = _write_bundle(model, t, version, spec, arts, data, extra, fitted_on, fine_features)
         for f in t.formats:
             arts[f]["sha256"] = b.card["files"][FORMATS[f][0]]["sha256"]

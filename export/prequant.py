@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from train.lite import int8_per_channel
 from train.models import GRAY_REPEAT as REPEAT_LAYER
+from train.models import batch_norm_after
 
 
 def _consumers(model, layer) -> list:
@@ -49,15 +51,11 @@ def foldable(model) -> bool:
     return len(sources) == 1 and bool(users) and all(type(u) is keras.layers.Conv2D for u in users)
 
 
-def _copy(model, call_function=None):
-    import keras
-
-    return keras.models.clone_model(model, call_function=call_function)
-
-
 def fold_gray_input(model):
     """A copy of ``model`` without ``gray_to_rgb``, the convolutions that read it taking one channel
     (their kernels summed over the input channels); ``model`` itself when it cannot be folded."""
+    import keras
+
     if not foldable(model):
         return model
     users = {u.name for u in _consumers(model, model.get_layer(REPEAT_LAYER))}
@@ -67,7 +65,7 @@ def fold_gray_input(model):
             return args[0][0]  # the gray input, once
         return layer(*args, **kwargs)
 
-    folded = _copy(model, call)
+    folded = keras.models.clone_model(model, call_function=call)
     for new in folded.layers:
         if new.name == REPEAT_LAYER or not new.weights:
             continue
@@ -82,9 +80,8 @@ def _int8_error(kernel: np.ndarray, depthwise: bool) -> np.ndarray:
     """``W_q - W`` for per-output-channel symmetric int8 rounding (the last axis, or the channel axis of a
     depthwise kernel ``[kh, kw, C, 1]``)."""
     w = kernel[..., 0] if depthwise else kernel
-    axes = tuple(range(w.ndim - 1))
-    scale = np.maximum(np.abs(w).max(axis=axes, keepdims=True), 1e-12) / 127.0
-    err = np.round(w / scale) * scale - w
+    q, scale = int8_per_channel(w)
+    err = q * scale - w
     return err[..., None] if depthwise else err
 
 
@@ -95,17 +92,15 @@ def bias_correct(model, x: np.ndarray, batch: int = 25):
     nor a bias, are left alone."""
     import keras
 
-    convs, norms = [], {}
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.center:
-            norms[id(layer.input)] = layer
+    convs = []
+    norms = {k: bn for k, bn in batch_norm_after(model).items() if bn.center}
     for layer in model.layers:
         if type(layer) is keras.layers.DepthwiseConv2D and layer.depth_multiplier != 1:
             continue
         if type(layer) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D) and (
                 id(layer.output) in norms or layer.use_bias):
             convs.append(layer)
-    twin = _copy(model)
+    twin = keras.models.clone_model(model)
     twin.set_weights(model.get_weights())
     if not convs:
         return twin, 0

@@ -116,6 +116,15 @@ def imagenet_weights(variant: str) -> dict[str, np.ndarray]:
     return weights
 
 
+def int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 rounding with one scale per channel of the last axis, ``max|w| / 127`` (as the
+    TFLite and onnxruntime converters round convolution kernels): ``(int8 values, scales)``, the scales
+    shaped to broadcast against ``w``."""
+    axes = tuple(range(w.ndim - 1))
+    scale = np.maximum(np.abs(w).max(axis=axes, keepdims=True), 1e-12) / 127.0
+    return np.round(w / scale).astype(np.int8), scale
+
+
 def quantize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Kernels (2+ dimensions) as int8 with one float32 scale per output channel (``<name>::scale``),
     other arrays as float32: ImageNet weights small enough to travel to a lent GPU. ``dequantize`` undoes
@@ -123,9 +132,7 @@ def quantize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for k, w in weights.items():
         if w.ndim >= 2:
-            axes = tuple(range(w.ndim - 1))
-            scale = np.maximum(np.abs(w).max(axis=axes, keepdims=True), 1e-12) / 127.0
-            out[k] = np.round(w / scale).astype(np.int8)
+            out[k], scale = int8_per_channel(w)
             out[f"{k}::scale"] = scale.astype(np.float32)
         else:
             out[k] = w.astype(np.float32)

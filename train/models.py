@@ -125,6 +125,16 @@ def build(name: str, **kwargs) -> Built:
     return REGISTRY[name](**kwargs)
 
 
+def batch_norm_after(model) -> dict:
+    """``id(tensor) -> BatchNormalization layer`` reading that tensor, for the top-level layers of
+    ``model``: the batch norm after a convolution is ``batch_norm_after(model).get(id(conv.output))``
+    (the one a converter folds into it)."""
+    import keras
+
+    return {id(layer.input): layer for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)}
+
+
 # ---- weights by variable path, portable across backends ---------------------------------------------
 
 def named_weights(model) -> dict:

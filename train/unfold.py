@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.models import GRAY_REPEAT, batch_norm_after
+
 _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
@@ -65,8 +67,6 @@ def tflite_layers(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def _reads_gray_repeat(layer) -> bool:
-    from train.models import GRAY_REPEAT
-
     source = getattr(layer.input, "_keras_history", (None,))[0]
     return source is not None and source.name == GRAY_REPEAT
 
@@ -81,10 +81,7 @@ def weights_from_tflite(model, path: Path) -> dict[str, np.ndarray]:
     ops = tflite_layers(Path(path))
     if len(ops) != len(convs):
         raise ValueError(f"{path} has {len(ops)} convolution/dense ops, the model {len(convs)} such layers")
-    norm_after = {}  # a convolution's output -> the batch norm that reads it (the one folded into it)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            norm_after[id(layer.input)] = layer
+    norm_after = batch_norm_after(model)  # a convolution's output -> the batch norm folded into it
     named: dict[str, np.ndarray] = {}
     for layer, (op, w, b) in zip(convs, ops):
         if isinstance(layer, keras.layers.DepthwiseConv2D):

@@ -254,6 +254,21 @@ def _quiet_gdcm() -> None:
     gdcm.Trace.DebugOff()
 
 
+def _decoder(ds, bits: int) -> str:
+    """pydicom's decoding plugin for compressed pixel data: any but GDCM that can decode it (Pillow for JPEG
+    baseline and JPEG 2000, pyjpegls for JPEG-LS, pydicom's own for RLE), because GDCM's binding lets the C++
+    exception of corrupt data abort the whole process (found by fuzzing); GDCM is left for JPEG lossless and
+    12-bit JPEG, which only it decodes here. ``""``: pydicom's own order."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGExtended12Bit
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    plugins = [p for p in get_decoder(syntax).available_plugins if p != "gdcm"]
+    if syntax == JPEGExtended12Bit and bits > 8:  # Pillow reads 8-bit JPEG only
+        plugins = [p for p in plugins if p != "pillow"]
+    return plugins[0] if plugins else ""
+
+
 def _read_dicom(source, force: bool) -> Image.Image:
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
@@ -275,6 +290,7 @@ def _read_dicom(source, force: bool) -> Image.Image:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         photometric = str(ds.get("PhotometricInterpretation", "")).strip()
         bits = int(ds.get("BitsStored", 0) or 0)
+        allocated = int(ds.get("BitsAllocated", 0) or 0)
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     except (TypeError, ValueError) as exc:
         raise PreprocessError(f"malformed DICOM image attributes ({_reason(exc)})") from None
@@ -292,7 +308,11 @@ def _read_dicom(source, force: bool) -> Image.Image:
     if bits < 1:
         raise PreprocessError(f"DICOM with {bits} bits stored is not supported (1 to 16 bits)")
     if getattr(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None), "is_compressed", False):
+        if allocated not in (8, 16) or bits > allocated:  # GDCM aborts the process on these (found by fuzzing)
+            raise PreprocessError(f"DICOM compressed pixel data with {allocated} bits allocated and {bits} "
+                                  "stored is not supported (8 or 16 allocated)")
         _quiet_gdcm()  # GDCM may be the decoder (imported only for compressed pixel data)
+        ds.pixel_array_options(decoding_plugin=_decoder(ds, bits))
     try:
         arr = ds.pixel_array
     except Exception as exc:  # missing decoder plugins, truncated pixel data, ...

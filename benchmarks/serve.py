@@ -5,6 +5,7 @@ threads with keep-alive connections send 400 multipart ``POST /v1/classify`` req
 Reports p50/p95/max latency per request and requests/s over the whole run.
 
     python -m benchmarks.serve [--quick] [--requests N] [--clients N] [-- extra serve options]
+    python -m benchmarks.serve --soak [--requests 5000] [--clients 16]   (benchmarks/serve_soak.py)
 """
 from __future__ import annotations
 
@@ -159,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--requests", type=int)
     ap.add_argument("--clients", type=int, default=CLIENTS)
+    ap.add_argument("--soak", action="store_true", help="the soak: a mix of inputs, slow clients, memory")
     ap.add_argument("serve_options", nargs="*", help="extra cxr-edge serve options (after --)")
     args = ap.parse_args(argv)
+    if args.soak:
+        from benchmarks import serve_soak
+
+        return serve_soak.main(args.requests or 5000, args.clients if args.clients != CLIENTS else 16)
     res = run(args.quick, args.requests, args.clients, serve_options=tuple(args.serve_options))
     print(json.dumps(res, indent=2))
     return 0 if res["correct"] == res["requests"] else 1

@@ -370,7 +370,12 @@ def info(model, as_json) -> None:
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=64, show_default=True,
               help="Largest request body; larger ones get 413.")
 @click.option("--no-ood", "no_ood", is_flag=True, help="Bypass the bundle's out-of-distribution gate.")
-def serve(host, port, model, backend, threads, workers, token, insecure_no_auth, max_upload_mb, no_ood) -> None:
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most POST /v1 requests in progress at once; past it 503 with Retry-After.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds a request may take to arrive and be answered (408 slow upload, 503 slow answer).")
+def serve(host, port, model, backend, threads, workers, token, insecure_no_auth, max_upload_mb, no_ood,
+          max_concurrency, request_timeout) -> None:
     """Web page and REST API (/v1/classify, /v1/model, /docs) on http://HOST:PORT/."""
     try:
         from cxr_edge.serve import serve_command
@@ -380,7 +385,7 @@ def serve(host, port, model, backend, threads, workers, token, insecure_no_auth,
         missing.exit_code = 2
         raise missing from None
     serve_command(host, port, model, backend, threads, workers, token, insecure_no_auth, max_upload_mb,
-                  ood=not no_ood)
+                  ood=not no_ood, max_concurrency=max_concurrency, request_timeout=request_timeout)
 
 
 class _BatchUsage(click.ClickException):

@@ -2,6 +2,7 @@
 
     cxr-edge serve [--host 127.0.0.1] [--port 8000] [--model BUNDLE] [--backend tflite|onnx] [--threads N]
                    [--workers N] [--token TOKEN | --insecure-no-auth] [--max-upload-mb 64] [--no-ood]
+                   [--max-concurrency 32] [--request-timeout 30]   (limits: cxr_edge/serve_limits.py)
 
 Endpoints (OpenAPI schema at ``/openapi.json``, its docs page at ``/docs``; every asset is served from the
 installed packages, nothing from a CDN):
@@ -52,6 +53,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from cxr_edge import __version__
 from cxr_edge.classifier import one_line
 from cxr_edge.labels import CLASS_NAMES
+from cxr_edge.serve_limits import DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT, RequestLimits
 
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
 HEATMAP_SIDE = 512  # overlays sent over HTTP are at most this many pixels a side
@@ -263,7 +265,8 @@ def _err(what: str) -> dict:
 def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
                max_upload: int = DEFAULT_MAX_UPLOAD,
                on_ready: Optional[Callable[[ModelPool], None]] = None,
-               on_error: Optional[Callable[[str], None]] = None):
+               on_error: Optional[Callable[[str], None]] = None,
+               max_concurrency: int = DEFAULT_MAX_CONCURRENCY, request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
     """The ASGI app. ``loader`` builds the model pool; it runs once, in a background thread, when the app
     starts (``/healthz`` says ``loading`` until it returns)."""
     state: dict = {"status": "loading", "pool": None, "error": None}
@@ -310,7 +313,7 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
     @app.get("/healthz", tags=["service"], summary="Readiness: 200 once the model is loaded, 503 before")
     async def healthz() -> JSONResponse:
         body = {"status": state["status"], "version": __version__, "auth": token is not None,
-                "max_upload_bytes": max_upload, "notice": NOTICE}
+                "max_upload_bytes": max_upload, "notice": NOTICE, "limits": app.state.limits.to_dict()}
         if state["pool"] is not None:
             body.update(model=state["pool"].model, workers=state["pool"].size, classes=list(CLASS_NAMES))
         if state["error"]:
@@ -373,6 +376,8 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=WEB), name="web")
+    app.add_middleware(RequestLimits, max_concurrency=max_concurrency, timeout=request_timeout, state=app.state)
+    app.state.limits = RequestLimits(None, max_concurrency, request_timeout)  # until the middleware is built
     return app
 
 
@@ -413,7 +418,9 @@ class _Failed(click.ClickException):
 
 
 def serve_command(host: str, port: int, model, backend, threads, workers: int, token: Optional[str],
-                  insecure_no_auth: bool, max_upload_mb: float, ood: bool, log_level: str = "info") -> None:
+                  insecure_no_auth: bool, max_upload_mb: float, ood: bool, log_level: str = "info",
+                  max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
     """What ``cxr-edge serve`` runs: checks, bind, load the model in the background, serve until Ctrl-C."""
     import uvicorn
 
@@ -447,7 +454,8 @@ def serve_command(host: str, port: int, model, backend, threads, workers: int, t
             server.should_exit = True
 
     app = create_app(lambda: ModelPool.load(model, backend, threads, workers, ood), token=token,
-                     max_upload=int(max_upload_mb * 2**20), on_ready=ready, on_error=failed)
+                     max_upload=int(max_upload_mb * 2**20), on_ready=ready, on_error=failed,
+                     max_concurrency=max_concurrency, request_timeout=request_timeout)
     click.echo(f"cxr-edge: loading the model; listening on {url} ({'bearer token required' if token else 'no auth'})",
                err=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))

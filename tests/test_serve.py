@@ -278,3 +278,101 @@ def test_cli_serve_guards(monkeypatch, tmp_path):
     missing = runner.invoke(cli, ["serve"])
     assert missing.exit_code == 2 and 'pip install "cxr-edge[serve]"' in missing.output
     assert len(missing.output.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------- limits (cxr_edge/serve_limits.py)
+
+
+def test_past_max_concurrency_is_503_at_once_not_a_queue(pool):
+    """Two requests in progress (waiting for the two model slots the test holds) fill --max-concurrency 2: a
+    third is refused at once with 503 and Retry-After; the two then answer the CLI's records."""
+    expected = cli_records([SCAN])
+    with make_client(pool, max_concurrency=2, request_timeout=60) as c:
+        wait_ready(c)
+        held = [pool.slot() for _ in range(pool.size)]
+        for h in held:
+            h.__enter__()
+        try:
+            with ThreadPoolExecutor(2) as ex:
+                waiting = [ex.submit(c.post, "/v1/classify", files={"file": (SCAN.name, SCAN.read_bytes())})
+                           for _ in range(2)]
+                end = time.monotonic() + 20
+                while c.get("/healthz").json()["limits"]["in_progress"] < 2:
+                    assert time.monotonic() < end
+                    time.sleep(0.02)
+                t0 = time.monotonic()
+                busy = c.post("/v1/classify", files={"file": (SCAN.name, SCAN.read_bytes())})
+                assert time.monotonic() - t0 < 2 and not any(w.done() for w in waiting)
+                assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+                assert "--max-concurrency 2" in busy.json()["detail"]
+                assert c.get("/healthz").status_code == 200  # GET is never limited
+                for h in held:
+                    h.__exit__(None, None, None)
+                held = []
+                answers = [w.result(timeout=30) for w in waiting]
+        finally:
+            for h in held:
+                h.__exit__(None, None, None)
+        assert [a.status_code for a in answers] == [200, 200]
+        assert all(a.json()["results"] == expected for a in answers)
+        limits = c.get("/healthz").json()["limits"]
+        assert limits["refused_busy"] == 1 and limits["in_progress"] == 0
+        assert limits["max_pixels"] == Image.MAX_IMAGE_PIXELS and limits["request_timeout_s"] == 60
+
+
+def test_an_answer_past_the_time_limit_is_503(pool):
+    with make_client(pool, request_timeout=0.5) as c:
+        wait_ready(c)
+        held = [pool.slot() for _ in range(pool.size)]
+        for h in held:
+            h.__enter__()
+        try:
+            t0 = time.monotonic()
+            late = c.post("/v1/classify", files={"file": (SCAN.name, SCAN.read_bytes())})
+            assert time.monotonic() - t0 < 5
+        finally:
+            for h in held:
+                h.__exit__(None, None, None)
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert "time limit (0.5 s" in late.json()["detail"]
+        ok = c.post("/v1/classify", files={"file": (SCAN.name, SCAN.read_bytes())})
+        assert ok.status_code == 200 and ok.json()["results"] == cli_records([SCAN])
+
+
+def test_a_dribbling_upload_gets_408_and_others_are_served_meanwhile():
+    """A real server (``--request-timeout 2``): a client that sends its headers and then a byte a second is
+    cut off with 408 after 2 s, while a normal request made meanwhile is answered at once."""
+    import http.client
+    import socket
+
+    from benchmarks.serve import multipart, start_server, stop_server
+
+    proc, url = start_server("--request-timeout", "2")
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    try:
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        body, ctype = multipart(SCAN.name, SCAN.read_bytes())
+        slow.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", "/v1/classify", body=body, headers={"Content-Type": ctype})
+        fast = conn.getresponse()
+        assert fast.status == 200 and time.monotonic() - t0 < 3
+        assert json.loads(fast.read())["results"] == cli_records([SCAN])
+        answer, sent = b"", 100
+        while b"\r\n\r\n" not in answer and time.monotonic() - t0 < 8:
+            try:
+                slow.sendall(body[sent:sent + 1])
+                sent += 1
+                slow.settimeout(1.0)
+                answer += slow.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert 1.5 < time.monotonic() - t0 < 6
+    finally:
+        slow.close()
+        stop_server(proc)

@@ -167,6 +167,10 @@ def _targets(results: dict, shipped: str | None) -> list[dict]:
         ratio = best / floor["median_ms"]
         out.append({"target": "end-to-end latency <= 3x the bare JPEG decode",
                     "measured": f"{ratio:.2f}x ({best:.1f} ms vs {floor['median_ms']:.1f} ms)", "met": ratio <= 3})
+    if latency.get("onnx_speed"):
+        from benchmarks import onnx_speed
+
+        out.append(onnx_speed.target(latency["onnx_speed"]))
     b1 = latency.get("inference", {}).get("batch1", {})
     dn = next((v for k, v in b1.items() if k.startswith("densenet201") and "Keras" in k), None)
     fast = min((v["median_ms"] for k, v in b1.items() if "int8" in k and "2 threads" in k
@@ -294,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     [Path(r.path) for r in test.records], root / "test", quick)
     print("latency: inference", flush=True)
     results["latency"]["inference"] = lat.inference(artifacts, x1, repeats, refs)
+    from benchmarks import onnx_speed  # ONNX Runtime int8 vs LiteRT int8 vs ONNX float32 (issue 35)
+
+    results["latency"]["onnx_speed"] = onnx_speed.measure(None if not args.bundle else bundles[0],
+                                                          [Path(r.path) for r in test.records][:20], repeats)
     print("latency: CLI cold start", flush=True)
     results["latency"]["cli"] = lat.cli_cold_start(scan, None if not args.bundle else bundles[0],
                                                    repeats=2 if quick else 10)

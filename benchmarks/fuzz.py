@@ -245,9 +245,10 @@ def run_atheris(tally: Tally, seconds: float, seed: int, work: Path) -> dict:
         for art in sorted(artifacts.iterdir()):  # each finding replayed in a bounded worker for its detail
             data = art.read_bytes()
             outcome, detail, _ = replay.run(data)
-            if outcome not in FINDING_KINDS:  # libFuzzer's own limit (a slow input, RSS): named by it
-                outcome = {"timeout": "hang", "oom": "memory"}.get(art.name.split("-")[0], "died")
-                detail = f"libFuzzer {art.name.split('-')[0]} (replayed alone: {outcome})"
+            if outcome not in FINDING_KINDS:  # libFuzzer's own limit (a slow input, RSS), or fixed since
+                kind = art.name.split("-")[0]
+                detail = f"libFuzzer {kind}; replayed alone in a fresh worker: {outcome} ({detail[:120]})"
+                outcome = {"timeout": "hang", "oom": "memory"}.get(kind, "died")
             tally.inputs -= 1  # counted once by the worker already
             tally.add(data, outcome, detail, origin="atheris")
             art.unlink()

@@ -43,16 +43,18 @@ def free_port() -> int:
 
 
 def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process we can read."""
+    """pid -> (parent pid, command line) of every live process we can read (zombies left out: they are dead
+    already, and only their parent can reap them)."""
     out = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
             except (OSError, ValueError, IndexError):
                 continue
-            out[int(d.name)] = (ppid, cmd)
+            if state != "Z":
+                out[int(d.name)] = (int(ppid), cmd)
     return out
 
 

@@ -427,6 +427,21 @@ def batch(sources, out, ray_address, workers, model, backend, threads, no_ood, s
         sys.exit(1)
 
 
+@cli.command("export-web")
+@click.argument("dest", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@_model_option
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty DIR (replacing the files export-web writes).")
+def export_web(dest, model, overwrite) -> None:
+    """Write a static folder that classifies scans in the browser (no install, works offline; docs/runtimes.md)."""
+    from cxr_edge.webexport import WebExportError, export_web as write
+
+    try:
+        out = write(dest, model, overwrite)
+    except (WebExportError, BundleError, OSError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    click.echo(f"wrote {out}: serve it with any static web server, e.g. python -m http.server -d {out} -b 127.0.0.1")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: no tracebacks for anything but bugs shown with CXR_EDGE_DEBUG=1."""
     from cxr_edge.classifier import single_threaded_blas

@@ -91,3 +91,44 @@ def test_a_short_seeded_run_finds_nothing(tmp_path):
     assert rep["inputs"] >= 300  # seeds plus mutations, even on a loaded machine
     assert rep["outcomes"].get("ok", 0) > 0 and rep["outcomes"].get("error", 0) > 0
     assert not (tmp_path / "found").exists()
+
+
+def test_tiffs_in_many_strips_still_read():
+    """The overlapping-strips check leaves real TIFFs alone: one row per strip, 8- and 16-bit, read exactly as
+    the same pixels in a PNG."""
+    from PIL import TiffImagePlugin
+
+    with Image.open(sorted((REGRESSIONS.parent / "chest_xray" / "test").rglob("*.jpeg"))[0]) as img:
+        gray = img.convert("L")
+    png = io.BytesIO()
+    gray.save(png, "PNG")
+    for mode_img in (gray, Image.fromarray(np.asarray(gray, np.uint16) * 257)):
+        tif = io.BytesIO()
+        mode_img.save(tif, "TIFF", strip_size=1)  # one row per strip, 680 strips (read as one tile)
+        assert np.array_equal(load_gray(tif.getvalue(), 144), load_gray(png.getvalue(), 144))
+    assert TiffImagePlugin.STRIP_SIZE == 65536
+    padded = padded_strips_tiff(np.asarray(gray), rows=4, pad=16)  # 170 separate strips, as some scanners write
+    with Image.open(io.BytesIO(padded)) as back:
+        assert len(back.tile) == -(-gray.height // 4)
+    assert np.array_equal(load_gray(padded, 144), load_gray(png.getvalue(), 144))
+
+
+def padded_strips_tiff(g: np.ndarray, rows: int, pad: int) -> bytes:
+    """An uncompressed 8-bit TIFF whose strips of ``rows`` rows lie ``pad`` bytes apart: valid, not contiguous."""
+    import struct
+
+    h, w = g.shape
+    strips = [g[i:i + rows].tobytes() for i in range(0, h, rows)]
+    data, offsets, pos = b"", [], 8
+    for s in strips:
+        offsets.append(pos)
+        data += s + b"\0" * pad
+        pos += len(s) + pad
+    arrays = pos
+    counts_at = arrays + 4 * len(strips)
+    ifd_at = counts_at + 4 * len(strips)
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, len(strips), arrays), (277, 3, 1, 1), (278, 4, 1, rows), (279, 4, len(strips), counts_at)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0" * 4
+    return (b"II*\0" + struct.pack("<I", ifd_at) + data + struct.pack(f"<{len(strips)}I", *offsets)
+            + struct.pack(f"<{len(strips)}I", *map(len, strips)) + ifd)

@@ -1,0 +1,234 @@
+"""``cxr-edge export-web``: the static in-browser classifier.
+
+Two layers. The JavaScript's arithmetic (``cxr_edge/webapp/cxr.js``) run by node against Pillow and numpy:
+the reduction and Lanczos squash bit for bit, the colour and blank checks, the gate's head on the model's
+feature map, the polarity check and the heatmap. Then the exported folder in headless Chromium (Debian's
+package, driven by Playwright) from a loopback static server: shipped scans, a colour photo and a broken file,
+against ``cxr-edge classify --json --backend onnx`` (the page runs the bundle's ONNX model); no request leaves
+the page's origin. Each layer skips with one line when node or Chromium is missing (``.ci/run`` installs
+Chromium; node comes with Debian's ``nodejs``)."""
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _runtime_fixtures import image_files
+from cxr_edge.bundle import load_bundle
+from cxr_edge.webexport import WebExportError, export_web
+
+ROOT = Path(__file__).resolve().parent.parent
+CXR_JS = (ROOT / "cxr_edge" / "webapp" / "cxr.js").as_uri()
+NODE = shutil.which("node")
+CHROMIUM = next((p for p in (os.environ.get("CXR_EDGE_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"))
+                 if p and Path(p).is_file()), None)
+needs_node = pytest.mark.skipif(NODE is None, reason="no node (apt-get install nodejs) for the JavaScript parity test")
+SIZE = load_bundle().spec.size
+
+
+def _node(script: str, job: dict, tmp_path: Path):
+    """Run ``script`` (an ES module body with ``m`` = cxr.js and ``job``) in node; its JSON on stdout."""
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    head = (f"import {{ readFileSync }} from 'fs'; const m = await import({json.dumps(CXR_JS)});\n"
+            f"const job = JSON.parse(readFileSync({json.dumps(str(tmp_path / 'job.json'))}));\n"
+            "const b64 = (a) => Buffer.from(a).toString('base64'), bytes = (s) => Buffer.from(s, 'base64');\n")
+    proc = subprocess.run([NODE, "--experimental-detect-module", "--input-type=module", "-e", head + script],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def _photo(path: Path) -> Path:
+    yy, xx = np.mgrid[0:300, 0:400]
+    Image.fromarray(np.stack([xx * 255 // 400, yy * 255 // 300, 150 + 0 * xx], -1).astype(np.uint8)).save(path)
+    return path
+
+
+@needs_node
+def test_js_preprocessing_is_pillows_bit_for_bit(tmp_path):
+    """Real scans (reduced by 4 or 8, then squashed), random images whose sizes exercise partial reduction
+    boxes, both orders of Pillow's two Lanczos passes, upscaling and no resize at all, a random colour image
+    and a colour photo: the same 144 px image, the same chroma fraction and thumbnail spread."""
+    from cxr_edge.ood import features
+    from cxr_edge.preprocess import load_gray_colour
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.open(f).convert("RGB") for f in image_files("train")[:3] + image_files("test")[:1]]
+    imgs += [Image.fromarray(rng.integers(0, 256, (h, w), np.uint8)).convert("RGB")
+             for w, h in [(301, 517), (151, 259), (517, 301), (1000, 77), (SIZE, SIZE), (2049, 1531), (50, 40)]]
+    imgs += [Image.fromarray(rng.integers(0, 256, (333, 411, 3), np.uint8)), Image.open(_photo(tmp_path / "p.png"))]
+    cases, want = [], []
+    for i, im in enumerate(imgs):
+        im.save(tmp_path / f"{i}.png")
+        gray, colour = load_gray_colour(tmp_path / f"{i}.png", SIZE)
+        want.append((gray, colour, features(gray[None])[1][0]))
+        cases.append({"w": im.size[0], "h": im.size[1],
+                      "rgba": base64.b64encode(np.asarray(im.convert("RGBA")).tobytes()).decode()})
+    got = _node("""const out = job.cases.map((c) => { const rgba = bytes(c.rgba);
+      const g = m.grayInput(m.toGray(rgba, c.w * c.h), c.w, c.h, job.size);
+      return { gray: b64(g), chroma: m.chromaFraction(rgba, c.w, c.h), sd: m.thumbnail(g, job.size).sd }; });
+    console.log(JSON.stringify(out));""", {"size": SIZE, "cases": cases}, tmp_path)
+    for (gray, colour, sd), g, im in zip(want, got, imgs):
+        js = np.frombuffer(base64.b64decode(g["gray"]), np.uint8).reshape(SIZE, SIZE)
+        assert np.array_equal(js, gray), (im.size, int((js != gray).sum()))
+        assert g["chroma"] == pytest.approx(colour, abs=1e-12) and g["sd"] == pytest.approx(sd, rel=1e-6)
+    assert want[-1][1] > 0.5 and want[-2][1] > 0.02  # the colour images are seen as colour
+
+
+@needs_node
+def test_js_gate_heatmap_and_probabilities_match_python(tmp_path):
+    """From the shipped model's own feature map: the gate's vector (global average + projected grid cells),
+    its head's score, the polarity check (a negative is refused with Python's reason), the heatmap and the
+    temperature-scaled probabilities. Then the gate is data-driven: a head with one more class (an adult
+    refusal, say) refuses with that class's reason read from the exported parameters."""
+    from cxr_edge import Classifier
+    from cxr_edge.heatmap import cam_maps
+    from cxr_edge.webexport import web_params
+
+    bundle = load_bundle()
+    params, blob = web_params(bundle)
+    arrays = {k: np.frombuffer(blob, "<f4", v["length"], v["offset"]).tolist() for k, v in params["arrays"].items()}
+    clf = Classifier(backend="onnx", ood=True)
+    gray = np.stack([_gray(f) for f in image_files("test")])
+    gray = np.concatenate([gray, 255 - gray[:1]])  # a negative of a scan
+    from cxr_edge.preprocess import to_input
+
+    raw, feats = clf.engine.run_full(to_input(gray, bundle.spec))  # the model's own output, before the temperature
+    probs = clf.predict(gray)
+    gate = clf.gate
+    want = [gate.check_after_model(gate.embedding_of(f), g) for f, g in zip(feats, gray)]
+    extra = dict(params["gate"], classes=params["gate"]["classes"] + ["adult_chest"],
+                 reasons={**params["gate"]["reasons"], "adult_chest": "adult chest X-ray"}, adult_class="adult_chest",
+                 population="trained on children")
+    w = np.asarray(arrays["gate.emb_weights"]).reshape(-1, len(params["gate"]["classes"]))
+    job = {"params": params, "arrays": arrays, "feats": [base64.b64encode(f.astype("<f4").tobytes()).decode() for f in feats],
+           "shape": list(feats.shape[1:]), "thumbs": [], "raw": raw.tolist(), "extra": extra,
+           "extra_w": np.concatenate([w, np.zeros((len(w), 1))], 1).ravel().tolist(),
+           "extra_b": arrays["gate.emb_bias"] + [1e3], "gray": [base64.b64encode(g.tobytes()).decode() for g in gray]}
+    got = _node("""const P = job.params, A = job.arrays, G = { ...P.gate };
+      for (const k of Object.keys(A)) if (k.startsWith('gate.')) G[k.slice(5)] = A[k];
+      const [h, w, c] = job.shape, out = [];
+      job.feats.forEach((f64, i) => {
+        const f = new Float32Array(bytes(f64).buffer.slice(bytes(f64).byteOffset, bytes(f64).byteOffset + h * w * c * 4));
+        const e = m.embedding(f, h, w, c, G), th = m.thumbnail(new Uint8Array(bytes(job.gray[i])), P.input.size, G.thumb);
+        const p = m.calibrate(job.raw[i], P.temperature), k = p.indexOf(Math.max(...p));
+        const X = { ...job.extra, ...Object.fromEntries(Object.entries(G).filter(([k]) => !(k in job.extra))), emb_weights: job.extra_w, emb_bias: job.extra_b };
+        out.push({ v: m.gateAfterModel(e, th.z, G), p, cam: Array.from(m.cam(f, h, w, c, A.cam_weights, k)), extra: m.gateAfterModel(e, th.z, X) });
+      });
+      console.log(JSON.stringify(out));""", job, tmp_path)
+    for v, g, p, f in zip(want, got, probs, feats):
+        assert g["v"]["ok"] == v.ok and g["v"]["reason"] == v.reason, (g["v"], v)
+        if v.ok:
+            assert g["v"]["score"] == pytest.approx(v.score, abs=1e-3)
+        np.testing.assert_allclose(g["p"], p, atol=1e-5)
+        np.testing.assert_allclose(np.reshape(g["cam"], f.shape[:2]), cam_maps(f[None], clf._cam_weights if clf._cam_weights
+                                   is not None else _cam(bundle), [int(np.argmax(p))])[0], atol=1e-4)
+        assert not g["extra"]["ok"] and g["extra"]["reason"].startswith("adult chest X-ray (gate score ")
+        assert g["extra"]["reason"].endswith("; trained on children)")
+    assert [v.ok for v in want] == [True] * (len(want) - 1) + [False] and "inverted image" in want[-1].reason
+
+
+def _gray(path):
+    from cxr_edge.preprocess import load_gray
+
+    return load_gray(path, SIZE)
+
+
+def _cam(bundle):
+    from cxr_edge.heatmap import load_cam_weights
+
+    return load_cam_weights(bundle)
+
+
+def test_export_web_writes_the_folder_and_refuses_to_overwrite(tmp_path):
+    out = export_web(tmp_path / "site")
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"index.html", "page.js", "cxr.js", "model.onnx", "params.json", "params.bin", "card.json",
+            "vendor/ort.wasm.min.mjs", "vendor/ort-wasm-simd-threaded.wasm"} <= names
+    params = json.loads((out / "params.json").read_text())
+    assert params["gate"]["classes"][0] == "frontal_chest" and params["gate"]["reasons"]["colour"] == "colour photo"
+    assert sum(a["length"] for a in params["arrays"].values()) * 4 == (out / "params.bin").stat().st_size
+    assert (out / "model.onnx").read_bytes() == load_bundle().model_file("onnx")[0].read_bytes()
+    with pytest.raises(WebExportError, match="not empty"):
+        export_web(out)
+    (out / "mine.txt").write_text("kept")
+    export_web(out, overwrite=True)
+    assert (out / "mine.txt").read_text() == "kept"
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge", "export-web", str(out)], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 1 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The exported folder on a loopback static server (Python's http.server: any static server will do)."""
+    root = export_web(tmp_path_factory.mktemp("web") / "site")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/"
+    srv.shutdown()
+
+
+def run_page(url: str, files: list[Path], chromium: str = CHROMIUM, timeout: float = 120.0) -> tuple[list, list]:
+    """Open the page in headless Chromium, give it ``files``, wait for one record each: (records, URLs of
+    requests that left the origin). Used by benchmarks/browser.py too."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
+        page = browser.new_page()
+        outside = []
+        page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("data:") else outside.append(r.url))
+        page.goto(url)
+        page.wait_for_selector("#files")
+        page.wait_for_function("() => window.cxr !== undefined")  # a function: the page's CSP forbids eval
+        page.evaluate("() => window.cxr.ready")
+        page.set_input_files("#files", [str(f) for f in files])
+        t0 = time.monotonic()
+        while page.evaluate("() => window.cxr.results.length") < len(files):
+            assert time.monotonic() - t0 < timeout, "the page did not classify every file in time"
+            time.sleep(0.1)
+        records = page.evaluate("() => window.cxr.results.map(({heatmap, ...r}) => ({...r, heatmap: !!heatmap}))")
+        browser.close()
+    return records, outside
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium) for the browser test")
+def test_page_in_chromium_matches_the_cli(site, tmp_path):
+    pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
+    broken = tmp_path / "truncated-scan.jpeg"
+    broken.write_bytes(image_files("test")[0].read_bytes()[:5000])
+    files = image_files("train")[:3] + image_files("test") + [_photo(tmp_path / "holiday-photo.jpg"), broken]
+    cli = subprocess.run([sys.executable, "-m", "cxr_edge", "classify", "--json", "--backend", "onnx", *map(str, files)],
+                         capture_output=True, text=True, cwd=ROOT)
+    want = [json.loads(line) for line in cli.stdout.splitlines()]
+    got, outside = run_page(site, files)
+    assert outside == []
+    assert [r["path"] for r in got] == [f.name for f in files]
+    for g, w in zip(got, want):
+        if "error" in w:
+            assert g["status"] == "error", g
+        elif w["status"] == "rejected":
+            assert g["status"] == "rejected" and g["reason"].split(" (")[0] == w["reason"].split(" (")[0], (g, w)
+        else:
+            assert g["status"] == "ok" and g["label"] == w["label"] and g["heatmap"], (g, w)
+            assert max(abs(g["probabilities"][k] - v) for k, v in w["probabilities"].items()) <= 0.02, (g, w)
+    assert [g["status"] for g in got[-2:]] == ["rejected", "error"] and got[-2]["reason"].startswith("colour photo")

@@ -349,6 +349,7 @@ def test_a_dribbling_upload_gets_408_and_others_are_served_meanwhile():
 
     proc, url = start_server("--request-timeout", "2")
     host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    slow = None
     try:
         slow = socket.create_connection((host, int(port)), timeout=10)
         body, ctype = multipart(SCAN.name, SCAN.read_bytes())
@@ -374,5 +375,6 @@ def test_a_dribbling_upload_gets_408_and_others_are_served_meanwhile():
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert 1.5 < time.monotonic() - t0 < 6
     finally:
-        slow.close()
+        if slow is not None:
+            slow.close()
         stop_server(proc)

@@ -368,6 +368,35 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
         png = base64.b64decode(record["heatmap"].split(",", 1)[1])
         return Response(png, media_type="image/png", headers={"X-Label": record["label"]})
 
+    local: dict = {}  # the in-browser page (cxr-edge export-web of the served bundle), written on first visit
+
+    @app.get("/local", include_in_schema=False)
+    async def local_redirect() -> Response:
+        return Response(status_code=307, headers={"Location": "/local/"})
+
+    @app.get("/local/{name:path}", include_in_schema=False)
+    async def local_page(name: str) -> FileResponse:
+        """"Classify in this browser": the static folder of ``cxr-edge export-web`` for the served bundle; the
+        scan never reaches this server (the page runs the ONNX model with onnxruntime-web)."""
+        pool = ready_pool()
+        if "root" not in local:
+            import tempfile
+
+            from cxr_edge.webexport import WebExportError, export_web
+            try:
+                local["root"] = await run_in_threadpool(export_web, Path(tempfile.mkdtemp(prefix="cxr-edge-web-")) / "site",
+                                                        pool.first.clf.bundle.root)
+            except WebExportError as exc:
+                raise HTTPException(404, f"no in-browser page for this model: {one_line(exc)}") from None
+        root = local["root"].resolve()
+        path = (root / (name or "index.html")).resolve()
+        if root not in path.parents or not path.is_file():
+            raise HTTPException(404, "not found")
+        return FileResponse(path, headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; "
+                                       "img-src 'self' data: blob:; style-src 'self'; object-src 'none'",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(WEB / "index.html", headers={

@@ -232,3 +232,23 @@ def test_page_in_chromium_matches_the_cli(site, tmp_path):
             assert g["status"] == "ok" and g["label"] == w["label"] and g["heatmap"], (g, w)
             assert max(abs(g["probabilities"][k] - v) for k, v in w["probabilities"].items()) <= 0.02, (g, w)
     assert [g["status"] for g in got[-2:]] == ["rejected", "error"] and got[-2]["reason"].startswith("colour photo")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium) for the browser test")
+def test_serve_offers_classify_in_this_browser(tmp_path):
+    """``cxr-edge serve``'s page links to /local/, the same page for the served bundle; it classifies there."""
+    pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
+    pytest.importorskip("fastapi_offline", reason="needs the serve extra: pip install 'cxr-edge[serve]'")
+    import urllib.request
+
+    from benchmarks.serve import start_server, stop_server
+
+    proc, url = start_server()
+    try:
+        assert 'href="/local/"' in urllib.request.urlopen(url).read().decode()
+        got, outside = run_page(url + "local/", image_files("test")[:2])
+        assert outside == [] and [g["status"] for g in got] == ["ok", "ok"]
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(url + "local/../card.json".replace("../", "%2e%2e/"))
+    finally:
+        stop_server(proc)

@@ -10,15 +10,11 @@ Chromium; node comes with Debian's ``nodejs``)."""
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +22,8 @@ import pytest
 from PIL import Image
 
 from _runtime_fixtures import image_files
+from benchmarks import browser as browser_bench
+from benchmarks.browser import static_server
 from cxr_edge.bundle import load_bundle
 from cxr_edge.webexport import WebExportError, export_web
 
@@ -174,41 +172,12 @@ def test_export_web_writes_the_folder_and_refuses_to_overwrite(tmp_path):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The exported folder on a loopback static server (Python's http.server: any static server will do)."""
-    root = export_web(tmp_path_factory.mktemp("web") / "site")
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/"
-    srv.shutdown()
+    with static_server(export_web(tmp_path_factory.mktemp("web") / "site")) as url:
+        yield url
 
 
-def run_page(url: str, files: list[Path], chromium: str = CHROMIUM, timeout: float = 120.0) -> tuple[list, list]:
-    """Open the page in headless Chromium, give it ``files``, wait for one record each: (records, URLs of
-    requests that left the origin). Used by benchmarks/browser.py too."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
-        page = browser.new_page()
-        outside = []
-        page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("data:") else outside.append(r.url))
-        page.goto(url)
-        page.wait_for_selector("#files")
-        page.wait_for_function("() => window.cxr !== undefined")  # a function: the page's CSP forbids eval
-        page.evaluate("() => window.cxr.ready")
-        page.set_input_files("#files", [str(f) for f in files])
-        t0 = time.monotonic()
-        while page.evaluate("() => window.cxr.results.length") < len(files):
-            assert time.monotonic() - t0 < timeout, "the page did not classify every file in time"
-            time.sleep(0.1)
-        records = page.evaluate("() => window.cxr.results.map(({heatmap, ...r}) => ({...r, heatmap: !!heatmap}))")
-        browser.close()
-    return records, outside
+def run_page(url: str, files: list[Path]) -> tuple[list, list]:
+    return browser_bench.run_page(url, files, CHROMIUM)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium) for the browser test")

@@ -132,14 +132,17 @@ def _check_tiles(img: Image.Image, source) -> None:
         length = len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)
     except (OSError, TypeError):
         return
-    tiles, reads = sorted(tiles, key=lambda t: t[2]), 0  # in the order Pillow reads them (by offset)
-    for i, tile in enumerate(tiles):
-        if tile[0] == "libtiff":  # reads the file itself, in one go
+    try:  # as integers: a hostile TIFF can give rationals (a fraction, or NaN) for sizes and offsets
+        tiles = sorted(((t[0], [int(v) for v in t[1]], int(t[2])) for t in tiles), key=lambda t: t[2])
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return  # Pillow's own decoding refuses these
+    reads = 0  # tiles in the order Pillow reads them (by offset)
+    for i, (codec, (x0, y0, x1, y1), offset) in enumerate(tiles):
+        if codec == "libtiff":  # reads the file itself, in one go
             continue
-        (x0, y0, x1, y1), offset = tile[1], tile[2]
         need = min((x1 - x0) * (y1 - y0) * 4 * len(img.getbands()), max(0, length - offset))
         gap = tiles[i + 1][2] - offset if i + 1 < len(tiles) else 0
-        reads += -(-need // (gap if gap > 0 else getattr(img, "decodermaxblock", 65536)))
+        reads += -(-max(0, need) // (gap if gap > 0 else getattr(img, "decodermaxblock", 65536)))
     if reads > MAX_TILE_READS:
         raise PreprocessError(f"malformed image: its {len(tiles)} tiles or strips overlap (decoding would read "
                               f"the file in {reads} pieces)")

@@ -279,96 +279,29 @@ def _readme_table(r: dict) -> list[str]:
     return out + [""]
 
 
-def _readme_accuracy(r: dict) -> list[str]:
-    target = next((t for t in r.get("targets", []) if t["target"].startswith("shipped int8")), None)
-    shipped, keras = _shipped(r), [a for a in r.get("accuracy", []) if a["format"] == "keras"]
-    if not shipped:
-        return []
-    first = shipped[0]["metrics"]
-    text = " / ".join(f"{100 * a['metrics']['accuracy']:.1f}% ({'TFLite' if a['format'] == 'tflite' else 'ONNX'})"
-                      for a in shipped)
-    line = (f"- **Accuracy target (0.91) {'met' if target and target['met'] else 'not met'}.** The shipped int8 "
-            f"model reaches {text}" + (f"; the float model {100 * keras[0]['metrics']['accuracy']:.1f}%" if keras
-                                        else "") +
-            f". Normal recall {_pct(first['recall']['normal'])}%, viral recall {_pct(first['recall']['viral'])}%, "
-            f"pneumonia sensitivity {_pct(first['binary']['sensitivity'])}% "
-            f"(`benchmarks/results/confusion.png`).")
-    out = [line]
-    table = r.get("report_table") or []
-    for seed in (x for x in table if x.get("protocol") == "seed" and x.get("test_accuracy") is not None):
-        same = next((x for x in table if x.get("protocol") == "grouped" and x["model"] == seed["model"]
-                     and x.get("test_accuracy") is not None), None)
-        if same:
-            out.append(f"- Leaky split: row {seed['name']} ({seed['model']}, the report's random split, patients "
-                       f"leak) scores {_pct(seed['test_accuracy'])}% on its own random test portion; row "
-                       f"{same['name']} (same model, patient-grouped) scores {_pct(same['test_accuracy'])}% on the "
-                       "official test set" + "".join(sorted({f" (carried from {x['carried_from']})" for x in (seed, same)
-                                                            if x.get("carried_from")})) + ".")
-    return out
-
-
-def _readme_speed(r: dict) -> list[str]:
-    lat = r.get("latency") or {}
-    e2e = lat.get("end_to_end", {}).get("timings", {})
-    b1 = lat.get("inference", {}).get("batch1", {})
-    bits = []
-    fast = min(((k, v["median_ms"]) for k, v in b1.items() if "int8" in k and "2 threads" in k),
-               key=lambda kv: kv[1], default=None)
-    if fast:
-        bits.append(f"inference {fast[1]:.1f} ms ({fast[0]})")
-    for k, v in b1.items():
-        if "Keras" in k:
-            bits.append(f"{v['median_ms']:.0f} ms for {k}")
-    floor = next((v["median_ms"] for k, v in e2e.items() if k.startswith("bare")), None)
-    best = min((v["median_ms"] for k, v in e2e.items() if k.startswith("end to end")), default=None)
-    if floor and best:
-        bits.append(f"end to end through `Classifier.classify` {best:.1f} ms against {floor:.1f} ms for the bare "
-                    f"decode ({best / floor:.1f}x)")
-    if lat.get("cli"):
-        bits.append(f"CLI cold start {lat['cli']['median_ms']:.0f} ms, peak RSS {lat['cli']['peak_rss_mib']:.0f} MiB")
-    if lat.get("installed"):
-        bits.append("installed " + ", ".join(f"{k} {v['site_packages_mib']:.0f} MiB"
-                                             for k, v in lat["installed"].items()))
-    return [f"- **Speed**: {'; '.join(bits)}."] if bits else []
-
-
 def _readme_targets(r: dict) -> list[str]:
+    """One row per target: what it asks, what was measured, met or not."""
     if not r.get("targets"):
         return []
-    return ["- **Targets**: " + "; ".join(f"{t['target']}: {t['measured']} ({'met' if t['met'] else 'not met'})"
-                                           for t in r["targets"]) + "."]
-
-
-def _readme_gate_and_calibration(r: dict) -> list[str]:
-    out = []
-    if r.get("ood"):
-        from benchmarks import ood as ood_bench
-
-        out += ood_bench.readme_lines(r["ood"])
-    if r.get("calibration"):
-        c = r["calibration"]
-        out.append(f"- **Calibration**: temperature {c['temperature']:.2f} fitted on validation; official test ECE "
-                   f"{c['raw']['ece']:.3f} raw, {c['calibrated']['ece']:.3f} calibrated.")
+    out = ["| target | measured | |", "|---|---|---|"]
+    for t in r["targets"]:
+        cells = [str(t["target"]), str(t["measured"]), "met" if t["met"] else "**not met**"]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return out
-
-
-README_SECTIONS = [_readme_table, _readme_accuracy, _readme_speed, _readme_targets, _readme_gate_and_calibration]
 
 
 def readme_block(r: dict) -> str:
-    """The README's results block (without the markers), every number taken from ``r`` (results.json)."""
+    """The README's results block (without the markers), every number taken from ``r`` (results.json):
+    one header line, the accuracy table of the shipped models, one table of targets."""
     m = r["machine"]
-    lines = [f"Measured by `{r['command']}` on {m['cpu']} ({m['usable_cores']} cores), {r['date']}; the full "
-             "report with plots, confusion matrices, the report's experiment table and every format is "
-             "[`benchmarks/results/REPORT.md`](benchmarks/results/REPORT.md). Official test set: "
+    met = sum(bool(t["met"]) for t in r.get("targets", []))
+    lines = [f"`{r['command']}` on {m['cpu']} ({m['usable_cores']} cores), {r['date']}: official test set, "
              f"{r.get('test_images', '?')} images, 95% bootstrap intervals ({r.get('bootstrap_resamples', '?')} "
-             "resamples); the model, epoch and every threshold were chosen on a patient-grouped validation split.",
-             ""]
-    for section in README_SECTIONS:
-        lines += section(r)
-    lines.append("- Export parity (int8 vs float, validation and test): "
-                 "[`benchmarks/results/parity.md`](benchmarks/results/parity.md).")
-    return "\n".join(lines)
+             f"resamples); {met} of {len(r.get('targets', []))} targets met. Full report: "
+             "[`benchmarks/results/REPORT.md`](benchmarks/results/REPORT.md).", ""]
+    lines += _readme_table(r)
+    lines += _readme_targets(r)
+    return "\n".join(lines).rstrip("\n")
 
 
 def write_readme(r: dict, readme: Path) -> bool:
@@ -382,3 +315,27 @@ def write_readme(r: dict, readme: Path) -> bool:
     if new != text:
         readme.write_text(new)
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.report --readme [README.md] [--results results.json]``: rewrite the README's
+    results block from an existing results.json, measuring nothing."""
+    import argparse
+    import sys
+
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    ap.add_argument("--readme", nargs="?", const=str(here.parent / "README.md"), required=True,
+                    help="README whose results block is rewritten (default: the project's)")
+    ap.add_argument("--results", default=str(here / "results" / "results.json"), help="results.json to read")
+    args = ap.parse_args(argv)
+    readme = Path(args.readme)
+    if not write_readme(json.loads(Path(args.results).read_text()), readme):
+        print(f"{readme}: no {README_START} ... {README_END} markers; not written", file=sys.stderr)
+        return 1
+    print(f"wrote the results block of {readme} from {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

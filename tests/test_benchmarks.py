@@ -61,21 +61,58 @@ def _results(acc_tflite: float) -> dict:
 
 
 def test_readme_block_comes_from_the_results(tmp_path):
-    block = readme_block(_results(0.8093))
-    assert "Test CPU (2 cores), 2030-01-02 03:04" in block and "624 images" in block and "1000 resamples" in block
-    assert "| m / TFLite int8 (shipped) | 80.9 [79.9, 82.9] | 50.0 | 75.0 | 87.5 | 3.00 MiB |" in block
-    assert "| m / Keras float32 (r) | 81.2 [80.2, 83.2]" in block and "TFLite float32" not in block
-    assert "**Accuracy target (0.91) not met.**" in block and "Normal recall 25.0%" in block
-    assert "temperature 1.25" in block and "0.077 raw, 0.050 calibrated" in block
-    assert "**Accuracy target (0.91) met.**" in readme_block(_results(0.9200))
+    """The block is one header line, the accuracy table of the shipped and float models and one table of
+    targets (target | measured | met or not), every number from results.json."""
+    r = _results(0.8093)
+    r["targets"].append({"target": "web service p95 <= 60 ms", "measured": "p50 48 ms | p95 52 ms", "met": True})
+    block = readme_block(r)
+    lines = block.splitlines()
+    assert lines[0].startswith("`python -m benchmarks` on Test CPU (2 cores), 2030-01-02 03:04")
+    assert "624 images" in lines[0] and "1000 resamples" in lines[0] and "1 of 2 targets met" in lines[0]
+    assert "(benchmarks/results/REPORT.md)" in lines[0]
+    assert "| m / TFLite int8 (shipped) | 80.9 [79.9, 82.9] | 50.0 | 75.0 | 87.5 | 3.00 MiB |" in lines
+    assert "| m / Keras float32 (r) | 81.2 [80.2, 83.2] | 50.0 | 75.0 | 87.5 | n/a |" in lines
+    assert "TFLite float32" not in block
+    assert "| target | measured | |" in lines
+    assert "| shipped int8 model, 3-class accuracy on the official test >= 0.91 | 0.8093 | **not met** |" in lines
+    assert "| web service p95 <= 60 ms | p50 48 ms \\| p95 52 ms | met |" in lines  # a '|' cannot split a cell
+    assert all(len(line) < 400 for line in lines)  # tables, no paragraph
+    assert "| shipped int8 model, 3-class accuracy on the official test >= 0.91 | 0.9200 | met |" in \
+        readme_block(_results(0.9200)).splitlines()
 
     readme = tmp_path / "README.md"
     readme.write_text(f"head\n{README_START}\nold\n{README_END}\nfoot\n")
-    assert write_readme(_results(0.8093), readme)
+    assert write_readme(r, readme)
     assert readme.read_text() == f"head\n{README_START}\n{block}\n{README_END}\nfoot\n"
-    assert write_readme(_results(0.8093), readme) and readme.read_text().count(README_START) == 1
+    assert write_readme(r, readme) and readme.read_text().count(README_START) == 1
     readme.write_text("no markers\n")
-    assert not write_readme(_results(0.8093), readme) and readme.read_text() == "no markers\n"
+    assert not write_readme(r, readme) and readme.read_text() == "no markers\n"
+
+
+def test_readme_block_is_rewritten_from_results_json_without_measuring(tmp_path):
+    """python -m benchmarks.report --readme renders the block from an existing results.json (the
+    same renderer python -m benchmarks uses); a README without markers is left alone, exit status 1."""
+    from benchmarks.report import main as report_main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_results(0.9200)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{README_START}\nhand-typed 99.9%\n{README_END}\ntail\n")
+    assert report_main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert readme.read_text() == f"# x\n{README_START}\n{readme_block(_results(0.9200))}\n{README_END}\ntail\n"
+    assert main(["--readme-from", str(results), "--readme", str(readme)]) == 0  # python -m benchmarks: same text
+    assert readme.read_text() == f"# x\n{README_START}\n{readme_block(_results(0.9200))}\n{README_END}\ntail\n"
+    readme.write_text("no markers\n")
+    assert report_main(["--readme", str(readme), "--results", str(results)]) == 1
+    assert readme.read_text() == "no markers\n"
+
+
+def test_the_project_readme_block_is_the_one_results_json_renders():
+    """README.md's block is what benchmarks/results/results.json renders: nobody typed it."""
+    project = Path(__file__).resolve().parents[1]
+    text = (project / "README.md").read_text()
+    block = text[text.index(README_START) + len(README_START):text.index(README_END)].strip()
+    assert block == readme_block(json.loads((project / "benchmarks" / "results" / "results.json").read_text()))
 
 
 def test_rows_whose_runs_are_absent_are_carried_with_their_date_not_dropped(tmp_path):

@@ -442,6 +442,78 @@ def export_web(dest, model, overwrite) -> None:
     click.echo(f"wrote {out}: serve it with any static web server, e.g. python -m http.server -d {out} -b 127.0.0.1")
 
 
+def _pacs():
+    """cxr_edge.dicomnode, or a usage error naming the extra it needs."""
+    try:
+        import highdicom  # noqa: F401
+        import pynetdicom  # noqa: F401
+
+        from cxr_edge import dicomnode
+        return dicomnode
+    except ImportError as exc:
+        raise _BatchUsage(f'the DICOM node needs its extra ({exc.name} is not installed): '
+                          'pip install "cxr-edge[pacs]"') from None
+
+
+@cli.command("dicom-node")
+@click.option("--send-to", required=True, metavar="AET@HOST:PORT", help="Where results go (usually the PACS).")
+@click.option("--ae-title", default="CXREDGE", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=11112, show_default=True)
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path), default="cxr-edge-spool",
+              show_default=True, help="Received instances, results waiting and the journal (journal.sqlite).")
+@click.option("--allow", multiple=True, metavar="AET", help="Accept associations only from these calling AE titles.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Classifying threads.")
+@_model_option
+@click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None)
+@click.option("--no-ood", "no_ood", is_flag=True, help="Bypass the bundle's out-of-distribution gate.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS on the listening port (PEM certificate).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False),
+              help="CA certificates: require client certificates, and send to the destination over TLS.")
+@click.option("--retry-max", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Longest wait (s) between tries to reach the destination.")
+def dicom_node(send_to, ae_title, host, port, spool, allow, workers, model, backend, no_ood, tls_cert, tls_key,
+               tls_ca, retry_max) -> None:
+    """A DICOM node (C-ECHO, C-STORE) that classifies every image a PACS sends and stores the results (an SR,
+    and a heatmap Secondary Capture) back with C-STORE to --send-to. See docs/pacs.md."""
+    node = _pacs()
+    try:
+        node.run_node(spool=spool, send_to=send_to, ae_title=ae_title, host=host, port=port, allow=allow,
+                      workers=workers, model=model, backend=backend, ood=not no_ood, tls_cert=tls_cert,
+                      tls_key=tls_key, tls_ca=tls_ca, retry_max=retry_max)
+    except node.NodeError as exc:
+        raise _BatchUsage(str(exc)) from None
+
+
+@cli.command()
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path), default="cxr-edge-spool",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per row.")
+def journal(spool, as_json) -> None:
+    """Print the journal of a dicom-node spool: every instance received, its status and results."""
+    node = _pacs()
+    try:
+        node.print_journal(spool, as_json, echo=click.echo)
+    except node.NodeError as exc:
+        raise _BatchUsage(str(exc)) from None
+
+
+@cli.command("export-web")
+@click.argument("dest", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@_model_option
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty DIR (replacing the files export-web writes).")
+def export_web(dest, model, overwrite) -> None:
+    """Write a static folder that classifies scans in the browser (no install, works offline; docs/runtimes.md)."""
+    from cxr_edge.webexport import WebExportError, export_web as write
+
+    try:
+        out = write(dest, model, overwrite)
+    except (WebExportError, BundleError, OSError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    click.echo(f"wrote {out}: serve it with any static web server, e.g. python -m http.server -d {out} -b 127.0.0.1")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: no tracebacks for anything but bugs shown with CXR_EDGE_DEBUG=1."""
     from cxr_edge.classifier import single_threaded_blas

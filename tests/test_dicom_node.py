@@ -337,3 +337,32 @@ def test_sigkill_and_destination_down_lose_nothing_and_duplicate_nothing(pacs, t
         second.stop()
         if relay:
             relay.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_on_the_listening_port(tmp_path):
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from cxr_edge.dicomnode import Node as InProcessNode
+
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    node = InProcessNode(tmp_path / "spool", "X@127.0.0.1:1", port=0, tls_cert=str(cert), tls_key=str(key),
+                         log=lambda message: None).start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 5
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        assoc = ae.associate("127.0.0.1", node.port, tls_args=(client, "localhost"))
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        plain = ae.associate("127.0.0.1", node.port)  # without TLS: no association
+        assert not plain.is_established
+    finally:
+        node.stop()

@@ -14,7 +14,8 @@ the installed sizes.
 
 A full run also rewrites the README's results block (between ``<!-- results:start -->`` and
 ``<!-- results:end -->``) from results.json (``benchmarks.report.readme_block``); ``--quick`` never touches
-the README unless ``--write-readme`` asks. ``--readme-from results.json`` only regenerates that block.
+the README unless ``--write-readme`` asks. ``--readme-from results.json`` only regenerates that block, as
+``python -m benchmarks.report --readme`` does: one header line, the accuracy table and one table of targets.
 """
 from __future__ import annotations
 

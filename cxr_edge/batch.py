@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from cxr_edge.classifier import one_line, usable_cpus
 from cxr_edge.labels import CLASS_NAMES
 
-FORMAT = "cxr-edge-batch/1"
+FORMAT = "cxr-edge-batch/2"  # 2: the warning column (allow_adults)
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
 TMP_DIR = ".tmp"
@@ -66,7 +66,7 @@ UNDECODABLE_NAME = ("file name is not UTF-8 text (shown with escapes); the resul
 SCHEMA = pa.schema([
     ("path", pa.string()), ("status", pa.string()), ("label", pa.string()),
     *[(c, pa.float64()) for c in CLASS_NAMES],
-    ("reason", pa.string()), ("error", pa.string()),
+    ("reason", pa.string()), ("error", pa.string()), ("warning", pa.string()),
     ("model_name", pa.string()), ("model_version", pa.string()), ("model_sha256", pa.string()),
     ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")),
 ])
@@ -233,7 +233,8 @@ def _prepare(out: Path, plan: Plan, job: dict) -> set[int]:
             raise BatchError(f"{job_path} is unreadable ({one_line(exc)}); use a new --out folder") from None
         if old.get("format") != FORMAT:
             raise BatchError(f"{job_path} was not written by this version of cxr-edge batch; use a new --out folder")
-        for key, what in (("inputs_sha256", "input list"), ("model", "model"), ("ood", "gate setting")):
+        for key, what in (("inputs_sha256", "input list"), ("model", "model"), ("ood", "gate setting"),
+                          ("allow_adults", "--allow-adults setting")):
             if old.get(key) != job.get(key):
                 detail = (f" ({old.get('inputs')} files then, {job['inputs']} now)" if key == "inputs_sha256" else
                           f" ({old.get(key)} then, {job.get(key)} now)")
@@ -322,7 +323,7 @@ def _row(record: dict, status: str, size, mtime, shard: int) -> dict:
     model = record.get("model") or {}
     return {"path": record["path"], "status": status, "label": record.get("label"),
             **{c: probs.get(c) for c in CLASS_NAMES}, "reason": record.get("reason"), "error": record.get("error"),
-            "model_name": model.get("name"), "model_version": model.get("version"),
+            "warning": record.get("warning"), "model_name": model.get("name"), "model_version": model.get("version"),
             "model_sha256": model.get("sha256"), "size": size, "mtime": mtime, "shard": shard}
 
 
@@ -382,6 +383,7 @@ class ModelArgs:
     backend: str
     threads: Optional[int]
     ood: bool
+    allow_adults: bool = False
 
     def classifier(self, worker: bool = True):
         from cxr_edge.classifier import Classifier, single_threaded_blas
@@ -390,7 +392,7 @@ class ModelArgs:
             single_threaded_blas()
         # one worker = one core: decoding in the worker's own thread, no decode pool beside the model
         return Classifier(model=self.model, backend=self.backend, threads=self.threads, ood=self.ood,
-                          decode_threads=0)
+                          decode_threads=0, allow_adults=self.allow_adults)
 
 
 _WORKER_CLF = None
@@ -433,7 +435,7 @@ class RayWorker:
 
         files = ray.get(bundle_files) if isinstance(bundle_files, ray.ObjectRef) else bundle_files
         if files:
-            args = ModelArgs(str(_unpack_bundle(files)), args.backend, args.threads, args.ood)
+            args = ModelArgs(str(_unpack_bundle(files)), args.backend, args.threads, args.ood, args.allow_adults)
         self.clf = args.classifier()
         self.worker = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
 
@@ -580,7 +582,7 @@ def _run_ray(units, args: ModelArgs, bundle_root: Path, workers: int, collector:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     if _single_node():
-        files, args = {}, ModelArgs(str(bundle_root), args.backend, args.threads, args.ood)
+        files, args = {}, ModelArgs(str(bundle_root), args.backend, args.threads, args.ood, args.allow_adults)
     else:  # ship the bundle: a node needs cxr-edge installed, not the bundle
         files = ray.put(_bundle_files(bundle_root))
     # One block per work unit, built here (from_blocks keeps the blocks as given, so the small units of the
@@ -647,7 +649,8 @@ def _progress(total: int, start: int, enabled: bool):
 
 def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers: Optional[int] = None,
               model=None, backend: Optional[str] = None, threads: Optional[int] = 1, ood: bool = True,
-              shard_size: Optional[int] = None, progress: Optional[bool] = None, log=None) -> dict:
+              shard_size: Optional[int] = None, progress: Optional[bool] = None, log=None,
+              allow_adults: bool = False) -> dict:
     """Run (or resume) a batch job; returns its summary (also written to ``RESULTS/_manifest.json``).
 
     ``ray``: ``None`` for the local process pool, else ``"local"`` (start Ray here), ``"auto"`` (join the
@@ -670,14 +673,14 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
         bundle = load_bundle(model)
         backend = backend or default_backend(bundle)
         _, sha = bundle.model_file(backend, verify=True)
-        ModelArgs(str(bundle.root), backend, threads, ood).classifier(worker=False)  # fail here, not in every worker
+        ModelArgs(str(bundle.root), backend, threads, ood, allow_adults).classifier(worker=False)  # fail here, not in every worker
     except (BundleError, EngineError) as exc:
         raise BatchError(f"cannot load the model: {exc}") from None
     inputs = list_inputs(sources)
     t_list = time.perf_counter() - t0
     job = {"format": FORMAT, "inputs": len(inputs), "inputs_sha256": None, "shard_size": None, "shards": None,
            "model": {"name": bundle.name, "version": bundle.version, "sha256": sha, "backend": backend},
-           "ood": bool(ood), "sources": list(sources)}
+           "ood": bool(ood), "allow_adults": bool(allow_adults), "sources": list(sources)}
     if out.exists() and not out.is_dir():
         raise BatchError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -722,10 +725,10 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
             if todo:
                 units = _units(plan, todo, workers)
                 if ray is None:
-                    _run_local(units, ModelArgs(str(bundle.root), backend, threads, ood), workers, collector, tick,
+                    _run_local(units, ModelArgs(str(bundle.root), backend, threads, ood, allow_adults), workers, collector, tick,
                                cpu_s)
                 else:
-                    _run_ray(units, ModelArgs(None, backend, threads, ood), bundle.root, workers, collector, tick,
+                    _run_ray(units, ModelArgs(None, backend, threads, ood, allow_adults), bundle.root, workers, collector, tick,
                              cpu_s)
         except (KeyboardInterrupt, BatchFailed) as exc:
             close()

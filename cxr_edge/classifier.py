@@ -45,8 +45,8 @@ from cxr_edge.bundle import Bundle, BundleError, load_bundle
 from cxr_edge.engines import EngineError, available_backends, open_engine
 from cxr_edge.heatmap import LegacyFeatures, cam_maps, load_cam_weights
 from cxr_edge.labels import CLASS_NAMES
-from cxr_edge.ood import Gate
-from cxr_edge.preprocess import InputRejected, PreprocessError, load_gray, load_gray_colour, to_input
+from cxr_edge.ood import POPULATION, Gate
+from cxr_edge.preprocess import InputRejected, PreprocessError, load_with_info, to_input
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_BATCH = 8
@@ -106,13 +106,15 @@ class Result:
     gated: bool = field(default=False, compare=False)  # the OOD gate accepted it: to_dict() has "status"
     # Classifier(heatmaps=True): the class-activation map of ``label``, float32[h, w] in 0..1 (not in to_dict)
     heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False, hash=False)
+    # Classifier(allow_adults=True): why this input is outside the intended population ("adult ..."), else ""
+    warning: str = ""
     ok: bool = field(default=True, init=False)
     status: str = field(default="ok", init=False)
 
     def to_dict(self) -> dict:
         return {"path": self.path, **({"status": "ok"} if self.gated else {}), "label": self.label,
                 "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
-                "model": self.model.to_dict()}
+                **({"warning": self.warning} if self.warning else {}), "model": self.model.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,18 @@ class RejectedResult:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "status": "rejected", "reason": self.reason, "model": self.model.to_dict()}
+
+
+ADULT_YEARS = 18  # a DICOM patient age of at least this many years is outside the intended population
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A decoded input on its way to the model: its gray image and, under ``allow_adults``, its population
+    warning from the DICOM tags."""
+
+    gray: np.ndarray
+    warning: str = ""
 
 
 def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -185,6 +199,8 @@ class Classifier:
     ``ood``: use the bundle's input gate when its card has one (``False``: bypass it).
     ``heatmaps``: attach the class-activation map of the label to each :class:`Result` (the bundle needs
     ``cam.npz``; dual-output models give it from the same pass).
+    ``allow_adults``: classify adult chest X-rays (a DICOM PatientAge of 18 years or more, or the gate's adult
+    check on the pixels) instead of refusing them; their :class:`Result` carries a ``warning``.
     Raises :class:`BundleError` for a missing/corrupt bundle (including a sha256 mismatch of a model file,
     of the gate's ``ood.npz`` or, with ``heatmaps``, of ``cam.npz``) and :class:`EngineError` when the model
     file cannot be loaded.
@@ -192,7 +208,7 @@ class Classifier:
 
     def __init__(self, model: Optional[PathLike] = None, backend: Optional[str] = None,
                  threads: Optional[int] = None, batch_size: int = DEFAULT_BATCH, ood: bool = True,
-                 heatmaps: bool = False, decode_threads: Optional[int] = None):
+                 heatmaps: bool = False, decode_threads: Optional[int] = None, allow_adults: bool = False):
         # decode_threads: classify_many's lanes instead of ``threads`` (0: decode and infer in the calling
         # thread with this classifier's engine: one process = one core, as a batch worker wants)
         self.bundle = load_bundle(model)
@@ -220,6 +236,7 @@ class Classifier:
         self.model = ModelInfo(self.bundle.name, self.bundle.version, sha, self.backend)
         self.batch_size = max(1, int(batch_size))
         self.heatmaps = bool(heatmaps)
+        self.allow_adults = bool(allow_adults)
         self._cam_weights = load_cam_weights(self.bundle) if heatmaps else None
         has_features = getattr(self.engine, "has_features", False)
         self._legacy_features = LegacyFeatures(self.bundle, infer_threads) if heatmaps and not has_features else None
@@ -250,16 +267,24 @@ class Classifier:
 
     # -- one image's way through: decode + pixel gate (any thread), model pass, embedding gate -------------
     def _checked(self, source):
-        """The gray image, or the :class:`RejectedResult` that ends this input here (a refused DICOM, or the
-        gate's pixel check). Raises :class:`PreprocessError` for an unreadable input."""
+        """The decoded input (:class:`_Decoded`), or the :class:`RejectedResult` that ends it here (a refused
+        DICOM, an adult patient by its DICOM tags, or the gate's pixel check). Raises :class:`PreprocessError`
+        for an unreadable input."""
         try:
-            if self.gate is None:
-                return load_gray(source, self.spec.size)
-            gray, colour = load_gray_colour(source, self.spec.size)
+            loaded = load_with_info(source, self.spec.size, colour=self.gate is not None)
         except InputRejected as exc:
             return RejectedResult(str(source), one_line(exc.reason), float("inf"), self.model)
-        verdict = self.gate.check_pixels(gray, colour)
-        return gray if verdict.ok else RejectedResult(str(source), verdict.reason, verdict.score, self.model)
+        warning = ""
+        if loaded.patient_age is not None and loaded.patient_age[0] >= ADULT_YEARS:
+            what = f"adult patient ({loaded.patient_age[1]}); {POPULATION}"
+            if not self.allow_adults:
+                return RejectedResult(str(source), what, float("inf"), self.model)
+            warning = f"{what}: the label is less reliable"
+        if self.gate is not None:
+            verdict = self.gate.check_pixels(loaded.gray, loaded.colour)
+            if not verdict.ok:
+                return RejectedResult(str(source), verdict.reason, verdict.score, self.model)
+        return _Decoded(loaded.gray, warning)
 
     def _prepare(self, source):
         """``_checked`` for the decode pool: an unreadable input becomes its :class:`ErrorResult` (only the
@@ -286,44 +311,46 @@ class Classifier:
             maps = cam_maps(features, self._cam_weights, probs.argmax(axis=1))
         return probs, embedding, maps
 
-    def _result(self, source, gray: np.ndarray, probs: np.ndarray, embedding: Optional[np.ndarray],
+    def _result(self, source, decoded: _Decoded, probs: np.ndarray, embedding: Optional[np.ndarray],
                 heatmap: Optional[np.ndarray]):
+        warning = decoded.warning
         if self.gate is not None:
-            verdict = self.gate.check_after_model(embedding, gray)
+            verdict = self.gate.check_after_model(embedding, decoded.gray, self.allow_adults)
             if not verdict.ok:
                 return RejectedResult(str(source), verdict.reason, verdict.score, self.model)
+            warning = warning or verdict.warning
         p = {name: float(v) for name, v in zip(CLASS_NAMES, probs)}
         return Result(str(source), CLASS_NAMES[int(np.argmax(probs))], MappingProxyType(p), self.model,
-                      gated=self.gate is not None, heatmap=heatmap)
+                      gated=self.gate is not None, heatmap=heatmap, warning=warning)
 
     def _results(self, items: list, probs, embeddings, maps) -> list:
-        return [self._result(src, g, probs[i], None if embeddings is None else embeddings[i],
-                             None if maps is None else maps[i]) for i, (src, g) in enumerate(items)]
+        return [self._result(src, d, probs[i], None if embeddings is None else embeddings[i],
+                             None if maps is None else maps[i]) for i, (src, d) in enumerate(items)]
 
     def classify(self, path: PathLike) -> Union[Result, RejectedResult]:
         """Classify one file. Raises :class:`PreprocessError` when it is not a readable image; returns a
         :class:`RejectedResult` when the input gate refuses it."""
-        gray = self._checked(path)
-        if not isinstance(gray, np.ndarray):
-            return gray
-        return self._results([(path, gray)], *self._infer(gray[None]))[0]
+        decoded = self._checked(path)
+        if not isinstance(decoded, _Decoded):
+            return decoded
+        return self._results([(path, decoded)], *self._infer(decoded.gray[None]))[0]
 
     def _finish(self, items: list, engine=None) -> list:
-        """Results for ``(source, gray or final result)`` pairs, in order; one model pass for the batch."""
-        loaded = [(src, g) for src, g in items if isinstance(g, np.ndarray)]
+        """Results for ``(source, _Decoded or final result)`` pairs, in order; one model pass for the batch."""
+        loaded = [(src, d) for src, d in items if isinstance(d, _Decoded)]
         out: list = []
         if loaded:
             try:
-                out = self._results(loaded, *self._infer(np.stack([g for _, g in loaded]), engine))
+                out = self._results(loaded, *self._infer(np.stack([d.gray for _, d in loaded]), engine))
             except EngineError:
                 # The runtime failed on this batch: one by one, so that only the input it fails on fails.
-                for src, g in loaded:
+                for src, d in loaded:
                     try:
-                        out.append(self._results([(src, g)], *self._infer(g[None], engine))[0])
+                        out.append(self._results([(src, d)], *self._infer(d.gray[None], engine))[0])
                     except EngineError as exc:
                         out.append(ErrorResult(str(src), f"inference failed: {one_line(exc)}"))
         done = iter(out)
-        return [g if not isinstance(g, np.ndarray) else next(done) for _, g in items]
+        return [next(done) if isinstance(d, _Decoded) else d for _, d in items]
 
     def classify_many(self, paths: Iterable[PathLike]) -> Iterator[Union[Result, RejectedResult, ErrorResult]]:
         """Classify files in batches; yields a :class:`Result`, :class:`RejectedResult` (input gate) or
@@ -362,7 +389,7 @@ class Classifier:
         """One lane's work on one batch: decode each path, then one pass of an idle model copy (opened on
         first use, one thread, kept for the next batch and the next call)."""
         items = [(source, self._prepare(source)) for source in sources]
-        if not any(isinstance(g, np.ndarray) for _, g in items):
+        if not any(isinstance(d, _Decoded) for _, d in items):
             return self._finish(items)
         try:
             engine = self._lane_engines.get_nowait()

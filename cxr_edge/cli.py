@@ -43,7 +43,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".ti
                   ".ppm", ".pnm", ".jp2", ".j2k", ".dcm", ".dicom"}
 PROGRESS_MIN_FILES = 20
 CSV_COLUMNS = ["path", "label", *CLASS_NAMES, "model_name", "model_version", "model_sha256", "error", "status",
-               "reason"]
+               "reason", "warning"]
 GLOB_CHARS = set("*?[")
 EXIT_INTERNAL = 3  # an unexpected exception: a bug (1 means an input failed, 2 a usage error)
 
@@ -114,10 +114,11 @@ def expand_inputs(args: tuple[str, ...]) -> list:
 
 
 def _load_classifier(model: Optional[str], backend: Optional[str], threads: Optional[int], ood: bool = True,
-                     heatmaps: bool = False):
+                     heatmaps: bool = False, allow_adults: bool = False):
     from cxr_edge.classifier import Classifier
     try:
-        return Classifier(model=model, backend=backend, threads=threads, ood=ood, heatmaps=heatmaps)
+        return Classifier(model=model, backend=backend, threads=threads, ood=ood, heatmaps=heatmaps,
+                          allow_adults=allow_adults)
     except (BundleError, EngineError) as exc:
         raise ModelLoadError(str(exc)) from None
 
@@ -164,6 +165,8 @@ class _Table:
             return
         probs = "  ".join(f"{result.probabilities[c]:>9.3f}" for c in CLASS_NAMES)
         click.echo(f"{path:<{self.width}}  {result.label:<9}  {probs}")
+        if result.warning:
+            click.echo(f"{'':<{self.width}}  warning: {result.warning}")
 
 
 def _csv_row(result) -> dict:
@@ -175,7 +178,7 @@ def _csv_row(result) -> dict:
     return {"path": result.path, "label": result.label,
             **{c: f"{result.probabilities[c]:.6f}" for c in CLASS_NAMES},
             "model_name": result.model.name, "model_version": result.model.version,
-            "model_sha256": result.model.sha256, "error": "", "status": "ok"}
+            "model_sha256": result.model.sha256, "error": "", "status": "ok", "warning": result.warning}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -185,6 +188,10 @@ def cli() -> None:
     not a medical device."""
 
 
+_allow_adults_option = click.option(
+    "--allow-adults", "allow_adults", is_flag=True,
+    help="Classify adult chest X-rays (DICOM PatientAge >= 18 years, or the input gate's adult check) instead of "
+         "refusing them; their records carry a 'warning' (the model was trained on children aged 1 to 5).")
 _model_option = click.option("--model", "model", metavar="BUNDLE", default=None,
                              help="Model bundle folder or its card.json (default: the bundled model).")
 
@@ -203,11 +210,12 @@ _model_option = click.option("--model", "model", metavar="BUNDLE", default=None,
                    "(default: one per CPU, at most 8).")
 @click.option("--no-ood", "no_ood", is_flag=True,
               help="Bypass the bundle's out-of-distribution gate: label every readable image.")
+@_allow_adults_option
 @click.option("--heatmap", "heatmap_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Write a class-activation overlay <stem>-<hash>.heatmap.png per classified scan into DIR (hash: "
                    "8 hex digits of the sha256 of the scan's resolved path, so equal names in different "
                    "folders do not collide; an existing file is an error for that scan unless --overwrite).")
-def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_ood, heatmap_dir) -> None:
+def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_ood, allow_adults, heatmap_dir) -> None:
     """Classify image files (JPEG, PNG, ..., DICOM), folders (recursively) and glob patterns.
 
     When the model bundle has an out-of-distribution gate, images that do not look like a chest X-ray
@@ -219,7 +227,8 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
     inputs = expand_inputs(paths)
     if heatmap_dir is not None:
         _make_heatmap_dir(heatmap_dir)
-    clf = _load_classifier(model, backend, threads, ood=not no_ood, heatmaps=heatmap_dir is not None)
+    clf = _load_classifier(model, backend, threads, ood=not no_ood, heatmaps=heatmap_dir is not None,
+                           allow_adults=allow_adults)
 
     table = None if as_json else _Table(max((len(shown(getattr(i, "path", i))) for i in inputs), default=4))
     failed = done = rejected = 0
@@ -370,12 +379,13 @@ def info(model, as_json) -> None:
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=64, show_default=True,
               help="Largest request body; larger ones get 413.")
 @click.option("--no-ood", "no_ood", is_flag=True, help="Bypass the bundle's out-of-distribution gate.")
+@_allow_adults_option
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most POST /v1 requests in progress at once; past it 503 with Retry-After.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="Seconds a request may take to arrive and be answered (408 slow upload, 503 slow answer).")
 def serve(host, port, model, backend, threads, workers, token, insecure_no_auth, max_upload_mb, no_ood,
-          max_concurrency, request_timeout) -> None:
+          allow_adults, max_concurrency, request_timeout) -> None:
     """Web page and REST API (/v1/classify, /v1/model, /docs) on http://HOST:PORT/."""
     try:
         from cxr_edge.serve import serve_command
@@ -385,7 +395,8 @@ def serve(host, port, model, backend, threads, workers, token, insecure_no_auth,
         missing.exit_code = 2
         raise missing from None
     serve_command(host, port, model, backend, threads, workers, token, insecure_no_auth, max_upload_mb,
-                  ood=not no_ood, max_concurrency=max_concurrency, request_timeout=request_timeout)
+                  ood=not no_ood, allow_adults=allow_adults, max_concurrency=max_concurrency,
+                  request_timeout=request_timeout)
 
 
 class _BatchUsage(click.ClickException):
@@ -408,7 +419,8 @@ class _BatchUsage(click.ClickException):
 @click.option("--no-ood", "no_ood", is_flag=True, help="Bypass the bundle's out-of-distribution gate.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Paths per output file (default: from the number of inputs, at most 1000).")
-def batch(sources, out, ray_address, workers, model, backend, threads, no_ood, shard_size) -> None:
+@_allow_adults_option
+def batch(sources, out, ray_address, workers, model, backend, threads, no_ood, shard_size, allow_adults) -> None:
     """Classify an archive (files, folders, globs, .txt lists of paths, pyarrow URIs) into a Parquet dataset,
     one row per input, resumable and exactly once (see cxr_edge/batch.py). Exit status 0 when the job is
     complete (bad files are error rows), 1 when it stopped part-way (rerun to resume), 2 usage error."""
@@ -418,28 +430,13 @@ def batch(sources, out, ray_address, workers, model, backend, threads, no_ood, s
         raise click.UsageError(f'batch needs pyarrow ({exc}): pip install "cxr-edge[batch]"') from None
     try:
         batch_mod.run_batch(sources, out, ray=ray_address, workers=workers, model=model, backend=backend,
-                            threads=threads, ood=not no_ood, shard_size=shard_size,
+                            threads=threads, ood=not no_ood, shard_size=shard_size, allow_adults=allow_adults,
                             log=lambda msg: click.echo(msg, err=True))
     except batch_mod.BatchError as exc:
         raise _BatchUsage(str(exc)) from None
     except batch_mod.BatchFailed as exc:
         click.echo(f"cxr-edge: error: {exc}", err=True)
         sys.exit(1)
-
-
-@cli.command("export-web")
-@click.argument("dest", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
-@_model_option
-@click.option("--overwrite", is_flag=True, help="Write into a non-empty DIR (replacing the files export-web writes).")
-def export_web(dest, model, overwrite) -> None:
-    """Write a static folder that classifies scans in the browser (no install, works offline; docs/runtimes.md)."""
-    from cxr_edge.webexport import WebExportError, export_web as write
-
-    try:
-        out = write(dest, model, overwrite)
-    except (WebExportError, BundleError, OSError) as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
-    click.echo(f"wrote {out}: serve it with any static web server, e.g. python -m http.server -d {out} -b 127.0.0.1")
 
 
 def _pacs():

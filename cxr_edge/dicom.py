@@ -97,6 +97,45 @@ def check_metadata(ds) -> None:
             raise InputRejected("not a radiograph (floating-point pixel data)")
 
 
+AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12, "W": 7 / 365.25, "D": 1 / 365.25}  # PatientAge (AS): nnnD/W/M/Y
+AGE_DATES = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")  # when the film was taken, in order
+
+
+def _date(text: str):
+    """A DICOM date (DA, ``YYYYMMDD``; the older ``YYYY.MM.DD`` too) or None."""
+    import datetime
+
+    digits = text.replace(".", "").strip()
+    if len(digits) != 8 or not digits.isdigit():
+        return None
+    try:
+        return datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        return None
+
+
+def patient_age(ds) -> Optional[tuple[float, str]]:
+    """(age in years, the tags it came from, for a message) from ``PatientAge`` (``034Y``, ``006M``, ``012W``,
+    ``010D``), else from ``PatientBirthDate`` and the first of ``AGE_DATES`` present; ``None`` when the tags are
+    missing or malformed (an age under 0 or over 150 years is malformed): the pixels decide then."""
+    age = _text(ds, "PatientAge")
+    if len(age) == 4 and age[:3].isdigit() and age[3] in AGE_UNITS:
+        years = int(age[:3]) * AGE_UNITS[age[3]]
+        if years <= 150:
+            return years, f"PatientAge {age}"
+    born = _date(_text(ds, "PatientBirthDate"))
+    if born is None:
+        return None
+    for keyword in AGE_DATES:
+        taken = _date(_text(ds, keyword))
+        if taken is not None:
+            years = (taken - born).days / 365.25
+            if 0 <= years <= 150:
+                return years, f"PatientBirthDate {born:%Y%m%d}, {keyword} {taken:%Y%m%d}"
+            return None
+    return None
+
+
 def _pydicom():
     try:
         import pydicom
@@ -210,7 +249,10 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray], force: bool = 
     with warnings.catch_warnings():  # pydicom warns about non-conformant files it reads anyway: not our output
         warnings.simplefilter("ignore")
         try:
-            return _read_dicom(source, force)
+            img, age = _read_dicom(source, force)
+            if age is not None:  # for the intended-population check (cxr_edge.classifier), read with the pixels
+                img.info["patient_age"] = age
+            return img
         except PreprocessError:
             raise
         except Exception as exc:  # pydicom parses elements lazily: a malformed one fails where it is read
@@ -254,6 +296,22 @@ def _quiet_gdcm() -> None:
     gdcm.Trace.DebugOff()
 
 
+def _read_dicom(source, force: bool) -> Image.Image:
+    pydicom = _pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        ds = pydicom.dcmread(fp, force=force)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
+    except Exception as exc:
+        raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
+
+    check_metadata(ds)
+    return _pixels(ds, force), patient_age(ds)
+
+
 def _decoder(ds, bits: int) -> str:
     """pydicom's decoding plugin for compressed pixel data: any but GDCM that can decode it (Pillow for JPEG
     baseline and JPEG 2000, pyjpegls for JPEG-LS, pydicom's own for RLE), because GDCM's binding lets the C++
@@ -269,19 +327,7 @@ def _decoder(ds, bits: int) -> str:
     return plugins[0] if plugins else ""
 
 
-def _read_dicom(source, force: bool) -> Image.Image:
-    pydicom = _pydicom()
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        ds = pydicom.dcmread(fp, force=force)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
-    except Exception as exc:
-        raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
-
-    check_metadata(ds)
+def _pixels(ds, force: bool) -> Image.Image:
     if force and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         _set_transfer_syntax(ds)
     if "PixelData" not in ds:

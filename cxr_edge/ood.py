@@ -60,11 +60,13 @@ from cxr_edge.bundle import BundleError, verified_file
 from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour
 
 DEFAULT_THUMB = 16
-DEFAULT_MAX_COLOUR_FRACTION = 0.02
+DEFAULT_MAX_COLOUR_FRACTION = 0.10  # share of off-tint coloured pixels (annotations stay under it; photos above)
 DEFAULT_MIN_STD = 2.0  # gray levels (0..255) of the thumbnail
 
 EMBED_CLASSES = ("frontal_chest", "lateral_chest", "other_body_part", "not_radiograph")
-REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body part",
+ADULT = "adult_chest"  # a frontal chest X-ray of an adult: outside the population the model learnt from
+POPULATION = "the model was trained on children aged 1 to 5"
+REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body part", ADULT: "adult chest X-ray",
            "not_radiograph": "not a radiograph", "colour": "colour photo", "blank": "blank image",
            "inverted": "inverted image"}
 EMBED_ARRAYS = ("emb_mean", "emb_scale", "emb_weights", "emb_bias")
@@ -72,6 +74,7 @@ DENSITY_ARRAYS = ("den_mean", "den_scale", "den_components", "den_var")
 THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
 LAYOUT_ARRAYS = ("lay_mean", "lay_proj")
 POLARITY_ARRAYS = ("pol_weights", "pol_bias")
+ADULT_ARRAYS = ("adult_weights", "adult_bias")
 
 
 def grid_bins(n: int, g: int) -> list[tuple[int, int]]:
@@ -181,12 +184,16 @@ def density_distance(embedding: np.ndarray, mean: np.ndarray, scale: np.ndarray,
     return (z * z / var).sum(axis=-1)
 
 
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    """``log(sum(exp(x)))`` over the last axis, stable."""
+    m = x.max(axis=-1)
+    return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+
+
 def head_score(logits: np.ndarray) -> np.ndarray:
     """``logsumexp(logits[..., 1:]) - logits[..., 0]``: how much more likely anything but a frontal chest
     X-ray is (log odds; higher = less like one)."""
-    rest = logits[..., 1:]
-    m = rest.max(axis=-1)
-    return m + np.log(np.exp(rest - m[..., None]).sum(axis=-1)) - logits[..., 0]
+    return logsumexp(logits[..., 1:]) - logits[..., 0]
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,7 @@ class Verdict:
     ok: bool
     reason: str
     score: float
+    warning: str = ""  # an accepted input outside the intended population (``allow_adults``)
 
     def __iter__(self):  # ok, reason, score = gate.check(...)
         return iter((self.ok, self.reason, self.score))
@@ -255,6 +263,15 @@ class Gate:
                 raise ValueError("inconsistent OOD gate arrays/parameters (layout: lay_mean[C], lay_proj[C, k] and "
                                  "embedding.layout.grid g must give the head's C + g*g*k inputs)")
             self.feature_channels = fc
+        self.has_adult = self.has_embedding and all(k in arrays for k in ADULT_ARRAYS)
+        if self.has_adult:
+            self.adult_weights = np.asarray(arrays["adult_weights"], np.float64)
+            self.adult_bias = float(np.asarray(arrays["adult_bias"]))
+            self.adult_threshold = float((emb.get("adult") or {}).get("threshold", float("nan")))
+            if (self.adult_weights.shape != (self.emb_dim,) or not np.all(np.isfinite(self.adult_weights))
+                    or not np.isfinite(self.adult_bias) or not np.isfinite(self.adult_threshold)):
+                raise ValueError("inconsistent OOD gate arrays/parameters (adult check: adult_weights[D], adult_bias "
+                                 "and embedding.adult.threshold)")
         self.has_polarity = all(k in arrays for k in POLARITY_ARRAYS)
         if self.has_polarity:
             self.pol_weights = np.asarray(arrays["pol_weights"], np.float64)
@@ -353,13 +370,27 @@ class Gate:
             return np.zeros(len(e))
         return density_distance(e, self.den_mean, self.den_scale, self.den_components, self.den_var)
 
-    def embedding_verdicts(self, embeddings: np.ndarray) -> list[Verdict]:
+    @property
+    def knows_adults(self) -> bool:
+        """True when this gate has the intended-population check (an adult-vs-child score on the head's vector)."""
+        return self.has_adult
+
+    def adult_scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """Adult scores ``[N]`` (log odds of an adult's film against a child's; NaN without the check):
+        ``((e - emb_mean) / emb_scale) @ adult_weights + adult_bias``."""
+        e = np.asarray(embeddings, np.float64).reshape(-1, self.emb_dim)
+        if not self.has_adult:
+            return np.full(len(e), np.nan)
+        return ((e - self.emb_mean) / self.emb_scale) @ self.adult_weights + self.adult_bias
+
+    def embedding_verdicts(self, embeddings: np.ndarray, allow_adults: bool = False) -> list[Verdict]:
         """:meth:`check_embedding` for embeddings ``[N, C]``."""
         e = np.asarray(embeddings, np.float64).reshape(-1, self.emb_dim)
         scores, cls = self.embedding_scores(e)
         dist = self.density(e)
+        adult = self.adult_scores(e)
         out = []
-        for score, k, d in zip(scores.tolist(), cls.tolist(), dist.tolist()):
+        for score, k, d, a in zip(scores.tolist(), cls.tolist(), dist.tolist(), adult.tolist()):
             what = REASONS[self.emb_classes[int(k)]]
             if not score <= self.emb_threshold:  # NaN (a broken embedding) is refused too
                 out.append(Verdict(False, f"{what} (gate score {score:.2f} > {self.emb_threshold:.2f}; "
@@ -367,6 +398,10 @@ class Gate:
             elif self.has_density and not d <= self.den_threshold:
                 out.append(Verdict(False, f"{what} (unlike the frontal chest X-rays the gate knows: distance "
                                           f"{d:.0f} > {self.den_threshold:.0f})", score))
+            elif self.has_adult and not a <= self.adult_threshold:  # a frontal chest film, an adult's
+                what = f"{REASONS[ADULT]} (adult score {a:.2f} > {self.adult_threshold:.2f}); {POPULATION}"
+                out.append(Verdict(True, "", score, f"{what}: the label is less reliable") if allow_adults
+                           else Verdict(False, what, score))
             else:
                 out.append(Verdict(True, "", score))
         return out
@@ -395,7 +430,7 @@ class Gate:
             out = layout_vector(pooled(f, self.grid), self.lay_mean, self.lay_proj, self.grid)
         return out[0] if one else out
 
-    def check_embedding(self, embedding: Optional[np.ndarray]) -> Verdict:
+    def check_embedding(self, embedding: Optional[np.ndarray], allow_adults: bool = False) -> Verdict:
         """Verdict for one gate vector ``float32[D]`` (``embedding_of``; for gates without a layout part the
         penultimate global average ``float32[C]``) or one feature map ``[h, w, C]``; ok when this gate has no
         embedding head (older gates) or the model gives no embedding (``None``)."""
@@ -408,27 +443,28 @@ class Gate:
             hint = (f" (this gate has a layout part: pass the model's feature map or Gate.embedding_of(features), "
                     f"not the {self.feature_channels}-d global average)" if self.has_layout else "")
             raise ValueError(f"gate expects a {self.emb_dim}-d embedding, got shape {np.shape(embedding)}{hint}")
-        return self.embedding_verdicts(e[None])[0]
+        return self.embedding_verdicts(e[None], allow_adults)[0]
 
     # -- both ----------------------------------------------------------------------------------------------
     def check(self, gray: np.ndarray, colour_fraction: float = 0.0,
-              embedding: Optional[np.ndarray] = None) -> Verdict:
+              embedding: Optional[np.ndarray] = None, allow_adults: bool = False) -> Verdict:
         """``check_pixels``, then ``check_embedding`` when an embedding is given, then ``check_polarity``."""
         v = self.check_pixels(gray, colour_fraction)
-        return v if not v.ok else self.check_after_model(embedding, gray)
+        return v if not v.ok else self.check_after_model(embedding, gray, allow_adults)
 
-    def check_after_model(self, embedding: Optional[np.ndarray], gray: np.ndarray) -> Verdict:
+    def check_after_model(self, embedding: Optional[np.ndarray], gray: np.ndarray,
+                          allow_adults: bool = False) -> Verdict:
         """The checks after the model's pass: ``check_embedding``, then, for what the head accepts (so that its
         refusals keep their reasons), ``check_polarity`` on the image; an accepted verdict keeps the head's
-        score."""
-        v = self.check_embedding(embedding)
+        score (and its population warning under ``allow_adults``)."""
+        v = self.check_embedding(embedding, allow_adults)
         if not v.ok:
             return v
         p = self.check_polarity(gray)
         return v if p.ok else p
 
     def check_source(self, source: Source, size: int = 224,
-                     embed: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Verdict:
+                     embed: Optional[Callable[[np.ndarray], np.ndarray]] = None, allow_adults: bool = False) -> Verdict:
         """Decode ``source`` (``cxr_edge.preprocess.load_gray_colour``) and check it; ``embed`` (see
         :func:`embedder`, with ``gate=`` this gate) supplies the gate vector for the head."""
         gray, colour = load_gray_colour(source, size)
@@ -436,7 +472,7 @@ class Gate:
         if not v.ok:
             return v
         return self.check_after_model(embed(gray[None])[0] if embed is not None and self.has_embedding else None,
-                                      gray)
+                                      gray, allow_adults)
 
 
 def feature_maps(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -477,6 +513,6 @@ def embedder(model, threads: Optional[int] = None, gate: Optional["Gate"] = None
     return lambda gray: pooled(maps(gray), grid)
 
 
-__all__ = ["Gate", "Verdict", "EMBED_CLASSES", "REASONS", "embedder", "feature_maps", "pooled", "grid_cells",
+__all__ = ["Gate", "Verdict", "EMBED_CLASSES", "REASONS", "ADULT", "POPULATION", "embedder", "feature_maps", "pooled", "grid_cells",
            "grid_bins", "layout_vector", "features", "thumbnail", "ppca_score",
            "head_logits", "head_score", "density_distance", "CHROMA_LEVEL"]

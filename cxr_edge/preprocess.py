@@ -31,7 +31,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -252,9 +252,30 @@ CHROMA_LEVEL = 32  # a pixel is "coloured" when max(R,G,B) - min(R,G,B) exceeds 
 _COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 
 
+SATURATED_LEVEL = 96  # chroma no tinted film display has: coloured whatever the image's tint
+TINT_BINS = 16  # luminance bins of the tint reference (``off_tint_chroma``)
+
+
+def off_tint_chroma(rgb: np.ndarray) -> np.ndarray:
+    """Each pixel's chroma apart from the image's own tint, for ``rgb[..., 3]``: ``max - min`` over the channels of
+    its difference from the median colour of the image's pixels of its luminance (``TINT_BINS`` bins). A gray
+    image has none; so has a gray film shown through a colour map (sepia, a blue tint), whose colour follows
+    its luminance; coloured arrows or outlines drawn on a film have it on their own pixels only; a photo has it
+    wherever two colours share a brightness."""
+    px = np.asarray(rgb, np.int16).reshape(-1, 3)
+    lum = (px.astype(np.int32) @ np.array([299, 587, 114])) // 1000
+    bins = np.minimum(lum * TINT_BINS // 256, TINT_BINS - 1)
+    ref = np.zeros((TINT_BINS, 3), np.float64)
+    for b in np.unique(bins):
+        ref[b] = np.median(px[bins == b], axis=0)
+    d = px - ref[bins]
+    return (d.max(axis=1) - d.min(axis=1)).reshape(np.shape(rgb)[:-1])
+
+
 def _chroma_fraction(img: Image.Image) -> float:
-    """Share of pixels of a (small) image whose chroma ``max(R,G,B) - min(R,G,B)`` exceeds ``CHROMA_LEVEL``.
-    Gray modes (L, I;16, F, 1, LA) have none; transparent pixels count as black (as in ``_to_gray8``)."""
+    """Share of pixels of a (small) image whose chroma apart from the image's own tint (``off_tint_chroma``)
+    exceeds ``CHROMA_LEVEL``, or whose plain chroma exceeds ``SATURATED_LEVEL`` (a saturated colour map). Gray modes (L, I;16, F, 1, LA) have none; transparent pixels count as black (as in
+    ``_to_gray8``)."""
     if img.mode not in _COLOUR_MODES:
         return 0.0
     if img.mode in ("P", "PA"):  # Image.reduce works on pixel values, not palette indices
@@ -264,9 +285,9 @@ def _chroma_fraction(img: Image.Image) -> float:
     if img.mode in ("RGBA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-    chroma = rgb.max(axis=-1) - rgb.min(axis=-1)
-    return float(np.mean(chroma > CHROMA_LEVEL))
+    rgb = np.asarray(img.convert("RGB"))
+    saturated = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1) > SATURATED_LEVEL
+    return float(np.mean((off_tint_chroma(rgb) > CHROMA_LEVEL) | saturated))
 
 
 def _jpeg_chroma(source: Source) -> float:
@@ -289,9 +310,20 @@ def reduction_factor(width: int, height: int, size: int, keep: int = KEEP) -> in
     return f
 
 
-def _load(source: Source, size: int, colour: bool) -> tuple[np.ndarray, float]:
+@dataclass(frozen=True)
+class Loaded:
+    """What ``load_with_info`` reads: the model's gray image, the chroma fraction (``load_gray_colour``) and the
+    patient's age where the file says it (DICOM: ``(years, the tags it came from)``, else ``None``)."""
+
+    gray: np.ndarray
+    colour: float
+    patient_age: Optional[tuple[float, str]] = None
+
+
+def _load(source: Source, size: int, colour: bool) -> Loaded:
     img = opened = _open(source)
     chroma = 0.0
+    age = opened.info.get("patient_age") if isinstance(opened.info.get("patient_age"), tuple) else None
     try:
         w0, h0 = img.size
         if min(w0, h0) < MIN_SIDE:
@@ -316,7 +348,7 @@ def _load(source: Source, size: int, colour: bool) -> tuple[np.ndarray, float]:
             gray = gray.reduce(factor)
         if gray.size != (size, size):
             gray = gray.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(gray, dtype=np.uint8), chroma
+        return Loaded(np.asarray(gray, dtype=np.uint8), chroma, age)
     except PreprocessError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -333,7 +365,7 @@ def _load(source: Source, size: int, colour: bool) -> tuple[np.ndarray, float]:
 def load_gray(source: Source, size: int = DEFAULT_SIZE) -> np.ndarray:
     """Decode ``source`` and return it as ``uint8[size, size]`` grayscale (reduced, then squashed with
     Lanczos)."""
-    return _load(source, size, colour=False)[0]
+    return _load(source, size, colour=False).gray
 
 
 def load_gray_colour(source: Source, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, float]:
@@ -341,7 +373,14 @@ def load_gray_colour(source: Source, size: int = DEFAULT_SIZE) -> tuple[np.ndarr
     (``max(R,G,B) - min(R,G,B) > CHROMA_LEVEL``), measured on a thumbnail of the original before the gray
     conversion. 0.0 for gray images (L, 16-bit, DICOM) at no extra cost; a colour JPEG costs one more decode
     at 1/8 DCT scale (the gray pixels are decoded with ``draft("L")``, which drops colour)."""
-    return _load(source, size, colour=True)
+    loaded = _load(source, size, colour=True)
+    return loaded.gray, loaded.colour
+
+
+def load_with_info(source: Source, size: int = DEFAULT_SIZE, colour: bool = True) -> Loaded:
+    """``load_gray_colour`` (``colour=False``: the chroma fraction left at 0.0, as ``load_gray``) and the
+    patient's age where a DICOM file gives it (``cxr_edge.dicom.patient_age``): what the classifier reads."""
+    return _load(source, size, colour=colour)
 
 
 def to_input(gray: np.ndarray, spec: InputSpec) -> np.ndarray:

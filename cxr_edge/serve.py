@@ -110,7 +110,8 @@ class ModelPool:
         self.size = len(slots)
 
     @classmethod
-    def load(cls, model=None, backend=None, threads=None, workers: int = 1, ood: bool = True) -> "ModelPool":
+    def load(cls, model=None, backend=None, threads=None, workers: int = 1, ood: bool = True,
+             allow_adults: bool = False) -> "ModelPool":
         from cxr_edge.bundle import BundleError
         from cxr_edge.classifier import Classifier
         from cxr_edge.engines import EngineError
@@ -119,9 +120,10 @@ class ModelPool:
         for _ in range(max(1, int(workers))):
             try:
                 slots.append(Slot(Classifier(model=model, backend=backend, threads=threads, ood=ood,
-                                             heatmaps=True), True))
+                                             heatmaps=True, allow_adults=allow_adults), True))
             except (BundleError, EngineError) as exc:  # a bundle without (usable) heatmap data still
-                clf = Classifier(model=model, backend=backend, threads=threads, ood=ood)  # classifies; the
+                clf = Classifier(model=model, backend=backend, threads=threads, ood=ood,  # classifies; the
+                                 allow_adults=allow_adults)
                 slots.append(Slot(clf, False, one_line(exc)))  # reason shows in /healthz and heatmap_error
         return cls(slots)
 
@@ -448,7 +450,7 @@ class _Failed(click.ClickException):
 
 def serve_command(host: str, port: int, model, backend, threads, workers: int, token: Optional[str],
                   insecure_no_auth: bool, max_upload_mb: float, ood: bool, log_level: str = "info",
-                  max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+                  allow_adults: bool = False, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
                   request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
     """What ``cxr-edge serve`` runs: checks, bind, load the model in the background, serve until Ctrl-C."""
     import uvicorn
@@ -482,7 +484,7 @@ def serve_command(host: str, port: int, model, backend, threads, workers: int, t
         if server is not None:
             server.should_exit = True
 
-    app = create_app(lambda: ModelPool.load(model, backend, threads, workers, ood), token=token,
+    app = create_app(lambda: ModelPool.load(model, backend, threads, workers, ood, allow_adults), token=token,
                      max_upload=int(max_upload_mb * 2**20), on_ready=ready, on_error=failed,
                      max_concurrency=max_concurrency, request_timeout=request_timeout)
     click.echo(f"cxr-edge: loading the model; listening on {url} ({'bearer token required' if token else 'no auth'})",

@@ -69,7 +69,7 @@ def test_page_in_chromium(server, tmp_path):
             assert ok.locator(".bar-row").count() == 3
             rejected = page.locator(".card.rejected")
             rejected.wait_for(timeout=30_000)
-            assert "not a chest X-ray" in rejected.inner_text()
+            assert "Rejected" in rejected.inner_text() and "colour photo" in rejected.inner_text()
             error = page.locator(".card.error")
             error.wait_for(timeout=30_000)
             assert "Unreadable" in error.inner_text() and "truncated-scan.jpeg" in error.inner_text()

@@ -233,13 +233,13 @@ def test_decoding_runs_in_the_pool(bundle_dir, monkeypatch):
     import cxr_edge.classifier as classifier_mod
 
     seen = []
-    real = classifier_mod.load_gray
+    real = classifier_mod.load_with_info
 
-    def spy(source, size):
+    def spy(source, size, colour=True):
         seen.append(threading.current_thread().name)
-        return real(source, size)
+        return real(source, size, colour)
 
-    monkeypatch.setattr(classifier_mod, "load_gray", spy)
+    monkeypatch.setattr(classifier_mod, "load_with_info", spy)
     clf = Classifier(model=bundle_dir, threads=2, ood=False)
     assert all(r.ok for r in clf.classify_many(image_files("train")))
     assert len(seen) == len(image_files("train")) and all(n.startswith("cxr-edge-decode") for n in seen)
@@ -286,24 +286,24 @@ def test_a_refused_input_is_a_rejection_and_a_bug_is_not_an_input_error(bundle_d
     from cxr_edge.preprocess import InputRejected
 
     files = image_files("test")
-    real = classifier_mod.load_gray
+    real = classifier_mod.load_with_info
 
-    def refuse_second(source, size):
+    def refuse_second(source, size, colour=True):
         if source == files[1]:
             raise InputRejected("CT, not a radiograph")
-        return real(source, size)
+        return real(source, size, colour)
 
-    monkeypatch.setattr(classifier_mod, "load_gray", refuse_second)
+    monkeypatch.setattr(classifier_mod, "load_with_info", refuse_second)
     clf = Classifier(model=bundle_dir, ood=False)
     results = list(clf.classify_many(files))
     assert [r.status for r in results] == ["ok", "rejected", "ok"]
     assert results[1].reason == "CT, not a radiograph" and results[1].to_dict()["status"] == "rejected"
     assert clf.classify(files[1]).status == "rejected"
 
-    def broken(source, size):
+    def broken(source, size, colour=True):
         raise TypeError("a programming error")
 
-    monkeypatch.setattr(classifier_mod, "load_gray", broken)
+    monkeypatch.setattr(classifier_mod, "load_with_info", broken)
     with pytest.raises(TypeError):  # not turned into a per-file error
         list(clf.classify_many(files))
 

@@ -418,7 +418,9 @@ def fitted(tmp_path_factory):
               "--variants", "3", "--n-synth", "4", "--folds", "2", "--threads", "2",
               "--density-components", "0",  # a density of a handful of scans is noise: the head only
               "--grid-components", "8",  # the layout part, small for a handful of scans
-              "--stretched", "0"])  # long films of a handful of train scans (copies of six) are noise too
+              "--stretched", "0",  # long films of a handful of train scans (copies of six) are noise too
+              "--clinical-variants", "1", "--adult-variants", "1",  # few variants: a test's time
+              "--adult-dev", str(tmp / "no-adult-dev")])  # the shipped adult frontals stand for adult_dev
     return bundle, before, data
 
 
@@ -511,8 +513,8 @@ def test_fitted_gate_on_held_out_images(fitted, non_cxr):
     b = load_bundle(bundle)
     gate = Gate.from_bundle(b.root, b.card)
     embed = embedder(b, threads=2, gate=gate)
-    for f in [HELD_OUT["frontal_chest_other"], *image_files("test")]:
-        v = gate.check_source(f, b.spec.size, embed)
+    for f in [HELD_OUT["frontal_chest_other"], *image_files("test")]:  # an adult's film: a chest film all the same
+        v = gate.check_source(f, b.spec.size, embed, allow_adults=True)
         assert v.ok, (f.name, v)
     for f in OTHER:
         if f != HELD_OUT["non_chest_radiograph"]:
@@ -529,13 +531,18 @@ def test_shipped_default_gate_on_shipped_examples():
     if gate is None or not gate.has_embedding:
         pytest.skip("the default bundle's gate has no embedding head yet")
     embed = embedder(b, threads=2, gate=gate)
-    for f in [*FRONTAL, *image_files("test")]:
+    for f in image_files("test"):
         assert gate.check_source(f, b.spec.size, embed).ok, f
+    for f in FRONTAL:  # adults' frontal films: refused as adult, classified with a warning under allow_adults
+        v = gate.check_source(f, b.spec.size, embed)
+        assert not v.ok and v.reason.startswith("adult chest X-ray"), (f.name, v)
+        v = gate.check_source(f, b.spec.size, embed, allow_adults=True)
+        assert v.ok and v.warning.startswith("adult chest X-ray"), (f.name, v)
     for f in OTHER:
         v = gate.check_source(f, b.spec.size, embed)
         assert not v.ok and v.reason.startswith("another body part"), (f.name, v)
     # the same through the runtime (Classifier: one pass, the gate's vector from the feature map)
-    results = list(Classifier(threads=2).classify_many([*FRONTAL, *OTHER]))
+    results = list(Classifier(threads=2, allow_adults=True).classify_many([*FRONTAL, *OTHER]))
     assert [r.status for r in results] == ["ok"] * len(FRONTAL) + ["rejected"] * len(OTHER), results
     assert all(r.reason.startswith("another body part") for r in results[len(FRONTAL):])
 
@@ -555,7 +562,7 @@ def test_shipped_default_gate_refuses_a_long_film():
     w, h = img.size
     strip = img.crop((w // 2 - int(w / 7), 0, w // 2 + int(w / 7), h))
     gray = np.stack([lg(img, b.spec.size), lg(strip, b.spec.size)])
-    verdicts = gate.embedding_verdicts(embed(gray))
+    verdicts = gate.embedding_verdicts(embed(gray), allow_adults=True)  # the scan: an adult's, a chest film
     assert verdicts[0].ok and not verdicts[1].ok, verdicts
 
 
@@ -596,9 +603,9 @@ def test_shipped_default_gate_accepts_portable_films_with_frames_and_text():
         pytest.skip("the default bundle's gate has no layout part")
     embed = embedder(b, threads=2, gate=gate)
     train = image_files("train")
-    for f in [*train, *FRONTAL]:
-        v = gate.check_source(_portable_film(f), b.spec.size, embed)
-        assert v.ok, (f.name, v)
+    for f in [*train, *FRONTAL]:  # the adults' films with allow_adults: the frame must not make them anything else
+        v = gate.check_source(_portable_film(f), b.spec.size, embed, allow_adults=True)
+        assert v.ok and (f in FRONTAL or not v.warning), (f.name, v)
         assert f not in train or v.score < gate.params["embedding"]["val_score_quantiles"]["0.99"], (f.name, v)
     for f in OTHER:
         v = gate.check_source(_portable_film(f), b.spec.size, embed)
@@ -658,7 +665,7 @@ def test_shipped_gate_on_the_gate_dev_views():
     laterals): every lateral view is refused as a lateral view and every adult frontal film accepted. These
     images were in the gate's fit, so this checks the shipped artifact end to end, not generalisation (the
     benchmark's cross-validation measures that)."""
-    clf = Classifier()
+    clf = Classifier(allow_adults=True)  # adults' frontal films: classified, with a warning
     laterals = sorted((GATE_DEV / "lateral_chest").iterdir())
     frontals = sorted((GATE_DEV / "frontal_chest_other").iterdir())
     results = list(clf.classify_many(laterals + frontals))

@@ -44,6 +44,9 @@ class FitConfig:
     #                       whatever its class (train.framing: normal films otherwise show more of the
     #                       child); 0 = off
     framing_full: float = 0.0  # under framing, the share of training images left whole (drawn at random)
+    acquisition: float = 0.0  # under framing, the share of training images given one random acquisition shift
+    #                           (train.shifts: exposure, noise, blur, JPEG, low resolution, rotation, framing,
+    #                           collimation, burned-in text, the portable-film look); 0 = off
     optimizer: str = "sgd"  # sgd (momentum 0.9) or adam
     lr: float = 1e-3
     schedule: str = "constant"  # constant or cosine
@@ -342,6 +345,13 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         from train.framing import RandomFraming
 
         framer = RandomFraming(cfg.framing, None, cfg.framing_full)  # checks the fraction before a run folder is made
+    acquire = None
+    if cfg.acquisition:
+        if framer is None:
+            raise ValueError("acquisition shifts work on the stored images: they need framing (framing: 0.7)")
+        from train.shifts import AcquisitionShift
+
+        acquire = AcquisitionShift(cfg.acquisition)
     if resample is None and framer is None and cfg.monitor.startswith("val_neutral"):
         raise ValueError(f"monitor {cfg.monitor} needs aspect resampling or framing (aspect: true, "
                          "framing: 0.65)")
@@ -362,7 +372,7 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
             framer.spec = built.spec
             x_tr, stored_va = _stored_images(cfg, root, y_tr, y_va)
         data = FixedBatches(x_tr, targets, cfg.batch, weights, mixup=cfg.mixup, seed=cfg.seed,
-                            transform=chain(resample, framer))
+                            transform=chain(resample, acquire, framer))
         print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
               f"pretrained={built.pretrained}, {core.count_params():,} parameters, "
               f"backend {keras.backend.backend()}", flush=True)

@@ -65,20 +65,27 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from cxr_edge.bundle import CARD_NAME, load_bundle, sha256_file
 from cxr_edge.ood import (CHROMA_LEVEL, DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, DEFAULT_THUMB, EMBED_CLASSES,
-                          Gate, density_distance, embedder, features, head_logits, head_score, layout_vector)
+                          REASONS, Gate, density_distance, embedder, features, head_logits, head_score, layout_vector)
 from cxr_edge.preprocess import load_gray
 
 GATE_FILE = "ood.npz"
 DEFAULT_GATE_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gate_dev"
-GATE_DEV_CLASSES = {"frontal_chest_other": "frontal_chest", "lateral_chest": "lateral_chest",
-                    "non_chest_radiograph": "other_body_part"}
+DEFAULT_ADULT_DEV = DEFAULT_GATE_DEV.parent / "adult_dev"
+# gate_dev's frontal films are adults': the adult_chest class (refused as outside the population, not as
+# something else), with adult_dev's
+GATE_DEV_CLASSES = {"frontal_chest_other": "adult_chest", "lateral_chest": "lateral_chest",
+                    "non_chest_radiograph": "other_body_part", "adult_dev": "adult_chest"}
+ADULT_LABEL = len(EMBED_CLASSES)  # GateData.y of adult frontal films: frontal_chest to the head, adult to the
+#                                   adult check (fit_adult)
 DEFAULT_MAX_VAL_REJECT = 0.002
-DEFAULT_C = 0.05
-DEFAULT_DENSITY_COMPONENTS = 64
+# The shipped gate's settings are the defaults: `python -m train.ood BUNDLE` rebuilds it
+DEFAULT_C = 10.0
+DEFAULT_DENSITY_COMPONENTS = 0
+DEFAULT_ADULT_VARIANTS = 6  # acquisition shifts (train.shifts.random_shift) and annotations per adult frontal film
 DEFAULT_VARIANTS = 16
 DEFAULT_FRONTAL_VARIANTS = 0  # more variants of each gate_dev adult frontal X-ray
 DEFAULT_TRAIN_VARIANTS = 1  # photometric + geometric variants per train scan (frontal_chest)
-DEFAULT_CLINICAL = 1  # clinic-style variants per train scan (frontal_chest: frames, text, crops; ``clinical``)
+DEFAULT_CLINICAL = 5  # clinic-style variants per train scan (frontal_chest: frames, text, crops; ``clinical``)
 DEFAULT_SYNTH = 12  # generated non-radiographs of each kind
 DEFAULT_GRID = 3  # layout: the feature map pooled on a 3 x 3 grid (0: global average only, the older gates)
 DEFAULT_GRID_COMPONENTS = 64  # principal components per grid cell
@@ -454,13 +461,37 @@ def synth_non_radiographs(seed: int = 0, n: int = DEFAULT_SYNTH) -> list[tuple[I
 class DevItem:
     path: str
     category: str  # gate_dev folder
-    cls: str  # one of EMBED_CLASSES
+    cls: str  # one of EMBED_CLASSES, or "adult_chest" (an adult's frontal film: ADULT_LABEL)
     group: str  # cross-validation group: the patient, or the body part for other radiographs
 
 
 def body_part(file_name: str) -> str:
     """The body part a ``non_chest_radiograph`` file name starts with (``wrist_pa_...`` -> ``wrist``)."""
     return Path(file_name).name.split("_")[0].lower()
+
+
+def patient_of(file_name: str) -> str:
+    """The patient of an NIH ChestX-ray14 file name (``nih_00000129_000.png``, ``00000129_000.png`` ->
+    ``00000129``); the file name itself for other sources (one patient a file)."""
+    parts = Path(file_name).stem.split("_")
+    digits = [p for p in parts if p.isdigit() and len(p) == 8]
+    return f"nih/{digits[0]}" if digits else Path(file_name).name
+
+
+def adult_dev_items(root: str | Path) -> list[DevItem]:
+    """adult_dev's adult frontal films (``MANIFEST.csv``'s ``file`` column, or every image below ``root``),
+    as ``adult_chest``, grouped by patient; empty when the folder is absent."""
+    root = Path(root)
+    manifest = root / "MANIFEST.csv"
+    if manifest.is_file():
+        with manifest.open(newline="") as f:
+            files = [r["file"] for r in csv.DictReader(f)]
+    elif root.is_dir():
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg",
+                                                                                              ".jpeg", ".dcm"))
+    else:
+        return []
+    return [DevItem(str(root / f), "adult_dev", "adult_chest", patient_of(f)) for f in files]
 
 
 def gate_dev_items(root: str | Path) -> list[DevItem]:
@@ -480,7 +511,8 @@ def gate_dev_items(root: str | Path) -> list[DevItem]:
         if category not in GATE_DEV_CLASSES:
             continue
         cls = GATE_DEV_CLASSES[category]
-        group = f"{category}/{body_part(file) if cls == 'other_body_part' else Path(file).name}"
+        group = (f"{category}/{body_part(file)}" if cls == "other_body_part" else
+                 patient_of(file) if cls == "adult_chest" else f"{category}/{Path(file).name}")
         out.append(DevItem(str(root / file), category, cls, group))
     if not out:
         raise FileNotFoundError(f"{root}: no gate_dev images (expected MANIFEST.csv or the folders "
@@ -575,6 +607,36 @@ def fit_layout(pooled_frontal: np.ndarray, channels: int, grid: int, k: int = DE
     return _f16(_f32({"lay_mean": mean, "lay_proj": comps.T}))
 
 
+ADULT_CHECK = ("a logistic regression (balanced class weights) on the head's standardized vector: adult frontal films "
+               "(and their variants) against the training scans' frontal rows (children, and their variants); "
+               "asked for what the head accepts as a frontal chest X-ray; refused as an adult chest X-ray when "
+               "its score > threshold (the validation scans' quantile)")
+
+
+def fit_adult(x: np.ndarray, y: np.ndarray, dev: np.ndarray, arrays: dict, val_x: np.ndarray, c: float = DEFAULT_C,
+              max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0) -> tuple[dict, dict, np.ndarray]:
+    """The intended-population check (``Gate.adult_scores``): arrays ``adult_weights[D]``, ``adult_bias`` on the
+    head's standardization (``emb_mean``, ``emb_scale``), fitted on the adult rows (``ADULT_LABEL``) against the
+    children's frontal rows (training scans and their variants: ``dev == -1``); its threshold from the
+    validation scans (``choose_threshold``). Returns (arrays, card parameters, validation scores)."""
+    from sklearn.linear_model import LogisticRegression
+
+    frontal = EMBED_CLASSES.index("frontal_chest")
+    keep = (y == ADULT_LABEL) | ((y == frontal) & (dev == -1))
+    z = (np.asarray(x, np.float64)[keep] - arrays["emb_mean"]) / arrays["emb_scale"]
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
+    model.fit(z, (y[keep] == ADULT_LABEL).astype(int))
+    out = _f32({"adult_weights": model.coef_[0], "adult_bias": np.float64(model.intercept_[0])})
+    val = ((np.asarray(val_x, np.float64) - arrays["emb_mean"]) / arrays["emb_scale"]) @ out["adult_weights"] \
+        + float(out["adult_bias"])
+    threshold = choose_threshold(val, max_val_reject)
+    params = {"threshold": round(threshold, 6), "model": ADULT_CHECK,
+              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "train_rows": {"adult": int((y[keep] == ADULT_LABEL).sum()), "child": int((y[keep] == frontal).sum())},
+              "val_rejected": int((val > threshold).sum())}
+    return out, params, val
+
+
 def scores_of(arrays: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(head scores, most likely non-frontal class index) of embeddings ``x[N, C]`` under ``arrays``."""
     logits = head_logits(x, arrays["emb_mean"], arrays["emb_scale"], arrays["emb_weights"], arrays["emb_bias"])
@@ -639,7 +701,8 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
                           "components of frontal training scans' cells), after the global average"}
     x = gate_vectors(arrays, data.x, grid)
     val_x = gate_vectors(arrays, val_x, grid)
-    arrays.update(fit_head(x, data.y, c, seed))
+    head_y = np.where(data.y == ADULT_LABEL, EMBED_CLASSES.index("frontal_chest"), data.y)  # a frontal film
+    arrays.update(fit_head(x, head_y, c, seed))
     val_scores, _ = scores_of(arrays, val_x)
     threshold = choose_threshold(val_scores, max_val_reject)
     params = {"classes": list(EMBED_CLASSES), "threshold": round(threshold, 6), "dim": int(x.shape[1]),
@@ -649,13 +712,19 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
               "max_val_reject": max_val_reject, "val_images": int(len(val_x)),
               "val_score_quantiles": {q: round(float(np.quantile(val_scores, float(q))), 4)
                                       for q in ("0.5", "0.99", "0.998")},
-              "train_rows": {EMBED_CLASSES[k]: int((data.y == k).sum()) for k in range(len(EMBED_CLASSES))},
+              "train_rows": {**{EMBED_CLASSES[k]: int((head_y == k).sum()) for k in range(len(EMBED_CLASSES))},
+                             "of which adult_chest": int((data.y == ADULT_LABEL).sum())},
               "classes_without_images": [EMBED_CLASSES[k] for k in range(len(EMBED_CLASSES))
-                                         if not np.any(data.y == k)],
+                                         if not np.any(head_y == k)],
               "C": c}
     if layout:
         params["layout"] = layout
     rejected = val_scores > threshold
+    if np.any(data.y == ADULT_LABEL):
+        adult_arrays, adult_params, val_adult = fit_adult(x, data.y, data.dev, arrays, val_x, c, max_val_reject, seed)
+        arrays.update(adult_arrays)
+        params["adult"] = adult_params
+        rejected |= val_adult > adult_params["threshold"]
     if density_components > 0:
         arrays.update(fit_density(x[(data.y == EMBED_CLASSES.index("frontal_chest")) & data.basis],
                                   density_components))
@@ -699,23 +768,63 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
                                   seed, density_components, grid, grid_components, channels)
         gate = Gate(arrays, {"embedding": params})
         orig = np.array([np.flatnonzero((data.dev == i))[0] for i in held])  # first row of an item: the original
-        for i, v in zip(held, gate.embedding_verdicts(gate_vectors(arrays, data.x[orig], grid))):
+        vectors = gate_vectors(arrays, data.x[orig], grid)
+        for i, v, va in zip(held, gate.embedding_verdicts(vectors), gate.embedding_verdicts(vectors, True)):
             rows.append({"file": Path(items[i].path).name, "category": items[i].category, "fold": k,
-                         "accepted": v.ok, "score": round(float(v.score), 3), "reason": v.reason})
-    out = {"folds": folds, "grouping": "other radiographs by body part, chest views by patient (file)",
+                         "accepted": v.ok, "score": round(float(v.score), 3), "reason": v.reason,
+                         "accepted_allow_adults": va.ok, "reason_allow_adults": va.reason})
+    out = {"folds": folds, "grouping": "other radiographs by body part, chest views by patient",
            "by_category": {}}
     for category in sorted({r["category"] for r in rows}):
-        rs = [r for r in rows if r["category"] == category]
-        want_accept = GATE_DEV_CLASSES[category] == "frontal_chest"
-        good = sum(r["accepted"] == want_accept for r in rs)
-        out["by_category"][category] = {
-            "n": len(rs), "expected": "accept" if want_accept else "reject",
-            "accepted": sum(r["accepted"] for r in rs), "rejected": sum(not r["accepted"] for r in rs),
-            "correct_rate": round(good / len(rs), 4),
-            "wrong": [f"{r['file']} ({'accepted' if r['accepted'] else 'rejected: ' + r['reason']}, "
-                      f"head score {r['score']})" for r in rs if r["accepted"] != want_accept]}
+        out["by_category"][category] = cv_summary([r for r in rows if r["category"] == category],
+                                                  GATE_DEV_CLASSES[category])
     out["rows"] = rows
     return out
+
+
+def expected_outcome(cls: str) -> str:
+    """What the gate should do with an image of class ``cls``: accept a child's frontal film, refuse an adult's
+    as adult, refuse anything else (with its own reason)."""
+    return {"frontal_chest": "accept", "adult_chest": "reject as adult"}.get(cls, "reject")
+
+
+def cv_summary(rows: list[dict], cls: str) -> dict:
+    """Counts for one category's cross-validated rows (``accepted``, ``reason``; ``accepted_allow_adults``):
+    how many the gate got right by ``expected_outcome``, the refusal reasons, and for adult films how many
+    ``allow_adults`` would classify (with a warning)."""
+    want = expected_outcome(cls)
+    adult = REASONS["adult_chest"]
+
+    def right(r):
+        if want == "accept":
+            return r["accepted"]
+        if want == "reject as adult":
+            return not r["accepted"] and r["reason"].startswith(adult)
+        return not r["accepted"] and not r["reason"].startswith(adult)
+
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if not r["accepted"]:
+            key = r["reason"].split(" (")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    out = {"n": len(rows), "expected": want, "accepted": sum(r["accepted"] for r in rows),
+           "rejected": sum(not r["accepted"] for r in rows), "correct": sum(map(right, rows)),
+           "correct_rate": round(sum(map(right, rows)) / max(1, len(rows)), 4), "reasons": reasons,
+           "wrong": [f"{r['file']} ({'accepted' if r['accepted'] else 'rejected: ' + r['reason']}, "
+                     f"head score {r['score']})" for r in rows if not right(r)]}
+    if cls == "adult_chest" and rows and "accepted_allow_adults" in rows[0]:
+        out["accepted_allow_adults"] = sum(r["accepted_allow_adults"] for r in rows)
+    return out
+
+
+def shifted(gray: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One seeded variant per ``uint8[N, S, S]`` film: an acquisition shift (``train.shifts.random_shift``) or,
+    a third of the time, burned-in annotations (``train.shifts.annotate``)."""
+    from train.shifts import annotate, random_shift
+
+    rng = np.random.default_rng(seed)
+    return np.stack([annotate(g, rng) if rng.random() < 1 / 3 else random_shift(g, rng)
+                     for g in np.asarray(gray, np.uint8)])
 
 
 def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np.ndarray, val_gray: np.ndarray,
@@ -723,7 +832,7 @@ def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np
             log: Callable[[str], None] = lambda s: None,
             n_synth: int = DEFAULT_SYNTH, n_stretched: int = 0,
             n_stretched_dev: int = 0, n_frontal_variants: int = 0,
-            n_train_variants: int = 0, n_clinical: int = 0) -> tuple[GateData, np.ndarray]:
+            n_train_variants: int = 0, n_clinical: int = 0, n_adult_variants: int = 0) -> tuple[GateData, np.ndarray]:
     """Embed everything a fit needs: train scans (+ one ``augment`` variant each) as ``frontal_chest``; each
     gate_dev item as it is (its first row) and ``n_variants`` variants (+ for lateral views and other
     radiographs ``n_stretched_dev`` "long film" variants, ``stretched``, as ``other_body_part``, with the item's
@@ -755,17 +864,25 @@ def collect(embed: Callable[[np.ndarray], np.ndarray], size: int, train_gray: np
         add(clinical(train_gray, seed + 21 + k), frontal, -1, in_basis=False)
     if n_clinical:
         log(f"clinic-style variants of train scans embedded: {n_clinical * len(train_gray)}")
+    if n_adult_variants:  # the same acquisition shifts and annotations as the adult films get: not adult cues
+        add(shifted(train_gray, seed + 31), frontal, -1, in_basis=False)
+        log(f"shifted and annotated variants of train scans embedded: {len(train_gray)}")
     for k in range(n_stretched):
         add(stretched(train_gray, seed + 5 + k), other, -1)
     if n_stretched:
         log(f"long-film variants of train scans embedded: {n_stretched * len(train_gray)}")
     for i, it in enumerate(items):
         g = load_gray(it.path, size)[None]
-        add(np.concatenate([g, variants(g, n_variants, seed + 1 + i)]), EMBED_CLASSES.index(it.cls), i)
-        if n_frontal_variants and it.cls == "frontal_chest":
-            add(variants(g, n_frontal_variants, seed + 1000 + i), frontal, i)
-        if n_stretched_dev and it.cls != "frontal_chest":  # not the adult frontal X-rays: kept away from the
-            add(stretched(np.repeat(g, n_stretched_dev, 0), seed * 7919 + 6 + i), other, i)  # reject side
+        k = ADULT_LABEL if it.cls == "adult_chest" else EMBED_CLASSES.index(it.cls)
+        add(np.concatenate([g, variants(g, n_variants, seed + 1 + i)]), k, i)
+        if it.cls == "adult_chest":  # adult films as other clinics make them: they are few, and from one hospital
+            if n_frontal_variants:
+                add(variants(g, n_frontal_variants, seed + 1000 + i), k, i)
+            if n_adult_variants:
+                add(shifted(np.repeat(g, n_adult_variants, 0), seed * 7919 + 2000 + i), k, i)
+                add(clinical(np.repeat(g, n_adult_variants, 0), seed * 7919 + 3000 + i), k, i)
+        elif n_stretched_dev:  # not the frontal X-rays: kept away from the reject side
+            add(stretched(np.repeat(g, n_stretched_dev, 0), seed * 7919 + 6 + i), other, i)
     log(f"gate_dev embedded: {len(items)} x {1 + n_variants} (+ {n_stretched_dev} long-film variants of each "
         "lateral view and other radiograph)")
     synth = np.stack([load_gray(img, size) for img, _, _ in synth_non_radiographs(seed + 1, n_synth)])
@@ -864,7 +981,9 @@ def card_entry(emb_params: dict, fitted_on: dict, cv: dict | None) -> dict:
                      + (" and the layout of its last feature map ({0}x{0} grid cells, {1} principal components "
                         "each)".format(emb_params["layout"]["grid"], emb_params["layout"]["components"])
                         if emb_params.get("layout") else "")
-                     + " over " + ", ".join(EMBED_CLASSES)),
+                     + " over " + ", ".join(EMBED_CLASSES)
+                     + ("; for what it accepts, an adult-vs-child check on the same vector (the intended "
+                        "population)" if emb_params.get("adult") else "")),
         "fitted_on": {**fitted_on, **({"gate_dev_cv": {k: v for k, v in cv.items() if k != "rows"}} if cv else {})},
     }
 
@@ -876,6 +995,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bundle", type=Path, help="model bundle folder to write ood.npz + card entry into")
     ap.add_argument("--data", default=None, help="chest_xray folder (Kaggle layout); only train/ is read")
     ap.add_argument("--gate-dev", type=Path, default=DEFAULT_GATE_DEV, help="gate_dev folder (MANIFEST.csv)")
+    ap.add_argument("--adult-dev", type=Path, default=DEFAULT_ADULT_DEV,
+                    help="adult frontal films for the adult_chest class (MANIFEST.csv; skipped when absent)")
+    ap.add_argument("--adult-variants", type=int, default=DEFAULT_ADULT_VARIANTS,
+                    help="acquisition-shifted and clinic-style variants of each adult frontal film (each kind)")
     ap.add_argument("--n-train", type=int, default=1200, help="seeded subsample of the grouped train split")
     ap.add_argument("--variants", type=int, default=DEFAULT_VARIANTS, help="variants per gate_dev image")
     ap.add_argument("--frontal-variants", type=int, default=DEFAULT_FRONTAL_VARIANTS,
@@ -921,19 +1044,20 @@ def main(argv: list[str] | None = None) -> None:
         items = gate_dev_items(args.gate_dev)
     except FileNotFoundError as exc:
         ap.error(f"{exc}; pass --gate-dev DIR (see ../shared/data/gate_dev/README.md)")
+    items += adult_dev_items(args.adult_dev)
     embed = embedder(bundle, threads=args.threads, grid=args.grid)
     train_gray = load_images(train, size, workers=args.workers)
     val_gray = load_images(val, size, workers=args.workers)
     data, val_x = collect(embed, size, train_gray, val_gray, items, args.variants, args.seed, log,
                           args.n_synth, args.stretched, args.stretched_dev, args.frontal_variants,
-                          args.train_variants, args.clinical_variants)
+                          args.train_variants, args.clinical_variants, args.adult_variants)
     cv = None
     if args.folds:
         cv = cross_validate(data, val_x, items, args.folds, args.C, args.max_val_reject, args.seed,
                             args.density_components, args.grid, args.grid_components)
         for cat, r in cv["by_category"].items():
-            log(f"gate_dev CV {cat}: {r['accepted']}/{r['n']} accepted (expected: {r['expected']}); "
-                f"wrong: {r['wrong']}")
+            log(f"gate_dev CV {cat}: {r['correct']}/{r['n']} right (expected: {r['expected']}; reasons "
+                f"{r['reasons']}); wrong: {r['wrong']}")
     arrays, params = fit_gate(data, val_x, args.C, args.max_val_reject, args.seed, args.density_components,
                               args.grid, args.grid_components)
     fitted_on = {
@@ -941,6 +1065,11 @@ def main(argv: list[str] | None = None) -> None:
                 "split (+ one geometric variant, --train-variants photometric ones and --stretched long films "
                 "each), thresholds on its val split; official test/ not read",
         "train_images": len(train), "gate_dev": _shown(args.gate_dev), "gate_dev_images": len(items),
+        "adult_dev": _shown(args.adult_dev), "adult_variants": args.adult_variants,
+        "adult": "adult frontal films (gate_dev's frontal_chest_other and adult_dev) as adult_chest, each with "
+                 "--variants variants and --adult-variants acquisition-shifted (train.shifts.random_shift) or "
+                 "annotated (train.shifts.annotate) and --adult-variants clinic-style ones; one shifted or "
+                 "annotated variant of each train scan as frontal_chest",
         "gate_dev_variants": args.variants, "gate_dev_frontal_variants": args.frontal_variants,
         "train_variants": args.train_variants,
         "clinical_variants": args.clinical_variants,
@@ -960,7 +1089,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{args.n_train} --train-variants {args.train_variants} --clinical-variants {args.clinical_variants} "
                     f"--variants "
                     f"{args.variants} --frontal-variants {args.frontal_variants} --n-synth {args.n_synth} "
-                    f"--max-val-reject {args.max_val_reject:g} "
+                    f"--max-val-reject {args.max_val_reject:g} --adult-variants {args.adult_variants} "
                     f"--seed {args.seed}"),
         "seed": args.seed, "date": datetime.date.today().isoformat(),
         "seconds": round(time.monotonic() - t0, 1)}

@@ -3,7 +3,8 @@
 "use strict";
 
 const CLASSES = ["normal", "bacterial", "viral"];
-const CSV_COLUMNS = ["path", "status", "label", ...CLASSES, "reason", "model_name", "model_version", "model_sha256"];
+const CSV_COLUMNS = ["path", "status", "label", ...CLASSES, "reason", "warning", "model_name", "model_version",
+                     "model_sha256"];
 const PARALLEL = 2;
 const $ = (id) => document.getElementById(id);
 const rows = [];
@@ -73,10 +74,11 @@ function render(card, record) {
     card.append(el("p", "verdict", "Unreadable file"), el("p", "reason", record.error));
   } else if (record.status === "rejected") {
     card.className = "card rejected";
-    card.append(el("p", "verdict", "Rejected: not a chest X-ray"), el("p", "reason", record.reason));
+    card.append(el("p", "verdict", "Rejected: not what the model reads"), el("p", "reason", record.reason));
   } else {
     card.className = "card ok";
     card.append(el("p", "verdict label", record.label), bars(record.probabilities, record.label));
+    if (record.warning) card.append(el("p", "warning", "Warning: " + record.warning));
     if (record.heatmap) {
       const img = el("img", "heatmap");
       img.alt = "heatmap of " + record.path;
@@ -96,12 +98,12 @@ function addRow(record) {
   const row = {
     path: record.path, status, label: record.label || "",
     normal: probs.normal ?? "", bacterial: probs.bacterial ?? "", viral: probs.viral ?? "",
-    reason: record.reason || record.error || "",
+    reason: record.reason || record.error || "", warning: record.warning || "",
     model_name: model.name || "", model_version: model.version || "", model_sha256: model.sha256 || "",
   };
   rows.push(row);
   const tr = el("tr", status);
-  for (const key of ["path", "status", "label", ...CLASSES, "reason"]) {
+  for (const key of ["path", "status", "label", ...CLASSES, "reason", "warning"]) {
     const v = row[key];
     tr.append(el("td", "", typeof v === "number" ? v.toFixed(3) : v));
   }

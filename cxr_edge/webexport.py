@@ -81,7 +81,7 @@ def web_params(bundle: Bundle) -> tuple[dict, bytes]:
               "input": {"size": spec.size, "scale": spec.scale, "offset": spec.offset, "keep": pre.KEEP,
                         "min_side": pre.MIN_SIDE},
               # bins: chroma apart from the image's own tint per luminance bin (0: plain max - min)
-              "colour": {"side": pre.COLOUR_SIDE, "level": pre.CHROMA_LEVEL,
+              "colour": {"side": pre.COLOUR_SIDE, "level": pre.CHROMA_LEVEL, "saturated": pre.SATURATED_LEVEL,
                          "bins": getattr(pre, "TINT_BINS", 0) if hasattr(pre, "off_tint_chroma") else 0}}
     if isinstance(bundle.card.get("cam"), dict):
         add("cam_weights", load_cam_weights(bundle))

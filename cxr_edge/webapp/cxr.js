@@ -99,7 +99,7 @@ export function grayInput(gray, w, h, size, minSide = 32) {  // preprocess._load
 // ---- the gate's pixel checks --------------------------------------------------------------------------
 const median = (a) => { const s = Float64Array.from(a).sort(), n = s.length; return n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2; };
 
-export function chromaFraction(rgba, w, h, side = 64, level = 32, bins = 16) {  // preprocess._chroma_fraction
+export function chromaFraction(rgba, w, h, side = 64, level = 32, bins = 16, saturated = 96) {  // preprocess._chroma_fraction
   let gray = true;
   for (let i = 0; i < w * h && gray; i++) gray = rgba[4 * i] === rgba[4 * i + 1] && rgba[4 * i + 1] === rgba[4 * i + 2];
   if (gray) return 0;  // three equal channels: no chroma, whatever the tint reference
@@ -118,7 +118,8 @@ export function chromaFraction(rgba, w, h, side = 64, level = 32, bins = 16) {  
   let hits = 0;
   for (let i = 0; i < n; i++) {
     const d = [0, 1, 2].map((c) => rgb[3 * i + c] - ref[bin[i]][c]);
-    if (Math.max(...d) - Math.min(...d) > level) hits++;
+    const px = [0, 1, 2].map((c) => rgb[3 * i + c]);  // a saturated colour counts whatever the tint
+    if (Math.max(...d) - Math.min(...d) > level || Math.max(...px) - Math.min(...px) > saturated) hits++;
   }
   return hits / n;
 }
@@ -212,7 +213,7 @@ export async function classify(run, P, rgba, w, h) {
   const refuse = (reason) => ({ status: "rejected", reason });
   const th = thumbnail(gray, spec.size, gate ? gate.thumb : 16);
   if (gate) {
-    const colour = chromaFraction(rgba, w, h, P.colour.side, P.colour.level, P.colour.bins);
+    const colour = chromaFraction(rgba, w, h, P.colour.side, P.colour.level, P.colour.bins, P.colour.saturated);
     if (colour > gate.max_colour_fraction) {
       return refuse(`${gate.reasons.colour} (${Math.round(colour * 100)}% of pixels in colour; X-rays are gray)`);
     }

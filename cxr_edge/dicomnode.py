@@ -88,14 +88,14 @@ class Node:
 
     def __init__(self, spool: Path, send_to: str, ae_title: str = "CXREDGE", host: str = "127.0.0.1",
                  port: int = 11112, allow: tuple = (), workers: int = 1, model=None, backend=None, ood: bool = True,
-                 tls_cert=None, tls_key=None, tls_ca=None, retry_max: float = 60.0,
+                 allow_adults: bool = False, tls_cert=None, tls_key=None, tls_ca=None, retry_max: float = 60.0,
                  log: Callable[[str], None] = _default_log):
         self.dest = parse_destination(send_to)
         self.ae_title, self.host, self.port, self.allow = ae_title, host, int(port), tuple(allow)
         self.retry_max, self.log = max(0.1, float(retry_max)), log
         self.tls_server, self.tls_client = _tls_contexts(tls_cert, tls_key, tls_ca)
         self.spool = Spool(spool)
-        self.classifiers = [self._classifier(model, backend, ood) for _ in range(max(1, int(workers)))]
+        self.classifiers = [self._classifier(model, backend, ood, allow_adults) for _ in range(max(1, int(workers)))]
         self.work: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -103,18 +103,20 @@ class Node:
         self.server = None
 
     @staticmethod
-    def _classifier(model, backend, ood):
+    def _classifier(model, backend, ood, allow_adults=False):
         from cxr_edge.bundle import BundleError
         from cxr_edge.classifier import Classifier
         from cxr_edge.engines import EngineError
 
         try:
             try:
-                return Classifier(model, backend, threads=1, decode_threads=0, ood=ood, heatmaps=True)
+                return Classifier(model, backend, threads=1, decode_threads=0, ood=ood, heatmaps=True,
+                                  allow_adults=allow_adults)
             except BundleError as exc:
                 if "class-activation" not in str(exc) and "cam" not in str(exc).lower():
                     raise
-                return Classifier(model, backend, threads=1, decode_threads=0, ood=ood)  # no heatmaps in the SC
+                return Classifier(model, backend, threads=1, decode_threads=0, ood=ood,  # no heatmaps in the SC
+                                  allow_adults=allow_adults)
         except (BundleError, EngineError) as exc:
             raise NodeError(f"cannot load the model: {exc}") from None
 

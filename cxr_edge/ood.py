@@ -75,6 +75,7 @@ THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
 LAYOUT_ARRAYS = ("lay_mean", "lay_proj")
 POLARITY_ARRAYS = ("pol_weights", "pol_bias")
 ADULT_ARRAYS = ("adult_weights", "adult_bias")
+ADULT_OTHER_ARRAYS = ("adult_other_weights", "adult_other_bias")  # the adult check's chest-or-not question
 
 
 def grid_bins(n: int, g: int) -> list[tuple[int, int]]:
@@ -272,6 +273,13 @@ class Gate:
                     or not np.isfinite(self.adult_bias) or not np.isfinite(self.adult_threshold)):
                 raise ValueError("inconsistent OOD gate arrays/parameters (adult check: adult_weights[D], adult_bias "
                                  "and embedding.adult.threshold)")
+        self.has_adult_other = self.has_adult and all(k in arrays for k in ADULT_OTHER_ARRAYS)
+        if self.has_adult_other:
+            self.adult_other_weights = np.asarray(arrays["adult_other_weights"], np.float64)
+            self.adult_other_bias = float(np.asarray(arrays["adult_other_bias"]))
+            if (self.adult_other_weights.shape != (self.emb_dim,) or not np.all(np.isfinite(self.adult_other_weights))
+                    or not np.isfinite(self.adult_other_bias)):
+                raise ValueError("inconsistent OOD gate arrays (adult check: adult_other_weights[D], adult_other_bias)")
         self.has_polarity = all(k in arrays for k in POLARITY_ARRAYS)
         if self.has_polarity:
             self.pol_weights = np.asarray(arrays["pol_weights"], np.float64)
@@ -383,14 +391,24 @@ class Gate:
             return np.full(len(e), np.nan)
         return ((e - self.emb_mean) / self.emb_scale) @ self.adult_weights + self.adult_bias
 
+    def chest_scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """The adult check's second question, for what it would call adult: log odds of an adult's chest film
+        against another radiograph (a lateral view, another body part) ``[N]``; +inf without that part (older
+        gates: everything the adult score flags is called adult)."""
+        e = np.asarray(embeddings, np.float64).reshape(-1, self.emb_dim)
+        if not self.has_adult_other:
+            return np.full(len(e), np.inf)
+        return ((e - self.emb_mean) / self.emb_scale) @ self.adult_other_weights + self.adult_other_bias
+
     def embedding_verdicts(self, embeddings: np.ndarray, allow_adults: bool = False) -> list[Verdict]:
         """:meth:`check_embedding` for embeddings ``[N, C]``."""
         e = np.asarray(embeddings, np.float64).reshape(-1, self.emb_dim)
         scores, cls = self.embedding_scores(e)
         dist = self.density(e)
         adult = self.adult_scores(e)
+        chest = self.chest_scores(e)
         out = []
-        for score, k, d, a in zip(scores.tolist(), cls.tolist(), dist.tolist(), adult.tolist()):
+        for score, k, d, a, ch in zip(scores.tolist(), cls.tolist(), dist.tolist(), adult.tolist(), chest.tolist()):
             what = REASONS[self.emb_classes[int(k)]]
             if not score <= self.emb_threshold:  # NaN (a broken embedding) is refused too
                 out.append(Verdict(False, f"{what} (gate score {score:.2f} > {self.emb_threshold:.2f}; "
@@ -398,6 +416,10 @@ class Gate:
             elif self.has_density and not d <= self.den_threshold:
                 out.append(Verdict(False, f"{what} (unlike the frontal chest X-rays the gate knows: distance "
                                           f"{d:.0f} > {self.den_threshold:.0f})", score))
+            elif self.has_adult and not a <= self.adult_threshold and not ch > 0:  # not a child's film, nor a chest
+                out.append(Verdict(False, f"{what} (gate score {score:.2f}; not a child's chest film: adult score "
+                                          f"{a:.2f} > {self.adult_threshold:.2f}, chest score {ch:.2f} <= 0; "
+                                          "expects a frontal chest X-ray)", score))
             elif self.has_adult and not a <= self.adult_threshold:  # a frontal chest film, an adult's
                 what = f"{REASONS[ADULT]} (adult score {a:.2f} > {self.adult_threshold:.2f}); {POPULATION}"
                 out.append(Verdict(True, "", score, f"{what}: the label is less reliable") if allow_adults

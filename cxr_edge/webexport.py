@@ -51,6 +51,13 @@ def _gate_params(bundle: Bundle, add) -> Optional[dict]:
         out["grid"] = gate.grid
         add("gate.lay_mean", gate.lay_mean)
         add("gate.lay_proj", gate.lay_proj)
+    if getattr(gate, "has_adult", False):
+        out["adult_threshold"] = gate.adult_threshold
+        add("gate.adult_weights", gate.adult_weights)
+        add("gate.adult_bias", np.atleast_1d(gate.adult_bias))
+        if gate.has_adult_other:
+            add("gate.adult_other_weights", gate.adult_other_weights)
+            add("gate.adult_other_bias", np.atleast_1d(gate.adult_other_bias))
     if gate.has_polarity:
         out["pol_threshold"] = gate.pol_threshold
         add("gate.pol_weights", gate.pol_weights)

@@ -366,3 +366,24 @@ def test_tls_on_the_listening_port(tmp_path):
         assert not plain.is_established
     finally:
         node.stop()
+
+
+def test_allow_adults_reaches_the_node(tmp_path):
+    """``cxr-edge dicom-node --allow-adults``: an adult's study (PatientAge 034Y) is refused by default and
+    classified with the population warning under the flag (the result objects carry the record's warning)."""
+    from PIL import Image
+
+    from _runtime_fixtures import image_files
+    from cxr_edge.dicomnode import Node as InProcessNode
+
+    gray = __import__("numpy").asarray(Image.open(image_files("test")[0]).convert("L"))
+    path = tmp_path / "adult.dcm"
+    path.write_bytes(gray_to_dicom(gray, PatientAge="034Y", Modality="CR"))
+    got = {}
+    for flag in (False, True):
+        node = InProcessNode(tmp_path / f"spool{flag}", "X@127.0.0.1:1", port=0, allow_adults=flag)
+        got[flag] = next(iter(node.classifiers[0].classify_many([str(path)]))).to_dict()
+    assert got[False]["status"] == "rejected" and got[False]["reason"].startswith("adult patient (PatientAge 034Y)")
+    assert got[True]["status"] == "ok" and got[True]["warning"].startswith("adult patient (PatientAge 034Y)")
+    help_text = CliRunner().invoke(cli, ["dicom-node", "--help"]).output
+    assert "--allow-adults" in help_text

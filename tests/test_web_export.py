@@ -138,6 +138,48 @@ def test_js_gate_heatmap_and_probabilities_match_python(tmp_path):
     assert [v.ok for v in want] == [True] * (len(want) - 1) + [False] and "inverted image" in want[-1].reason
 
 
+@needs_node
+def test_js_adult_check_matches_python(tmp_path):
+    """The intended-population check in the browser: with the shipped gate's adult arrays and its threshold
+    moved below every score, the page refuses each scan exactly as ``Gate.embedding_verdicts`` does: as an
+    adult chest X-ray when the chest score says chest, and as the head's other class when it says another
+    radiograph (the chest bias moved so that each answer occurs)."""
+    import copy
+
+    from cxr_edge import Classifier
+    from cxr_edge.preprocess import to_input
+    from cxr_edge.webexport import web_params
+
+    bundle = load_bundle()
+    params, blob = web_params(bundle)
+    arrays = {k: np.frombuffer(blob, "<f4", v["length"], v["offset"]).tolist() for k, v in params["arrays"].items()}
+    clf = Classifier(backend="onnx", ood=True)
+    if not clf.gate.has_adult_other or "gate.adult_other_weights" not in arrays:
+        pytest.skip("the shipped gate has no adult check with its chest question")
+    gray = np.stack([_gray(f) for f in image_files("test")])
+    _, feats = clf.engine.run_full(to_input(gray, bundle.spec))
+    emb = np.stack([clf.gate.embedding_of(f) for f in feats])
+    want, cases = [], []
+    for bias in (1e3, -1e3):
+        g = copy.copy(clf.gate)
+        g.adult_threshold, g.adult_other_bias = -1e9, bias
+        want += [v.reason for v in g.embedding_verdicts(emb)]
+        cases.append({"adult_threshold": -1e9, "bias": bias})
+    job = {"params": params, "arrays": arrays, "emb": emb.tolist(), "cases": cases}
+    got = _node("""const P = job.params, A = job.arrays, G = { ...P.gate };
+      for (const k of Object.keys(A)) if (k.startsWith('gate.')) G[k.slice(5)] = A[k];
+      const out = [];
+      for (const c of job.cases) {
+        const X = { ...G, adult_threshold: c.adult_threshold, adult_other_bias: [c.bias] };
+        for (const e of job.emb) out.push(m.gateAfterModel(e, new Array(G.thumb * G.thumb).fill(0), X).reason);
+      }
+      console.log(JSON.stringify(out));""", job, tmp_path)
+    n = len(emb)
+    assert all(r.startswith("adult chest X-ray (adult score ") for r in want[:n])
+    assert all("not a child's chest film" in r for r in want[n:])
+    assert got == want
+
+
 def _gray(path):
     from cxr_edge.preprocess import load_gray
 

@@ -186,6 +186,17 @@ export function gateAfterModel(e, thumbZ, gate) {  // ood.Gate.check_after_model
       return { ok: false, reason: `${what} (unlike the frontal chest X-rays the gate knows: distance ${dist.toFixed(0)} > ${gate.density_threshold.toFixed(0)})`, score };
     }
   }
+  if (gate.adult_weights) {  // the intended population: an adult's film is refused (the page has no allow_adults)
+    const lin = (w, b) => e.reduce((a, v, i) => a + ((v - gate.emb_mean[i]) / gate.emb_scale[i]) * w[i], b[0]);
+    const a = lin(gate.adult_weights, gate.adult_bias), at = gate.adult_threshold;
+    const ch = gate.adult_other_weights ? lin(gate.adult_other_weights, gate.adult_other_bias) : Infinity;
+    if (!(a <= at) && !(ch > 0)) {
+      return { ok: false, reason: `${what} (gate score ${score.toFixed(2)}; not a child's chest film: adult score ${a.toFixed(2)} > ${at.toFixed(2)}, chest score ${ch.toFixed(2)} <= 0; expects a frontal chest X-ray)`, score };
+    }
+    if (!(a <= at)) {
+      return { ok: false, reason: `${gate.reasons[gate.adult_class]} (adult score ${a.toFixed(2)} > ${at.toFixed(2)}); ${gate.population}`, score };
+    }
+  }
   if (gate.pol_weights) {
     const s = thumbZ.reduce((a, v, i) => a + v * gate.pol_weights[i], gate.pol_bias[0]);
     if (!(s <= gate.pol_threshold)) {

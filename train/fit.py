@@ -23,8 +23,7 @@ from train import data as data_mod
 from train.batches import CompileCounter, FixedBatches, enable_jax_cache, predict_fixed
 from train.metrics import classification_metrics
 from train.models import assign, build, named_weights, save_named
-
-RUNS_DIR = Path(os.environ.get("CXR_EDGE_RUNS", "runs"))
+from train.registry import RUNS_DIR
 
 
 @dataclass

@@ -13,9 +13,9 @@ from typing import Callable
 
 from cxr_edge.preprocess import InputSpec
 from train import lite
+from train.graph import GRAY_REPEAT, batch_norm_after  # noqa: F401  (batch_norm_after: importable here too)
 
 N_CLASSES = 3
-GRAY_REPEAT = "gray_to_rgb"  # the layer that repeats the gray channel for RGB backbones
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,6 @@ def build(name: str, **kwargs) -> Built:
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; one of {', '.join(REGISTRY)}")
     return REGISTRY[name](**kwargs)
-
-
-def batch_norm_after(model) -> dict:
-    """``id(tensor) -> BatchNormalization layer`` reading that tensor, for the top-level layers of
-    ``model``: the batch norm after a convolution is ``batch_norm_after(model).get(id(conv.output))``
-    (the one a converter folds into it)."""
-    import keras
-
-    return {id(layer.input): layer for layer in model.layers
-            if isinstance(layer, keras.layers.BatchNormalization)}
 
 
 # ---- weights by variable path, portable across backends ---------------------------------------------

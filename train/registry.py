@@ -8,10 +8,10 @@ part in the ranking."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from train.fit import RUNS_DIR
-
+RUNS_DIR = Path(os.environ.get("CXR_EDGE_RUNS", "runs"))  # where ``train.fit`` records runs
 GROUPED = "grouped"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.models import GRAY_REPEAT, batch_norm_after
+from train.graph import GRAY_REPEAT, batch_norm_after
 
 _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 

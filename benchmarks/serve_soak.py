@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.serve import SCANS, multipart, start_server, stop_server
+from benchmarks.serve_client import SCANS, multipart, start_server, stop_server
 
 PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "benchmarks" / "results"

@@ -28,7 +28,6 @@ two runs per mode (local, Ray, Ray, local), the faster of each counting.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import add_out, write_results
 
 PROJECT = Path(__file__).resolve().parent.parent
 MILLION = 1_000_000
@@ -408,16 +409,13 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="folder of scans (default: the official test set)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=PROJECT / "benchmarks" / "results")
+    add_out(ap)
     args = ap.parse_args(argv)
     t = time.strftime("%Y-%m-%d %H:%M")
     r = run(args.quick, args.data, args.model, args.repeats)
     r = {"command": "python -m benchmarks.batch " + " ".join(argv if argv is not None else sys.argv[1:]),
          "date": t, **r}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch.json").write_text(json.dumps(r, indent=2) + "\n")
-    (args.out / "batch.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(args.out, "batch", r, markdown(r))
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
-import json
 import statistics
 import tempfile
 import threading
@@ -22,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import add_out, write_results
 
 CHROMIUM = "/usr/bin/chromium"
 MAX_RATIO, MAX_DP, MIN_AGREE = 4.0, 0.02, 0.995
@@ -144,14 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/chest_xray")
     ap.add_argument("--limit", type=int, default=0, help="only the first N test scans")
     ap.add_argument("--chromium", default=CHROMIUM)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out(ap)
     a = ap.parse_args(argv)
     files = sorted((a.data / "test").rglob("*.jpeg"))[: a.limit or None]
     r = measure(files, a.chromium)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "browser.json").write_text(json.dumps(r, indent=2) + "\n")
-    (a.out / "browser.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(a.out, "browser", r, markdown(r))
     return 0
 
 

@@ -11,12 +11,12 @@ float export, which lives in runs/, out of git).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import add_out, write_results
 from benchmarks.machine import describe
 from benchmarks.timing import alternate
 from cxr_edge.bundle import DEFAULT_BUNDLE, load_bundle
@@ -80,15 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/chest_xray")
     ap.add_argument("--scans", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out(ap)
     a = ap.parse_args(argv)
     files = sorted((a.data / "test").rglob("*.jpeg"))
     scans = [files[i] for i in np.linspace(0, len(files) - 1, min(a.scans, len(files))).astype(int)]
     r = {"machine": describe(), **measure(a.bundle or DEFAULT_BUNDLE, scans, a.repeats, a.float_onnx)}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "onnx_speed.json").write_text(json.dumps(r, indent=2) + "\n")
-    (a.out / "onnx_speed.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(a.out, "onnx_speed", r, markdown(r))
     return 0
 
 

@@ -19,7 +19,6 @@ Writes ``pacs.json`` and ``pacs.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import add_out, write_results
 from benchmarks.machine import describe
 from benchmarks.orthanc import Orthanc, free_port, is_up, orthanc_exe, wrap_scan
 
@@ -188,16 +188,13 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=24, help="instances per run")
     ap.add_argument("--workers", type=int, default=2, help="the node's --workers")
-    ap.add_argument("--out", type=Path, default=PROJECT / "benchmarks" / "results")
+    add_out(ap)
     args = ap.parse_args(argv)
     if orthanc_exe() is None:
         print("benchmarks.pacs: Orthanc is not installed (apt-get install orthanc)", file=sys.stderr)
         return 2
     result = run(args.n, args.workers, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pacs.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "pacs.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "pacs", result, markdown(result))
     return 0
 
 

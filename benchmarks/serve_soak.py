@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import RESULTS, write_results
 from benchmarks.serve_client import SCANS, multipart, start_server, stop_server
 
-PROJECT = Path(__file__).resolve().parent.parent
-RESULTS = PROJECT / "benchmarks" / "results"
 MIX = {"scan": 0.55, "dicom": 0.15, "photo": 0.10, "broken": 0.15, "oversize": 0.05}
 OPTIONS = ("--workers", "2", "--max-upload-mb", "2")
 OVERSIZE = 3 * 2**20
@@ -273,8 +272,5 @@ def markdown(rep: dict) -> str:
 
 def main(requests: int = 5000, clients: int = 16, out: Path = RESULTS) -> int:
     rep = soak(requests, clients)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "soak.md").write_text(markdown(rep))
-    print(markdown(rep))
+    write_results(out, "soak", rep, markdown(rep))
     return 0 if all(rep["targets"].values()) else 1

@@ -42,108 +42,21 @@ import functools
 import io
 import os
 import warnings
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image
 
-from cxr_edge.preprocess import InputRejected, PreprocessError, _reason, content_bits, high_bits
+from cxr_edge.dicomtags import (AGE_DATES, AGE_UNITS, CHEST, FALL_THROUGH_MODALITIES,  # noqa: F401  (importable
+                                FLOAT_PIXELS, LATERAL_VIEWS, OTHER_BODY_PART_MODALITIES,  # from here as before)
+                                RADIOGRAPH_MODALITIES, _date, _is_multi, _pydicom, _sop_class, _text,
+                                check_metadata, patient_age)
+from cxr_edge.dicomwrite import DX_FOR_PRESENTATION, gray_to_dicom  # noqa: F401
+from cxr_edge.pixels import InputRejected, PreprocessError, _reason, content_bits, high_bits
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
 PALETTE = "PALETTE COLOR"
-RADIOGRAPH_MODALITIES = {"CR", "DX", "RG"}
-FALL_THROUGH_MODALITIES = {"OT"}  # "other": scanned films, secondary captures; the image gate decides
-OTHER_BODY_PART_MODALITIES = {"MG": "mammography", "PX": "dental panoramic", "IO": "intra-oral"}
-CHEST = {"CHEST", "THORAX", "LUNG", "LUNGS"}
-LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LEFT LATERAL", "RIGHT LATERAL"}
-FLOAT_PIXELS = ("FloatPixelData", "DoubleFloatPixelData")
-
-
-def _is_multi(value) -> bool:
-    """A multi-valued element's value (pydicom's ``MultiValue``, or a list/tuple)."""
-    return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
-
-
-def _text(ds, keyword: str) -> str:
-    """A tag's value as upper-case text, ``""`` when missing/empty (multi-valued: joined with ``\\``)."""
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a malformed element: treated as missing, the image gate still decides
-        return ""
-    if value is None:
-        return ""
-    if _is_multi(value):
-        value = "\\".join(str(v) for v in value)
-    return " ".join(str(value).upper().split())
-
-
-def check_metadata(ds) -> None:
-    """Raise :class:`InputRejected` when the DICOM metadata says this is not a frontal chest radiograph
-    (see the module docstring); return quietly when it is one or the tags do not say."""
-    modality = _text(ds, "Modality")
-    if modality and modality not in RADIOGRAPH_MODALITIES | FALL_THROUGH_MODALITIES:
-        if modality in OTHER_BODY_PART_MODALITIES:
-            raise InputRejected(f"another body part (Modality {modality}: {OTHER_BODY_PART_MODALITIES[modality]})")
-        raise InputRejected(f"not a radiograph (Modality {modality})")
-    part = _text(ds, "BodyPartExamined")
-    if part and part.replace("_", " ") not in CHEST and not any(w in part for w in ("CHEST", "THORAX")):
-        raise InputRejected(f"another body part (BodyPartExamined {part})")
-    view = _text(ds, "ViewPosition")
-    if view and (view in LATERAL_VIEWS or view.replace("_", " ") in LATERAL_VIEWS):
-        raise InputRejected(f"lateral view (ViewPosition {view})")
-    for keyword in FLOAT_PIXELS:
-        if keyword in ds:
-            raise InputRejected("not a radiograph (floating-point pixel data)")
-
-
-AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12, "W": 7 / 365.25, "D": 1 / 365.25}  # PatientAge (AS): nnnD/W/M/Y
-AGE_DATES = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")  # when the film was taken, in order
-
-
-def _date(text: str):
-    """A DICOM date (DA, ``YYYYMMDD``; the older ``YYYY.MM.DD`` too) or None."""
-    import datetime
-
-    digits = text.replace(".", "").strip()
-    if len(digits) != 8 or not digits.isdigit():
-        return None
-    try:
-        return datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
-    except ValueError:
-        return None
-
-
-def patient_age(ds) -> Optional[tuple[float, str]]:
-    """(age in years, the tags it came from, for a message) from ``PatientAge`` (``034Y``, ``006M``, ``012W``,
-    ``010D``), else from ``PatientBirthDate`` and the first of ``AGE_DATES`` present; ``None`` when the tags are
-    missing or malformed (an age under 0 or over 150 years is malformed): the pixels decide then."""
-    age = _text(ds, "PatientAge")
-    if len(age) == 4 and age[:3].isdigit() and age[3] in AGE_UNITS:
-        years = int(age[:3]) * AGE_UNITS[age[3]]
-        if years <= 150:
-            return years, f"PatientAge {age}"
-    born = _date(_text(ds, "PatientBirthDate"))
-    if born is None:
-        return None
-    for keyword in AGE_DATES:
-        taken = _date(_text(ds, keyword))
-        if taken is not None:
-            years = (taken - born).days / 365.25
-            if 0 <= years <= 150:
-                return years, f"PatientBirthDate {born:%Y%m%d}, {keyword} {taken:%Y%m%d}"
-            return None
-    return None
-
-
-def _pydicom():
-    try:
-        import pydicom
-        import pydicom.pixels  # noqa: F401  (pydicom >= 3)
-        return pydicom
-    except ImportError:
-        raise PreprocessError("this is a DICOM file; reading DICOM needs pydicom: "
-                              "pip install 'cxr-edge[dicom]'") from None
 
 
 def _stored_range(ds) -> tuple[float, float]:
@@ -259,17 +172,6 @@ def read_dicom(source: Union[str, os.PathLike, bytes, bytearray], force: bool = 
             raise PreprocessError(f"malformed DICOM file ({_reason(exc)})") from None
 
 
-def _sop_class(ds) -> str:
-    """The SOP class's name (or UID) for a message: one line of printable text, whatever the file holds."""
-    try:
-        uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
-        text = str(getattr(uid, "name", None) or uid or "")
-    except Exception:  # a malformed element
-        text = ""
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return text or "unknown SOP class"
-
-
 def _set_transfer_syntax(ds) -> None:
     """A data set read without file meta: the transfer syntax pydicom found while reading it, which its pixel
     decoders need (raw data sets are never compressed)."""
@@ -382,44 +284,3 @@ def _pixels(ds, force: bool) -> Image.Image:
     except Exception as exc:
         raise PreprocessError(f"cannot apply the DICOM LUTs ({_reason(exc)})") from None
     return Image.fromarray(gray, "L")
-
-
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # SOP class: digital X-ray image, for presentation
-
-
-def gray_to_dicom(pixels: Optional[np.ndarray], *, photometric: str = "MONOCHROME2", bits_stored: int = 8,
-                  frames: int = 1, sop_class: str = DX_FOR_PRESENTATION, **tags) -> bytes:
-    """A minimal DICOM file (Modality DX, explicit VR little endian) holding the stored values ``pixels``
-    (``[rows, cols]``, or ``[frames, rows, cols]``; ``None``: no image at all), in 8-, 16- or 32-bit words
-    (the smallest that holds ``bits_stored``). ``tags`` set attributes (``ViewPosition="LL"``, ...); a ``None``
-    value removes one (``Modality=None``). For converting a scan, for tests and for benchmarks; needs
-    pydicom."""
-    pydicom = _pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    if pixels is not None:
-        allocated = 8 if bits_stored <= 8 else 16 if bits_stored <= 16 else 32
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits_stored, bits_stored - 1, 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = pixels.astype({8: "u1", 16: "<u2", 32: "<u4"}[allocated]).tobytes()
-    for key, value in tags.items():
-        if value is None:
-            if key in ds:
-                delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()

@@ -36,6 +36,10 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# the errors and bit-depth helpers live in cxr_edge.pixels (shared with cxr_edge.dicom); importable from here too
+from cxr_edge.pixels import (CONTENT_BITS, InputRejected, PreprocessError, _reason,  # noqa: F401
+                             content_bits, high_bits)
+
 Source = Union[str, os.PathLike, bytes, Image.Image]
 
 DEFAULT_SIZE = 224
@@ -45,20 +49,6 @@ DEFAULT_SIZE = 224
 KEEP = 1
 EXIF_ORIENTATION = 0x0112
 MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
-CONTENT_BITS = (10, 12, 14, 16)  # bit depths of radiographs in 16-bit containers (see _to_gray8)
-
-
-class PreprocessError(ValueError):
-    """The input could not be turned into a model input (not an image, too small, ...)."""
-
-
-class InputRejected(PreprocessError):
-    """A readable input that the model is not for (a CT slice, a lateral view, ...): it is refused with
-    ``reason`` (a ``"rejected"`` record), not reported as an error."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 RESIZE_NOTE = "box-reduce by the largest 2^k keeping >= size a side (Image.reduce), then squash, Pillow LANCZOS"
@@ -197,12 +187,6 @@ def _open(source: Source) -> Image.Image:
     return img
 
 
-def _reason(exc: BaseException) -> str:
-    """One line for an exception: its message, or its type when the message is empty."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _to_gray8(img: Image.Image) -> Image.Image:
     """Any mode to 8-bit L. 16- and 32-bit integer data keeps the top 8 bits of its bit depth (``high_bits``),
     the depth read from the content: the first of 10, 12, 14, 16 bits that holds its maximum (detectors store
@@ -227,24 +211,6 @@ def _to_gray8(img: Image.Image) -> Image.Image:
     if mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "P", "RGB", "RGBX"):
         return img.convert("RGB").convert("L") if mode in ("CMYK", "YCbCr", "LAB", "HSV") else img.convert("L")
     raise PreprocessError(f"unsupported image mode {mode!r}")
-
-
-def content_bits(top: int) -> int:
-    """The bit depth of integer pixels whose maximum is ``top``: the first of ``CONTENT_BITS`` that holds it,
-    else as many bits as it needs."""
-    return next((b for b in CONTENT_BITS if top < 2 ** b), max(CONTENT_BITS[-1], int(top).bit_length()))
-
-
-def high_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """``bits``-bit integers (0 .. 2**bits - 1) to 8 bits by their top 8 bits, ``floor(v / 2**(bits - 8))``.
-    Unlike rounding ``v * 255 / (2**bits - 1)``, this undoes both usual ways of widening 8-bit pixels exactly:
-    shifting (``v * 256``, ``v * 16``) and full-range scaling (``v * 257``, ``round(v * 4095 / 255)``), so
-    the widened copy of a scan gives the scan's own pixels."""
-    v = np.asarray(values)
-    if bits <= 8:
-        return np.clip(v, 0, 255).astype(np.uint8)
-    v = np.clip(v.astype(np.int64), 0, 2 ** bits - 1)
-    return (v >> (bits - 8)).astype(np.uint8)
 
 
 COLOUR_SIDE = 64  # the colour check looks at a thumbnail at most this many pixels a side

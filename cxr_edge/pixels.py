@@ -1,0 +1,45 @@
+"""What reading an input shares between ``cxr_edge.preprocess`` (every image) and ``cxr_edge.dicom`` (DICOM
+files): the errors an input ends with, one-line exception reasons and the bit-depth helpers that turn 10- to
+16-bit pixels into 8 bits. Imports neither module, so that both can import it."""
+from __future__ import annotations
+
+import numpy as np
+
+CONTENT_BITS = (10, 12, 14, 16)  # bit depths of radiographs in 16-bit containers (see preprocess._to_gray8)
+
+
+class PreprocessError(ValueError):
+    """The input could not be turned into a model input (not an image, too small, ...)."""
+
+
+class InputRejected(PreprocessError):
+    """A readable input that the model is not for (a CT slice, a lateral view, ...): it is refused with
+    ``reason`` (a ``"rejected"`` record), not reported as an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an exception: its message, or its type when the message is empty."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def content_bits(top: int) -> int:
+    """The bit depth of integer pixels whose maximum is ``top``: the first of ``CONTENT_BITS`` that holds it,
+    else as many bits as it needs."""
+    return next((b for b in CONTENT_BITS if top < 2 ** b), max(CONTENT_BITS[-1], int(top).bit_length()))
+
+
+def high_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """``bits``-bit integers (0 .. 2**bits - 1) to 8 bits by their top 8 bits, ``floor(v / 2**(bits - 8))``.
+    Unlike rounding ``v * 255 / (2**bits - 1)``, this undoes both usual ways of widening 8-bit pixels exactly:
+    shifting (``v * 256``, ``v * 16``) and full-range scaling (``v * 257``, ``round(v * 4095 / 255)``), so
+    the widened copy of a scan gives the scan's own pixels."""
+    v = np.asarray(values)
+    if bits <= 8:
+        return np.clip(v, 0, 255).astype(np.uint8)
+    v = np.clip(v.astype(np.int64), 0, 2 ** bits - 1)
+    return (v >> (bits - 8)).astype(np.uint8)

@@ -465,21 +465,24 @@ def _pacs():
 @click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None)
 @click.option("--no-ood", "no_ood", is_flag=True, help="Bypass the bundle's out-of-distribution gate.")
 @_allow_adults_option
+@click.option("--sc-uncompressed", "sc_uncompressed", is_flag=True,
+              help="Send the heatmap Secondary Capture uncompressed (RGB) instead of JPEG Baseline (for a PACS that "
+                   "does not accept JPEG).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS on the listening port (PEM certificate).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False),
               help="CA certificates: require client certificates, and send to the destination over TLS.")
 @click.option("--retry-max", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Longest wait (s) between tries to reach the destination.")
-def dicom_node(send_to, ae_title, host, port, spool, allow, workers, model, backend, no_ood, allow_adults, tls_cert,
-               tls_key, tls_ca, retry_max) -> None:
+def dicom_node(send_to, ae_title, host, port, spool, allow, workers, model, backend, no_ood, allow_adults,
+               sc_uncompressed, tls_cert, tls_key, tls_ca, retry_max) -> None:
     """A DICOM node (C-ECHO, C-STORE) that classifies every image a PACS sends and stores the results (an SR,
     and a heatmap Secondary Capture) back with C-STORE to --send-to. See docs/pacs.md."""
     node = _pacs()
     try:
         node.run_node(spool=spool, send_to=send_to, ae_title=ae_title, host=host, port=port, allow=allow,
                       workers=workers, model=model, backend=backend, ood=not no_ood, allow_adults=allow_adults,
-                      tls_cert=tls_cert,
+                      sc_jpeg=not sc_uncompressed, tls_cert=tls_cert,
                       tls_key=tls_key, tls_ca=tls_ca, retry_max=retry_max)
     except node.NodeError as exc:
         raise _BatchUsage(str(exc)) from None

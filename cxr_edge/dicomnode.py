@@ -7,7 +7,8 @@ encodes from the association's data set: preamble, file meta, data set), flushed
 journaled before its C-STORE is answered. Worker threads (``--workers``, one ``Classifier`` each, gate
 included: the same records as ``cxr-edge classify --json``) classify spooled instances and write their result
 objects (``cxr_edge.dicomresults``: a Comprehensive SR, and a Secondary Capture with the heatmap for a
-labelled scan) into the spool; one sender thread sends them with C-STORE to ``--send-to``. A spool entry (the
+labelled scan) into the spool; sender threads (at least ``SENDERS``, each with its own association) send them
+with C-STORE to ``--send-to``. A spool entry (the
 received file and its results) is removed only after the destination answered every result object with a
 success status; until then it waits, and an unreachable or refusing destination is retried with exponential
 backoff (1 s doubling up to ``retry_max``), logged on every try. A node killed at any moment and started again
@@ -82,17 +83,27 @@ def _default_log(message: str) -> None:
     print(f"{now()} cxr-edge dicom-node: {message}", file=sys.stderr, flush=True)
 
 
+SENDERS = 4  # at least this many sending threads
+SEND_BATCH = 4  # result sets a sender takes for one association at most
+
+
 class Node:
     """The node: ``start()`` listens and starts the workers and the sender, ``stop()`` ends them (work left
     stays in the spool)."""
 
     def __init__(self, spool: Path, send_to: str, ae_title: str = "CXREDGE", host: str = "127.0.0.1",
                  port: int = 11112, allow: tuple = (), workers: int = 1, model=None, backend=None, ood: bool = True,
-                 allow_adults: bool = False, tls_cert=None, tls_key=None, tls_ca=None, retry_max: float = 60.0,
+                 allow_adults: bool = False, sc_jpeg: bool = True, tls_cert=None, tls_key=None, tls_ca=None, retry_max: float = 60.0,
                  log: Callable[[str], None] = _default_log):
         self.dest = parse_destination(send_to)
         self.ae_title, self.host, self.port, self.allow = ae_title, host, int(port), tuple(allow)
         self.retry_max, self.log = max(0.1, float(retry_max)), log
+        self.sc_jpeg = bool(sc_jpeg)
+        # senders, each with its own association: the destination stores results from several at once (one
+        # sender waited on the PACS's storage of every result in turn)
+        self.senders = max(SENDERS, int(workers))
+        self._sending: set = set()
+        self._sending_lock = threading.Lock()
         self.tls_server, self.tls_client = _tls_contexts(tls_cert, tls_key, tls_ca)
         self.spool = Spool(spool)
         self.classifiers = [self._classifier(model, backend, ood, allow_adults) for _ in range(max(1, int(workers)))]
@@ -190,7 +201,8 @@ class Node:
         if record.get("label") is not None:
             with _open(str(path)) as image:
                 objects.append(("2-sc.dcm", dicomresults.secondary_capture(header, record, uids, image,
-                                                                           getattr(result, "heatmap", None))))
+                                                                           getattr(result, "heatmap", None),
+                                                                           jpeg=self.sc_jpeg)))
         out = self.spool.outgoing(uid)
         out.mkdir(exist_ok=True)
         for name, ds in objects:
@@ -210,15 +222,22 @@ class Node:
         delay = 0.0
         while not self._stop.is_set():
             batch = []
-            try:
+            try:  # a few result sets per association: the other senders take the rest
                 batch.append(self.outbox.get(timeout=0.2))
-                while True:
+                while len(batch) < SEND_BATCH:
                     batch.append(self.outbox.get_nowait())
             except queue.Empty:
                 pass
+            with self._sending_lock:  # a result set queued twice is sent by one sender only
+                batch = [u for u in dict.fromkeys(batch) if u not in self._sending]
+                self._sending.update(batch)
             if not batch:
                 continue
-            failed, error = self._send(list(dict.fromkeys(batch)))
+            try:
+                failed, error = self._send(batch)
+            finally:
+                with self._sending_lock:
+                    self._sending.difference_update(batch)
             for uid in failed:
                 self.outbox.put(uid)
             if failed:
@@ -304,7 +323,7 @@ class Node:
     def start(self) -> "Node":
         from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import (ComprehensiveSRStorage, SecondaryCaptureImageStorage, Verification)
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         ae = AE(ae_title=self.ae_title)
@@ -317,6 +336,8 @@ class Node:
         self._scu = AE(ae_title=self.ae_title)
         for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
             self._scu.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if self.sc_jpeg:  # its own context: the JPEG SC goes as it is, never decompressed by the sender
+            self._scu.add_requested_context(SecondaryCaptureImageStorage, [JPEGBaseline8Bit])
         self._scu.acse_timeout = self._scu.network_timeout = 10
         self._recover()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
@@ -329,7 +350,8 @@ class Node:
         self.port = self.server.server_address[1]
         self._threads = [threading.Thread(target=self._worker, args=(clf,), daemon=True, name=f"cxr-node-{i}")
                          for i, clf in enumerate(self.classifiers)]
-        self._threads.append(threading.Thread(target=self._sender, daemon=True, name="cxr-node-sender"))
+        self._threads += [threading.Thread(target=self._sender, daemon=True, name=f"cxr-node-sender-{i}")
+                          for i in range(self.senders)]
         for t in self._threads:
             t.start()
         aet, host, port = self.dest

@@ -145,12 +145,14 @@ def annotated(image: Image.Image, record: dict) -> Image.Image:
     return out
 
 
-def secondary_capture(source, record: dict, uids: dict, image: Image.Image, heatmap: Optional[np.ndarray]):
+def secondary_capture(source, record: dict, uids: dict, image: Image.Image, heatmap: Optional[np.ndarray],
+                      jpeg: bool = True):
     """The Secondary Capture of a labelled scan: ``image`` (the decoded scan) with ``heatmap`` over it (none:
-    the scan alone) and the annotations burned in."""
+    the scan alone) and the annotations burned in. ``jpeg``: JPEG Baseline (YBR_FULL_422, lossy; a tenth of
+    the bytes to write, send and store: a heatmap for viewing, not for diagnosis), else uncompressed RGB."""
     from highdicom.sc import SCImage
     from pydicom.dataset import Dataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
     from cxr_edge.heatmap import overlay
 
@@ -158,11 +160,12 @@ def secondary_capture(source, record: dict, uids: dict, image: Image.Image, heat
     pixels = np.asarray(annotated(shown, record), dtype=np.uint8)
     orientation = source.get("PatientOrientation")
     sc = SCImage.from_ref_dataset(
-        ref_dataset=_header(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=_header(source), pixel_array=pixels, photometric_interpretation="YBR_FULL_422" if jpeg else "RGB",
+        bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=tuple(orientation) if orientation and len(orientation) == 2
         else ("L", "F"), series_instance_uid=uids["sc_series"], series_number=SC_SERIES_NUMBER,
         sop_instance_uid=uids["sc"], instance_number=_instance_number(source), manufacturer=MANUFACTURER,
-        transfer_syntax_uid=ExplicitVRLittleEndian)
+        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian)
     if not (orientation and len(orientation) == 2):
         sc.PatientOrientation = None  # type 2: known empty rather than a guess
     if "Laterality" not in sc:

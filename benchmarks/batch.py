@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.batch_report import markdown
 from benchmarks.common import add_out, write_results
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -320,86 +321,6 @@ def _derived(best: dict, mean_bytes: float) -> dict:
                              "measured": f"{x:.2f}x ({best[(mode, 1)]['images_per_s']:.1f} -> "
                                          f"{best[(mode, 2)]['images_per_s']:.1f} images/s)", "met": x >= 1.6})
     return d
-
-
-def markdown(r: dict) -> str:
-    if "skipped" in r:
-        return f"# Batch throughput\n\n{r['skipped']}\n"
-    lines = ["# Batch throughput (`cxr-edge batch`)", "",
-             f"{r['images']} images from `{r['source']}`, {r['cpu_cores']} CPU cores, best of {r['repeats']} "
-             "interleaved runs per configuration (median and first run listed too); "
-             f"model {r['model']['name']} {r['model']['version']} ({r['model']['backend']}); "
-             + (f"`ray.init` {r['ray_init_s']} s (not in the times below). " if "ray_init_s" in r else "")
-             + (f"Load average (1/5/15 min) {r['load_average_before']} before, {r['load_average_after']} after: "
-                "the cores are shared, so other work slows some runs." if r.get("load_average_before") else ""), "",
-             "| mode | workers | run s (best) | images/s | first result s | median run s | first run s | "
-             "images per worker CPU-s | other work, cores |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for b in r["best"]:
-        used = "" if b["workers_used"] == b["workers"] else f" ({b['workers_used']} used: few images)"
-        lines.append(f"| {b['mode']} | {b['workers']}{used} | {b['run_s']:.2f} | {b['images_per_s']:.1f} | "
-                     f"{b['first_result_s']:.2f} | {b.get('median_run_s', b['run_s']):.2f} | "
-                     f"{b.get('first_run_s', b['run_s']):.2f} | {b.get('images_per_worker_cpu_s', '-')} | "
-                     f"{b.get('other_cores', '-')} |")
-    lines.append("")
-    if r["ray_overhead_pct"]:
-        lines.append("Ray overhead: " + ", ".join(f"{w} worker(s) {p:+.1f}%" for w, p in r["ray_overhead_pct"].items())
-                     + ". 2-vs-1 worker speedup: " + ", ".join(f"{m} {x:.2f}x" for m, x in r["speedup_2v1"].items())
-                     + ". Ray's first results came " + ", ".join(
-                         f"{x:.1f} s" for x in r.get("ray_later_first_result_s", {}).values())
-                     + " later than the local pool's (actor start-up: a fixed cost, which a longer job spreads)"
-                     + ("; each Ray actor used " + ", ".join(
-                         f"{x:+.2f} CPU-s ({w} worker{'s' * (w != '1')})"
-                         for w, x in r["ray_extra_worker_cpu_s"].items())
-                        + " more than a local worker over the same images (a Ray worker process imports Ray "
-                        "and Ray Data, with pandas, besides the model)"
-                        if r.get("ray_extra_worker_cpu_s") else "") + ".")
-    if r.get("ray_floor"):
-        f = r["ray_floor"]
-        local2 = next((b["run_s"] for b in r["best"] if b["mode"] == "local" and b["workers"] == f["workers"]), None)
-        ray_first = next((b["first_result_s"] for b in r["best"]
-                          if b["mode"] == "ray" and b["workers"] == f["workers"]), None)
-        lines += ["", f"Ray's own floor, with nothing of cxr-edge in it (medians of {f['repeats']} jobs): a Ray Data "
-                  f"job shaped like this one ({f['workers']} one-row blocks, an actor pool of {f['workers']}, a "
-                  f"function that does nothing) reached its first actor constructor after "
-                  f"{f['ray_data_first_constructor_s']:.2f} s and finished in {f['ray_data_job_s']:.2f} s; "
-                  f"{f['workers']} plain Ray actors were constructed after {f['plain_actor_first_constructor_s']:.2f} s "
-                  f"and answered in {f['plain_actors_s']:.2f} s"
-                  + (f"; so most of the Ray rows' {ray_first:.2f} s to first results is Ray Data's own start-up, "
-                     "not cxr-edge's imports or model loading" if ray_first and f["ray_data_job_s"] >= ray_first / 2
-                     else "")
-                  + (f"; the empty job alone is {100 * f['ray_data_job_s'] / local2:.0f}% of the local pool's "
-                     f"{local2:.2f} s run with {f['workers']} workers, against a 15% allowance" if local2 else "")
-                  + "."]
-    if r.get("steady_ray_overhead_pct"):
-        lines += ["", "After the first results (steady state): Ray overhead " + ", ".join(
-            f"{w} worker(s) {p:+.1f}%" for w, p in r["steady_ray_overhead_pct"].items())
-            + (("; 2-vs-1 worker speedup " + ", ".join(f"{m} {x:.2f}x" for m, x in r["steady_speedup_2v1"].items()))
-               if r.get("steady_speedup_2v1") else "")
-            + ". The start-up is fixed per job, so the overhead falls with the job's size: projected from these "
-            "runs (images / steady rate + time to first results), Ray is within 15% of the local pool from "
-            + ", ".join(f"{n} images ({w} worker{'s' * (w != '1')})" if n is not None else
-                        f"never ({w} worker{'s' * (w != '1')})" for w, n in r.get("images_for_15pct", {}).items())
-            + " per job on."]
-    lj = r.get("long_job")
-    if lj and "skipped" not in lj:
-        lines += ["", f"Long job, measured ({lj['images']} paths: the same scans {lj['copies']} times over, "
-                  f"{lj['workers']} workers, faster of 2 runs per mode): local pool {lj['local']['run_s']:.1f} s ({lj['local']['images_per_s']:.1f} "
-                  f"images/s), Ray {lj['ray']['run_s']:.1f} s ({lj['ray']['images_per_s']:.1f} images/s): Ray "
-                  f"overhead {lj['ray_overhead_pct']:+.1f}%."]
-    elif lj:
-        lines += ["", f"Long job not measured: {lj['skipped']}."]
-    busy = [b["other_cores"] for b in r["best"] if b.get("other_cores") is not None]
-    if busy and max(busy) > 0.25:
-        lines += ["", f"Other work kept {min(busy):.2f} to {max(busy):.2f} of the {r['cpu_cores']} cores busy during "
-                  "these best runs (column \"other work\"): the workers had that much less than the "
-                  f"{r['cpu_cores']} cores, which holds the 2-worker runs back most, so these figures understate "
-                  "what the code does on dedicated cores."]
-    if r.get("scaling_note"):
-        lines += ["", r["scaling_note"]]
-    for n in r.get("notes", []):
-        lines += ["", n]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

@@ -45,7 +45,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -53,22 +52,18 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from cxr_edge.bundle import DEFAULT_BUNDLE, Bundle, load_bundle, write_bundle  # noqa: E402
-from cxr_edge.preprocess import InputSpec, to_input  # noqa: E402
+from cxr_edge.preprocess import InputSpec  # noqa: E402
 from export import cam  # noqa: E402
-from export import onnx as onnx_x  # noqa: E402
 from export import parity, prequant  # noqa: E402
-from export import savedmodel, tflite  # noqa: E402
+from export import savedmodel  # noqa: E402
+from export.artifacts import (BUNDLE_GROUPS, FILE_NAMES, FORMATS, Target, _check_formats, _ladder,  # noqa: E402
+                              build_artifact, int8_with_retries)
 from export.calibrate import temperature_record  # noqa: E402
+# the formats, one model file and the int8 retry ladder: export/artifacts.py; the run and its data: export/rundata.py
+from export.rundata import ExportData, Split, _resolve_run, run_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-# format name -> (backend, precision)
-FORMATS = {"tflite-float32": ("tflite", "float32"), "tflite-float16": ("tflite", "float16"),
-           "tflite-int8": ("tflite", "int8"), "onnx-float32": ("onnx", "float32"),
-           "onnx-int8": ("onnx", "int8")}
-FILE_NAMES = {"tflite": "model.tflite", "onnx": "model.onnx"}
-BUNDLE_GROUPS = {"float32": ("tflite-float32", "onnx-float32"), "float16": ("tflite-float16",),
-                 "int8": ("tflite-int8", "onnx-int8")}
 MAX_MODEL_BYTES, MAX_BUNDLE_BYTES = parity.MAX_MODEL_BYTES, parity.MAX_BUNDLE_BYTES
 CAM_CHECK_IMAGES = 32  # validation images on which each artifact's heatmap is compared with Keras's
 
@@ -77,59 +72,7 @@ class ExportError(RuntimeError):
     pass
 
 
-def _check_formats(formats) -> None:
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise ValueError(f"unknown formats {unknown}; choose from {list(FORMATS)}")
-    backends = [FORMATS[f][0] for f in formats]
-    if len(set(backends)) != len(backends):
-        raise ValueError(f"a bundle holds one model per backend, got {list(formats)}")
-
-
-def build_artifact(saved_model: Path, fmt: str, dest: Path, calibration: np.ndarray | None,
-                   work: Path, **options) -> Path:
-    """One model file from the SavedModel. ``options`` (int8 ONNX): those of
-    ``export.onnx.quantize_int8`` (per_channel, reduce_range, exclude_op_types, activations, calibrate)."""
-    backend, precision = FORMATS[fmt]
-    if backend == "tflite":
-        return tflite.convert(saved_model, dest, precision, calibration if precision == "int8" else None)
-    fp32 = work / f"{Path(saved_model).name}.float32.onnx"  # one per SavedModel (float, or prepared for int8)
-    if not fp32.is_file():
-        onnx_x.from_saved_model(saved_model, fp32)
-    if precision == "float32":
-        shutil.copyfile(fp32, dest)
-        return dest
-    return onnx_x.quantize_int8(fp32, dest, calibration, **options)
-
-
-# ---- what the export reads ---------------------------------------------------------------------------
-
-@dataclass
-class Split:
-    x: np.ndarray  # float32[N, S, S, 1] model inputs
-    y: np.ndarray  # labels
-
-
-@dataclass
-class ExportData:
-    """Validation decides (int8 retries, the temperature); the official test set is only reported;
-    ``calibration(n)`` gives n training images for int8 calibration."""
-    val: Split
-    test: Split | None
-    calibration: Callable[[int], np.ndarray]
-
-    def splits(self) -> dict[str, Split]:
-        return {"validation": self.val, **({"official_test": self.test} if self.test is not None else {})}
-
-
-@dataclass
-class Target:
-    """One bundle folder to write: its formats (one per backend) and card name."""
-    group: str
-    dir: Path
-    formats: tuple
-    name: str
-
+# ---- the reference: the Keras float model --------------------------------------------------------------
 
 @dataclass
 class _Ref:
@@ -137,36 +80,6 @@ class _Ref:
     features: np.ndarray | None  # Keras feature map on the first CAM_CHECK_IMAGES validation images
     cam_weights: np.ndarray | None
     extra: dict = field(default_factory=dict)
-
-
-def _ladder(fmt: str, n: int) -> list[dict]:
-    """Int8 attempts, in order, until one passes the gate: more and fewer calibration images (activation
-    ranges from a different sample); for ONNX, first percentile ranges (``export.onnx.PERCENTILE``) on the
-    same images, and last the classifier head kept in float."""
-    sizes = [{"calibration": n}, {"calibration": max(50, n // 3)}, {"calibration": 3 * n}]
-    if fmt == "tflite-int8":
-        return sizes
-    head = ("Softmax", "MatMul", "Gemm")
-    return sizes[:1] + [{"calibration": n, "calibrate": "percentile"}] + sizes[1:] + [
-            {"calibration": 3 * n, "exclude_op_types": head},
-            {"calibration": 3 * n, "exclude_op_types": head, "activations": "uint8"}]
-
-
-def int8_with_retries(fmt: str, ladder: list[dict], attempt: Callable[[dict], tuple[dict, dict]],
-                      ref_val_accuracy: float) -> dict:
-    """Run ``attempt(options) -> (measurement, options used)`` along ``ladder`` until the measurement's
-    *validation* accuracy is within the gate of the float model's; the last measurement, with every
-    attempt recorded. Nothing but ``measurement["validation"]`` is read."""
-    tried = []
-    for opts in ladder:
-        res, used = attempt(dict(opts))
-        drop = parity.drop_pp(ref_val_accuracy, res["validation"]["accuracy"])
-        tried.append({**used, "validation_accuracy": res["validation"]["accuracy"], "drop_pp": round(drop, 3)})
-        if drop <= parity.MAX_INT8_DROP_PP + 1e-9:
-            break
-        print(f"  {fmt}: {drop:.2f} pp below float on validation, retrying", flush=True)
-    res["attempts"], res["options"] = tried, used
-    return res
 
 
 # ---- the one export path -----------------------------------------------------------------------------
@@ -347,54 +260,6 @@ def make_bundle(model, spec: InputSpec, out_dir: str | Path, calibration: np.nda
 
 
 # ---- the CLI: a run to bundles + parity report ---------------------------------------------------------
-
-def _resolve_run(run: str | None) -> tuple[Path, dict]:
-    from train.fit import RUNS_DIR
-    from train.registry import best_run
-
-    if run is None:
-        best = best_run()
-        print(f"best run by validation accuracy: {best['run_id']} (val acc {best['val_accuracy']:.4f})")
-        run_dir = Path(best["dir"])
-    else:
-        run_dir = Path(run) if Path(run).is_dir() else RUNS_DIR / run
-    if not (run_dir / "config.json").is_file():
-        raise SystemExit(f"{run_dir}: not a run folder (no config.json)")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    if not metrics:
-        print(f"warning: {run_dir.name} has no metrics.json (a run brought back without it, or unfinished); "
-              "exporting its weights", file=sys.stderr)
-    return run_dir, metrics
-
-
-def run_data(cfg: dict, spec: InputSpec, data_arg: str | None) -> ExportData:
-    """The run's protocol: its validation split, the official test set, and a seeded pool of its
-    training images for calibration (decoded as needed)."""
-    from train import data
-
-    root = data.data_dir(data_arg)
-    splits = data.run_splits(root, cfg)
-
-    def arrays(records) -> Split:
-        return Split(to_input(data.load_images(records, spec.size), spec), data.labels_of(records))
-
-    train = splits["train"]
-    order = np.random.default_rng(cfg.get("seed", 0)).permutation(len(train))
-    pool = [np.empty((0, spec.size, spec.size, 1), np.float32)]
-
-    def calibration(n: int) -> np.ndarray:
-        n = min(n, len(train))
-        if len(pool[0]) < n:
-            more = arrays([train[i] for i in order[len(pool[0]):n]]).x
-            pool[0] = np.concatenate([pool[0], more])
-        return pool[0][:n]
-
-    t0 = time.monotonic()
-    d = ExportData(arrays(splits["val"]), arrays(data.list_split(root, "test")), calibration)
-    print(f"{len(d.val.y)} validation / {len(d.test.y)} official test images ({time.monotonic() - t0:.0f} s)")
-    return d
-
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m export.convert", description=__doc__,

@@ -127,7 +127,7 @@ def burn_text(gray: np.ndarray, rng: np.random.Generator, n: int = 3) -> np.ndar
 def portable(gray: np.ndarray, seed: int) -> np.ndarray:
     """The portable-film look ``train.ood.clinical`` makes (crops, letterboxing or tilt, collimation frame,
     edge enhancement, burned-in text), on the film brought to a square of its long side and back."""
-    from train.ood import clinical
+    from train.gate_synth import clinical
 
     h, w = gray.shape
     s = max(h, w)

@@ -1,0 +1,347 @@
+"""Fitting the input gate (``train.ood``) from embedded rows (``train.gate_data.GateData``): the layout
+projection (``fit_layout``), the head (``fit_head``), the adult check (``fit_adult``), the density check
+(``fit_density``), the thresholds on validation scans (``choose_threshold``), all of them together
+(``fit_gate``), gate_dev cross-validation (``cross_validate``, ``cv_summary``) and the polarity check
+(``fit_polarity``). Importable from ``train.ood`` too."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cxr_edge.ood import (DEFAULT_THUMB, EMBED_CLASSES, REASONS, Gate, density_distance, features, head_logits,
+                          head_score, layout_vector)
+from train.gate_data import ADULT_LABEL, GATE_DEV_CLASSES, DevItem, GateData
+from train.gate_synth import clinical, variants
+
+DEFAULT_MAX_VAL_REJECT = 0.002
+# The shipped gate's settings are the defaults: `python -m train.ood BUNDLE` rebuilds it
+DEFAULT_C = 10.0
+ADULT_VAL_SHARE = 0.5  # the adult check may refuse half the validation share the head may: together within 0.5%
+DEFAULT_DENSITY_COMPONENTS = 0
+DEFAULT_GRID_COMPONENTS = 64  # principal components per grid cell
+
+
+def _f32(arrays: dict) -> dict:
+    """Stored as float32 (half the bytes); thresholds are computed from these very numbers."""
+    return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+
+HALF_ARRAYS = ("lay_proj", "den_components")  # the large projection matrices: stored as float16
+
+
+def _f16(arrays: dict) -> dict:
+    """float32 arrays holding float16 values (``HALF_ARRAYS``): ``ood.npz`` stores them in half the bytes again
+    (the bundle must stay within 8 MiB) and the thresholds are computed from these very numbers."""
+    return {k: (np.asarray(v, np.float16).astype(np.float32) if k in HALF_ARRAYS else v) for k, v in arrays.items()}
+
+
+ABSENT_LOGIT = -30.0  # the bias of a class without training images: never the most likely
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, c: float = DEFAULT_C, seed: int = 0) -> dict:
+    """Arrays for ``ood.npz`` (``emb_mean``, ``emb_scale``, ``emb_weights[C, K]``, ``emb_bias[K]``): a
+    multinomial logistic regression with balanced class weights on standardized embeddings ``x[N, C]``,
+    labels ``y`` (indices into ``EMBED_CLASSES``). ``frontal_chest`` and at least one other class must occur; a
+    class without images gets zero weights and bias ``ABSENT_LOGIT``."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y)
+    present = [k for k in range(len(EMBED_CLASSES)) if np.any(y == k)]
+    if 0 not in present or len(present) < 2:
+        raise ValueError("the gate needs frontal chest X-rays and images of at least one other class, got "
+                         f"{[EMBED_CLASSES[k] for k in present]}")
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
+    clf.fit((x - mean) / scale, y)
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(present) == 2:  # scikit-learn's binary form: one row for the second class, against the first
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
+    weights = np.zeros((x.shape[1], len(EMBED_CLASSES)))
+    bias = np.full(len(EMBED_CLASSES), ABSENT_LOGIT)
+    for row, k in enumerate(clf.classes_):
+        weights[:, int(k)], bias[int(k)] = coef[row], icpt[row]
+    return _f32({"emb_mean": mean, "emb_scale": scale, "emb_weights": weights, "emb_bias": bias})
+
+
+def fit_density(x_frontal: np.ndarray, k: int = 64) -> dict:
+    """Arrays ``den_mean``, ``den_scale``, ``den_components[k, C]``, ``den_var[k]``: the first ``k`` principal
+    components of standardized frontal chest X-ray embeddings (``k`` at most a tenth of their number)."""
+    x = np.asarray(x_frontal, np.float64)
+    k = int(min(k, max(1, len(x) // 10), x.shape[1]))
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    var, comps = _principal((x - mean) / scale, k)
+    return _f16(_f32({"den_mean": mean, "den_scale": scale, "den_components": comps,
+                      "den_var": np.maximum(var, 1e-9)}))
+
+
+def _principal(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(variances ``[k]``, components ``[k, D]``) of centred rows ``z[N, D]``: the eigenvectors of the ``D x D``
+    covariance with the ``k`` largest eigenvalues (the SVD's answer, much faster for ``N >> D``)."""
+    w, v = np.linalg.eigh(z.T @ z / max(1, len(z) - 1))
+    order = np.argsort(w)[::-1][:k]
+    return w[order], v[:, order].T
+
+
+def fit_layout(pooled_frontal: np.ndarray, channels: int, grid: int, k: int = DEFAULT_GRID_COMPONENTS) -> dict:
+    """Arrays ``lay_mean[C]``, ``lay_proj[C, k]``: the mean and the first ``k`` principal components of the grid
+    cells (``C``-vectors, all cells pooled) of frontal chest X-rays' ``pooled`` rows ``[N, C + g*g*C]``."""
+    x = np.asarray(pooled_frontal, np.float64)
+    cells = x[:, channels:].reshape(-1, channels)
+    if cells.shape[0] != len(x) * grid * grid:
+        raise ValueError(f"pooled rows of {x.shape[1]} numbers are not {channels} + {grid}x{grid}x{channels}")
+    k = int(min(k, channels, max(1, len(cells) - 1)))
+    mean = cells.mean(axis=0)
+    _, comps = _principal(cells - mean, k)
+    return _f16(_f32({"lay_mean": mean, "lay_proj": comps.T}))
+
+
+ADULT_CHECK = ("a logistic regression (balanced class weights) on the head's standardized vector: adult frontal films "
+               "(and their variants) against the training scans' frontal rows (children, and their variants); "
+               "asked for what the head accepts as a frontal chest X-ray; refused as an adult chest X-ray when "
+               "its score > threshold (the validation scans' quantile)")
+
+
+CHEST_CHECK = ("what the adult score flags is asked a second question, a logistic regression (balanced class weights) "
+               "on the same vector: adult frontal chest films (and their variants) against lateral views and other "
+               "body parts (gate_dev's, their variants and long films); a chest score <= 0 is refused as the head's "
+               "most likely other class, not as an adult chest X-ray")
+
+
+def fit_adult(x: np.ndarray, y: np.ndarray, dev: np.ndarray, arrays: dict, val_x: np.ndarray, c: float = DEFAULT_C,
+              max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0) -> tuple[dict, dict, np.ndarray]:
+    """The intended-population check (``Gate.adult_scores``): arrays ``adult_weights[D]``, ``adult_bias`` on the
+    head's standardization (``emb_mean``, ``emb_scale``), fitted on the adult rows (``ADULT_LABEL``) against the
+    children's frontal rows (training scans and their variants: ``dev == -1``); its threshold from the
+    validation scans (``choose_threshold``). Returns (arrays, card parameters, validation scores)."""
+    from sklearn.linear_model import LogisticRegression
+
+    frontal = EMBED_CLASSES.index("frontal_chest")
+    keep = (y == ADULT_LABEL) | ((y == frontal) & (dev == -1))
+    z = (np.asarray(x, np.float64)[keep] - arrays["emb_mean"]) / arrays["emb_scale"]
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
+    model.fit(z, (y[keep] == ADULT_LABEL).astype(int))
+    out = _f32({"adult_weights": model.coef_[0], "adult_bias": np.float64(model.intercept_[0])})
+    others = np.isin(y, [EMBED_CLASSES.index("lateral_chest"), EMBED_CLASSES.index("other_body_part")])
+    chest = None
+    if others.any():  # what is not a child's film may be another radiograph: adult chest films against those
+        keep2 = (y == ADULT_LABEL) | others
+        z2 = (np.asarray(x, np.float64)[keep2] - arrays["emb_mean"]) / arrays["emb_scale"]
+        chest = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
+        chest.fit(z2, (y[keep2] == ADULT_LABEL).astype(int))
+        out.update(_f32({"adult_other_weights": chest.coef_[0], "adult_other_bias": np.float64(chest.intercept_[0])}))
+    val = ((np.asarray(val_x, np.float64) - arrays["emb_mean"]) / arrays["emb_scale"]) @ out["adult_weights"] \
+        + float(out["adult_bias"])
+    threshold = choose_threshold(val, max_val_reject)
+    params = {"threshold": round(threshold, 6), "model": ADULT_CHECK,
+              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "train_rows": {"adult": int((y[keep] == ADULT_LABEL).sum()), "child": int((y[keep] == frontal).sum())},
+              "val_rejected": int((val > threshold).sum())}
+    if chest is not None:
+        params["chest"] = CHEST_CHECK
+        params["train_rows"]["other_radiograph"] = int(others.sum())
+    return out, params, val
+
+
+def scores_of(arrays: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(head scores, most likely non-frontal class index) of embeddings ``x[N, C]`` under ``arrays``."""
+    logits = head_logits(x, arrays["emb_mean"], arrays["emb_scale"], arrays["emb_weights"], arrays["emb_bias"])
+    return head_score(logits), 1 + logits[:, 1:].argmax(axis=1)
+
+
+def choose_threshold(val_scores: np.ndarray, max_reject: float = DEFAULT_MAX_VAL_REJECT) -> float:
+    """The threshold from **validation** scans' scores: the head's own decision boundary (0: frontal more
+    likely than anything else), raised to the ``1 - max_reject`` quantile of the validation scores when more
+    than ``max_reject`` of them would be refused at 0."""
+    v = np.asarray(val_scores, np.float64)
+    if v.size == 0:
+        raise ValueError("no validation scores")
+    return float(max(0.0, np.quantile(v, 1.0 - max_reject)))
+
+
+
+def gate_vectors(arrays: dict, x: np.ndarray, grid: int) -> np.ndarray:
+    """The vectors the gate's head reads, from ``pooled`` rows ``x`` (the rows themselves without a layout)."""
+    if not grid:
+        return np.asarray(x, np.float32)
+    return layout_vector(x, arrays["lay_mean"], arrays["lay_proj"], grid)
+
+
+def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
+             max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
+             density_components: int = DEFAULT_DENSITY_COMPONENTS, grid: int = 0,
+             grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None) -> tuple[dict, dict]:
+    """(arrays, ``embedding`` card parameters) from training rows and validation scans' rows (``pooled``: the
+    global average, then with ``grid`` > 0 the ``grid x grid`` cells of ``channels`` each). With a grid, the
+    layout projection (``fit_layout``) comes from the frontal training rows first. Both thresholds (head score;
+    density distance when ``density_components`` > 0) come from the validation scans."""
+    arrays: dict = {}
+    layout = None
+    if grid:
+        channels = int(channels or data.x.shape[1] // (1 + grid * grid))
+        basis = (data.y == EMBED_CLASSES.index("frontal_chest")) & data.basis
+        arrays.update(fit_layout(data.x[basis], channels, grid, grid_components))
+        layout = {"grid": int(grid), "components": int(arrays["lay_proj"].shape[1]), "channels": channels,
+                  "rule": f"the model's feature map average-pooled on a {grid}x{grid} grid of adaptive (overlapping) "
+                          "cells, each cell's vector minus lay_mean projected onto lay_proj (the first principal "
+                          "components of frontal training scans' cells), after the global average"}
+    x = gate_vectors(arrays, data.x, grid)
+    val_x = gate_vectors(arrays, val_x, grid)
+    head_y = np.where(data.y == ADULT_LABEL, EMBED_CLASSES.index("frontal_chest"), data.y)  # a frontal film
+    in_head = data.head
+    arrays.update(fit_head(x[in_head], head_y[in_head], c, seed))
+    head_y = head_y[in_head]
+    val_scores, _ = scores_of(arrays, val_x)
+    threshold = choose_threshold(val_scores, max_val_reject)
+    params = {"classes": list(EMBED_CLASSES), "threshold": round(threshold, 6), "dim": int(x.shape[1]),
+              "score": "logsumexp(logits[1:]) - logits[0], logits = ((e - emb_mean) / emb_scale) @ emb_weights "
+                       "+ emb_bias; refused when score > threshold",
+              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "max_val_reject": max_val_reject, "val_images": int(len(val_x)),
+              "val_score_quantiles": {q: round(float(np.quantile(val_scores, float(q))), 4)
+                                      for q in ("0.5", "0.99", "0.998")},
+              "train_rows": {**{EMBED_CLASSES[k]: int((head_y == k).sum()) for k in range(len(EMBED_CLASSES))},
+                             "of which adult_chest": int((data.y == ADULT_LABEL).sum())},
+              "classes_without_images": [EMBED_CLASSES[k] for k in range(len(EMBED_CLASSES))
+                                         if not np.any(head_y == k)],
+              "C": c}
+    if layout:
+        params["layout"] = layout
+    rejected = val_scores > threshold
+    if np.any(data.y == ADULT_LABEL):
+        adult_arrays, adult_params, val_adult = fit_adult(x, data.y, data.dev, arrays, val_x, c,
+                                                          max_val_reject * ADULT_VAL_SHARE, seed)
+        arrays.update(adult_arrays)
+        params["adult"] = adult_params
+        rejected |= val_adult > adult_params["threshold"]
+    if density_components > 0:
+        arrays.update(fit_density(x[(data.y == EMBED_CLASSES.index("frontal_chest")) & data.basis],
+                                  density_components))
+        val_dist = density_distance(val_x, arrays["den_mean"], arrays["den_scale"], arrays["den_components"],
+                                    arrays["den_var"])
+        den_threshold = float(np.quantile(val_dist, 1.0 - max_val_reject))
+        rejected |= val_dist > den_threshold
+        params.update({"density_threshold": round(den_threshold, 4),
+                       "density_components": int(len(arrays["den_var"])),
+                       "density": "squared Mahalanobis distance in the first density_components principal "
+                                  "components of the standardized frontal training vectors; refused when > "
+                                  f"density_threshold (the {1 - max_val_reject:.4f} quantile of the validation "
+                                  "scans' distances)"})
+    params["val_rejected"] = int(rejected.sum())
+    return arrays, params
+
+
+def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], folds: int = 5,
+                   c: float = DEFAULT_C, max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
+                   density_components: int = None, grid: int = 0,
+                   grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None) -> dict:
+    """gate_dev cross-validated: its groups (patients; body parts for other radiographs) are dealt into
+    ``folds`` folds per category; each fold's original images are judged by a gate fitted without any row of
+    that fold (nor their variants, "long film" ones included), its layout projection, head, density and
+    thresholds fitted as always (thresholds on validation). Per-category counts."""
+    density_components = DEFAULT_DENSITY_COMPONENTS if density_components is None else density_components
+    rng = np.random.default_rng(seed)
+    fold_of_group: dict[str, int] = {}
+    for category in sorted({it.category for it in items}):
+        groups = sorted({it.group for it in items if it.category == category})
+        for k, g in enumerate(rng.permutation(groups)):
+            fold_of_group[str(g)] = k % folds
+    item_fold = np.array([fold_of_group[it.group] for it in items])
+    rows: list[dict] = []
+    for k in range(folds):
+        held = np.flatnonzero(item_fold == k)
+        if held.size == 0:
+            continue
+        keep = ~np.isin(data.dev, held)
+        arrays, params = fit_gate(data.subset(keep), val_x, c, max_val_reject,
+                                  seed, density_components, grid, grid_components, channels)
+        gate = Gate(arrays, {"embedding": params})
+        orig = np.array([np.flatnonzero((data.dev == i))[0] for i in held])  # first row of an item: the original
+        vectors = gate_vectors(arrays, data.x[orig], grid)
+        for i, v, va in zip(held, gate.embedding_verdicts(vectors), gate.embedding_verdicts(vectors, True)):
+            rows.append({"file": Path(items[i].path).name, "category": items[i].category, "fold": k,
+                         "accepted": v.ok, "score": round(float(v.score), 3), "reason": v.reason,
+                         "accepted_allow_adults": va.ok, "reason_allow_adults": va.reason})
+    out = {"folds": folds, "grouping": "other radiographs by body part, chest views by patient",
+           "by_category": {}}
+    for category in sorted({r["category"] for r in rows}):
+        out["by_category"][category] = cv_summary([r for r in rows if r["category"] == category],
+                                                  GATE_DEV_CLASSES[category])
+    out["rows"] = rows
+    return out
+
+
+def expected_outcome(cls: str) -> str:
+    """What the gate should do with an image of class ``cls``: accept a child's frontal film, refuse an adult's
+    as adult, refuse anything else (with its own reason)."""
+    return {"frontal_chest": "accept", "adult_chest": "reject as adult"}.get(cls, "reject")
+
+
+def cv_summary(rows: list[dict], cls: str) -> dict:
+    """Counts for one category's cross-validated rows (``accepted``, ``reason``; ``accepted_allow_adults``):
+    how many the gate got right by ``expected_outcome``, the refusal reasons, and for adult films how many
+    ``allow_adults`` would classify (with a warning)."""
+    want = expected_outcome(cls)
+    adult = REASONS["adult_chest"]
+
+    def right(r):
+        if want == "accept":
+            return r["accepted"]
+        if want == "reject as adult":
+            return not r["accepted"] and r["reason"].startswith(adult)
+        return not r["accepted"] and not r["reason"].startswith(adult)
+
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if not r["accepted"]:
+            key = r["reason"].split(" (")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    out = {"n": len(rows), "expected": want, "accepted": sum(r["accepted"] for r in rows),
+           "rejected": sum(not r["accepted"] for r in rows), "correct": sum(map(right, rows)),
+           "correct_rate": round(sum(map(right, rows)) / max(1, len(rows)), 4), "reasons": reasons,
+           "wrong": [f"{r['file']} ({'accepted' if r['accepted'] else 'rejected: ' + r['reason']}, "
+                     f"head score {r['score']})" for r in rows if not right(r)]}
+    if cls == "adult_chest" and rows and "accepted_allow_adults" in rows[0]:
+        out["accepted_allow_adults"] = sum(r["accepted_allow_adults"] for r in rows)
+    return out
+
+
+POLARITY = ("a logistic regression (scikit-learn defaults, C 1) on the standardized 16x16 thumbnail: train "
+            "scans and one train.ood.variants variant each, against the same images inverted (255 - x); "
+            "threshold from the validation scans")
+
+
+def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
+                 max_val_reject: float = DEFAULT_MAX_VAL_REJECT, thumb: int = DEFAULT_THUMB,
+                 n_clinical: int = 0) -> tuple[dict, dict]:
+    """The polarity check (``Gate.check_polarity``): a linear function of the standardized thumbnail that tells
+    a radiograph from its negative (``POLARITY``), from train scans only (no gate_dev: its frontal films are a
+    held-out check, ``benchmarks.ood``), each with one ``variants`` copy and ``n_clinical`` ``clinical`` ones
+    (collimation frames, letterboxing and burned-in text change a thumbnail's dark and bright areas: without
+    them such films were refused as negatives), every one against its negative. Threshold:
+    ``choose_threshold`` on the validation scans. Returns (arrays ``pol_weights``, ``pol_bias``; card
+    parameters)."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = np.asarray(train_gray, np.uint8)
+    imgs = np.concatenate([g, variants(g, 1, seed + 41)] + [clinical(g, seed + 43 + k) for k in range(n_clinical)])
+    x = np.concatenate([features(imgs, thumb)[0], features(255 - imgs, thumb)[0]])
+    y = np.r_[np.zeros(len(imgs)), np.ones(len(imgs))]
+    model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+    w, b = model.coef_[0].astype(np.float64), float(model.intercept_[0])
+    arrays = {"pol_weights": w, "pol_bias": np.float64(b)}
+    gate = Gate(arrays, {"thumb": thumb, "polarity": {"threshold": 0.0}})  # the runtime's own scoring
+    val = np.asarray(val_gray, np.uint8)
+    val_scores = gate.polarity_scores(val)
+    threshold = choose_threshold(val_scores, max_val_reject)
+    inverted_scores = gate.polarity_scores(255 - val)
+    params = {"threshold": round(threshold, 6), "model": POLARITY,
+              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "train_images": int(len(imgs)), "clinical_variants": int(n_clinical), "val_images": int(len(val)),
+              "val_rejected": int((val_scores > threshold).sum()),
+              "val_inverted_refused": int((inverted_scores > threshold).sum()),
+              "val_margin": round(float(inverted_scores.min() - val_scores.max()), 3)}
+    return arrays, params

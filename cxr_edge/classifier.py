@@ -29,7 +29,6 @@ radiograph, another body part, a lateral view) and then on the image's polarity 
 """
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
@@ -41,58 +40,18 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
-from cxr_edge.bundle import Bundle, BundleError, load_bundle
-from cxr_edge.engines import EngineError, available_backends, open_engine
+from cxr_edge.bundle import BundleError, load_bundle
+from cxr_edge.engines import EngineError, open_engine
 from cxr_edge.heatmap import LegacyFeatures, cam_maps, load_cam_weights
 from cxr_edge.labels import CLASS_NAMES
+# the model part (also importable from here, as before): cxr_edge/model.py, which cxr_edge.ood imports too
+from cxr_edge.model import (MAX_LANES, ModelInfo, ModelPass, calibrate, card_temperature,  # noqa: F401
+                            checked_threads, default_backend, single_threaded_blas, thread_split, usable_cpus)
 from cxr_edge.ood import POPULATION, Gate
 from cxr_edge.preprocess import InputRejected, PreprocessError, load_with_info, to_input
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_BATCH = 8
-MAX_LANES = 8  # classify_many's worker threads when ``threads`` is not given (one per CPU, at most this)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may use (its affinity: containers, taskset), else the machine's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))  # the CPUs this process may use (containers, taskset)
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def single_threaded_blas() -> None:
-    """Cap the BLAS library's own thread pool at one thread in this process (``threadpoolctl``). cxr-edge's
-    numpy work is small (the input gate's products: microseconds); its parallelism is the lanes, workers and
-    inference threads it starts itself. Left alone, OpenBLAS gives every lane or worker process a pool of
-    busy-waiting threads, one per core: measured on a 2-core AMD EPYC (2026-11-27, the 624 official test
-    scans), ``cxr-edge classify`` on a folder took 1.6x the wall time and ``cxr-edge batch --workers 2`` 2-11x
-    (3.8 s against 1.8 s with the 144 px bundle, 25.9 s against 2.4 s with the 224 px one). For cxr-edge's own
-    processes (the command line, batch workers); a program that imports ``Classifier`` keeps its own setting."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
-
-
-def thread_split(threads: Optional[int]) -> tuple[int, int]:
-    """(inference threads of ``classify``, lanes of ``classify_many``): ``threads`` for both when given;
-    otherwise ``classify`` runs the model on half the CPUs (rounded up) and ``classify_many`` runs one lane
-    per CPU (at most ``MAX_LANES``), each lane one thread that decodes and runs its own model copy."""
-    if threads:
-        return int(threads), int(threads)
-    cpus = usable_cpus()
-    return max(1, cpus - cpus // 2), max(1, min(MAX_LANES, cpus))
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    version: str
-    sha256: str
-    backend: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -163,33 +122,13 @@ class _Decoded:
     warning: str = ""
 
 
-def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature scaling of probabilities: ``softmax(log(p) / T)`` row-wise."""
-    if temperature == 1.0:
-        return probs
-    logits = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0)) / temperature
-    logits -= logits.max(axis=-1, keepdims=True)
-    e = np.exp(logits)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def default_backend(bundle: Bundle) -> str:
-    """TFLite if its runtime is importable and the bundle has it, else ONNX."""
-    have = available_backends()
-    for backend in ("tflite", "onnx"):
-        if backend in have and backend in bundle.backends():
-            return backend
-    raise BundleError(f"no usable backend: bundle {bundle.root} has {bundle.backends() or 'no models'}, "
-                      f"installed runtimes: {have or 'none'} (pip install ai-edge-litert or onnxruntime)")
-
-
 def one_line(text) -> str:
     """A message (or an exception's) on one line; an exception without a message gives its type name."""
     line = " ".join(str(text).split())
     return line or (type(text).__name__ if isinstance(text, BaseException) else "")
 
 
-class Classifier:
+class Classifier(ModelPass):
     """A loaded model bundle ready to classify files.
 
     ``model``: a bundle folder or its ``card.json`` (``None``: the embedded default bundle).
@@ -211,13 +150,14 @@ class Classifier:
                  heatmaps: bool = False, decode_threads: Optional[int] = None, allow_adults: bool = False):
         # decode_threads: classify_many's lanes instead of ``threads`` (0: decode and infer in the calling
         # thread with this classifier's engine: one process = one core, as a batch worker wants)
+        # ModelPass's attributes are set here, not by ModelPass.__init__: the gate loads between the model file's
+        # check and the engine's opening (errors come in the same order as before) and the engines open through
+        # this module's ``open_engine``
         self.bundle = load_bundle(model)
         self.backend = backend or default_backend(self.bundle)
         model_path, sha = self.bundle.model_file(self.backend, verify=True)
         self.gate: Optional[Gate] = Gate.from_bundle(self.bundle.root, self.bundle.card) if ood else None
-        if threads is not None and int(threads) < 1:
-            raise EngineError(f"threads must be >= 1, got {threads}")
-        infer_threads, self.decode_threads = thread_split(threads)
+        infer_threads, self.decode_threads = checked_threads(threads)
         if decode_threads is not None:
             self.decode_threads = max(0, int(decode_threads))
         self.engine = open_engine(model_path, self.backend, threads=infer_threads)
@@ -225,14 +165,7 @@ class Classifier:
         self._lane_engines: queue.SimpleQueue = queue.SimpleQueue()  # idle one-thread engines of the lanes
         self._legacy_lock = threading.Lock()  # LegacyFeatures' interpreter is not safe across threads
         self.spec = self.bundle.spec
-        raw = self.bundle.card.get("temperature")
-        try:
-            temperature = 1.0 if raw is None else float(raw)
-        except (TypeError, ValueError):
-            temperature = float("nan")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise BundleError(f"{self.bundle.root}: temperature must be a positive number, got {raw!r}")
-        self.temperature = temperature
+        self.temperature = card_temperature(self.bundle)
         self.model = ModelInfo(self.bundle.name, self.bundle.version, sha, self.backend)
         self.batch_size = max(1, int(batch_size))
         self.heatmaps = bool(heatmaps)
@@ -245,25 +178,6 @@ class Classifier:
             raise BundleError(f"bundle {self.bundle.root}: its input gate (ood.npz) reads the model's feature map "
                               f"(layout part), but its {self.backend} model gives none (single output); "
                               "use --no-ood or refit the gate without a layout (python -m train.ood --grid 0)")
-
-    @property
-    def card(self) -> dict:
-        return self.bundle.card
-
-    def predict(self, gray: np.ndarray, engine=None) -> np.ndarray:
-        """``uint8[N, S, S]`` (from ``load_gray``) to calibrated probabilities ``float32[N, 3]``."""
-        probs = (engine or self.engine).run(to_input(gray, self.spec))
-        return calibrate(probs, self.temperature)
-
-    def predict_full(self, gray: np.ndarray, engine=None
-                     ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
-        """``uint8[N, S, S]`` to ``(calibrated probabilities float32[N, 3], embedding float32[N, C] or None,
-        feature map float32[N, h, w, C] or None)`` from one model pass; the embedding is the feature map's
-        global average (the penultimate vector). ``None`` for models with a single output. ``engine``: one
-        of the lanes' model copies (default: this classifier's own)."""
-        probs, features = (engine or self.engine).run_full(to_input(gray, self.spec))
-        embedding = None if features is None else features.mean(axis=(1, 2), dtype=np.float32)
-        return calibrate(probs, self.temperature), embedding, features
 
     # -- one image's way through: decode + pixel gate (any thread), model pass, embedding gate -------------
     def _checked(self, source):

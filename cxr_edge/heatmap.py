@@ -84,26 +84,6 @@ class LegacyFeatures:
         return np.concatenate(out)
 
 
-class Heatmapper:
-    """CAMs for model inputs, for callers that hold a model input rather than a :class:`Result` (one extra
-    pass; ``Classifier(heatmaps=True)`` gets them from the classifying pass instead)."""
-
-    def __init__(self, bundle: Bundle, threads: Optional[int] = None):
-        from cxr_edge.classifier import default_backend
-        from cxr_edge.engines import open_engine
-
-        self.weights = load_cam_weights(bundle)
-        engine = open_engine(bundle.model_file(default_backend(bundle))[0], threads=threads)
-        if engine.has_features:
-            self._features = lambda x: engine.run_full(x)[1]
-        else:
-            self._features = LegacyFeatures(bundle, threads)
-
-    def cam(self, x: np.ndarray, k: int) -> np.ndarray:
-        """``float32[1, S, S, 1]`` model input -> ``float32[h, w]`` in 0..1 for class index ``k``."""
-        return cam_maps(self._features(np.asarray(x, np.float32)[:1]), self.weights, [k])[0]
-
-
 def overlay(gray: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
     """The scan in gray with the map as a red-yellow overlay, at the scan's aspect ratio."""
     gray = ImageOps.exif_transpose(gray).convert("L")

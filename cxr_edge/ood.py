@@ -2,7 +2,7 @@
 
 Three layers, each saying what it saw:
 
-1. **DICOM metadata** (``cxr_edge/dicom.py``, before any pixel is decoded): Modality, BodyPartExamined and
+1. **DICOM metadata** (``cxr_edge/dicomtags.py``, before any pixel is decoded): Modality, BodyPartExamined and
    ViewPosition refuse a CT/MR/US/... object, another body part or a lateral view
    (:class:`cxr_edge.preprocess.InputRejected`).
 2. **Pixels** (:meth:`Gate.check_pixels`, before the model), on what ``load_gray_colour`` produces:
@@ -34,6 +34,10 @@ Three layers, each saying what it saw:
    density_threshold`` (also from validation) the image is refused too, with the head's most likely other
    class as the reason. Fitted by ``python -m train.ood BUNDLE``.
 
+The arithmetic (pooling, thumbnails, scores) is in ``cxr_edge/gate_math.py``, the model's feature maps for
+fitting and measuring a gate (:func:`feature_maps`, :func:`embedder`) in ``cxr_edge/gate_features.py``; their
+names are importable from here as well.
+
 Bundle: ``ood.npz`` beside the model files (arrays ``emb_mean[D]``, ``emb_scale[D]``, ``emb_weights[D, 4]``,
 ``emb_bias[4]``, optionally ``den_mean[D]``, ``den_scale[D]``, ``den_components[k, D]``, ``den_var[k]``, and
 ``lay_mean[C]``, ``lay_proj[C, k]`` for a layout part (``D = C + g*g*k``; without it ``D = C``); older
@@ -48,18 +52,20 @@ in ``card.json``::
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image
 
 from cxr_edge.bundle import BundleError, verified_file
+# the gate's arithmetic and its feature-map tools, importable from here as before
+from cxr_edge.gate_features import embedder, feature_maps  # noqa: F401
+from cxr_edge.gate_math import (DEFAULT_THUMB, _box_ones, _pool, density_distance, features,  # noqa: F401
+                                grid_bins, grid_cells, head_logits, head_score, layout_vector, logsumexp,
+                                pooled, pooling_matrix, ppca_score, thumbnail)
 from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour
 
-DEFAULT_THUMB = 16
 DEFAULT_MAX_COLOUR_FRACTION = 0.10  # share of off-tint coloured pixels (annotations stay under it; photos above)
 DEFAULT_MIN_STD = 2.0  # gray levels (0..255) of the thumbnail
 
@@ -76,125 +82,6 @@ LAYOUT_ARRAYS = ("lay_mean", "lay_proj")
 POLARITY_ARRAYS = ("pol_weights", "pol_bias")
 ADULT_ARRAYS = ("adult_weights", "adult_bias")
 ADULT_OTHER_ARRAYS = ("adult_other_weights", "adult_other_bias")  # the adult check's chest-or-not question
-
-
-def grid_bins(n: int, g: int) -> list[tuple[int, int]]:
-    """Adaptive-pooling bins of ``n`` positions into ``g`` cells (``[floor(i n / g), ceil((i + 1) n / g))``;
-    7 -> 3: 0-3, 2-5, 4-7)."""
-    return [(int(np.floor(i * n / g)), int(np.ceil((i + 1) * n / g))) for i in range(g)]
-
-
-@functools.lru_cache(maxsize=16)
-def pooling_matrix(h: int, w: int, g: int) -> np.ndarray:
-    """``float32[1 + g*g, h*w]``: row 0 averages all ``h x w`` positions (the global average), row ``1 + i*g
-    + j`` averages grid cell ``(i, j)`` (``grid_bins``). One matrix product pools a whole feature map."""
-    rows, cols = grid_bins(h, g), grid_bins(w, g)
-    m = np.zeros((1 + g * g, h, w), np.float64)
-    m[0] = 1.0 / (h * w)
-    for k, ((r0, r1), (c0, c1)) in enumerate((r, c) for r in rows for c in cols):
-        m[1 + k, r0:r1, c0:c1] = 1.0 / ((r1 - r0) * (c1 - c0))
-    out = m.reshape(1 + g * g, h * w).astype(np.float32)
-    out.flags.writeable = False  # shared by every call (cached)
-    return out
-
-
-def _pool(f: np.ndarray, g: int) -> np.ndarray:
-    """``float32[N, 1 + g*g, C]``: global average and grid cells of feature maps ``[N, h, w, C]``."""
-    n, h, w, c = f.shape
-    return np.matmul(pooling_matrix(h, w, g), f.reshape(n, h * w, c))
-
-
-def grid_cells(features: np.ndarray, g: int) -> np.ndarray:
-    """Feature maps ``[N, h, w, C]`` average-pooled on a ``g x g`` grid: ``float32[N, g*g, C]`` (row-major)."""
-    return _pool(np.asarray(features, np.float32), g)[:, 1:]
-
-
-def pooled(features: np.ndarray, grid: int = 0) -> np.ndarray:
-    """``[N, C]`` global averages of feature maps ``[N, h, w, C]``, followed (``grid`` > 0) by their
-    ``grid x grid`` cells: ``float32[N, C + grid*grid*C]``. What a gate's fit needs before the layout
-    projection (``layout_vector``). One matrix product (``pooling_matrix``) for all of them."""
-    f = np.asarray(features, np.float32)
-    if not grid:
-        return f.mean(axis=(1, 2), dtype=np.float32)
-    return _pool(f, grid).reshape(len(f), -1)
-
-
-def layout_vector(pooled_x: np.ndarray, mean: np.ndarray, proj: np.ndarray, grid: int) -> np.ndarray:
-    """Gate vectors ``[N, C + g*g*k]`` from ``pooled`` rows ``[N, C + g*g*C]``: the global average as it is,
-    each cell projected, ``(cell - mean) @ proj`` (``proj[C, k]``)."""
-    x = np.asarray(pooled_x, np.float32)
-    c = proj.shape[0]
-    cells = x[:, c:].reshape(len(x), grid * grid, c)
-    z = np.matmul(cells - mean, proj).reshape(len(x), -1)
-    return np.concatenate([x[:, :c], z], axis=1)
-
-
-@functools.lru_cache(maxsize=8)
-def _box_ones(s: int, side: int) -> np.ndarray:
-    """``float32[side, s]``: row ``i`` is 1 on the ``s // side`` pixels of box ``i``, 0 elsewhere."""
-    out = np.kron(np.eye(side, dtype=np.float32), np.ones((1, s // side), np.float32))
-    out.flags.writeable = False
-    return out
-
-
-def thumbnail(gray: np.ndarray, side: int = DEFAULT_THUMB) -> np.ndarray:
-    """``uint8[S, S]`` (or ``[N, S, S]``) to ``float32[.., side, side]`` box-filter averages."""
-    arr = np.asarray(gray)
-    if arr.ndim == 3:
-        return np.stack([thumbnail(a, side) for a in arr])
-    s = arr.shape[0]
-    if arr.shape == (s, s) and s % side == 0:
-        # box sums as two products with a 0/1 matrix (several times faster than a strided numpy mean, and the
-        # same numbers: sums of whole gray levels are exact in float32), then one division
-        ones = _box_ones(s, side)
-        return (ones @ arr.astype(np.float32) @ ones.T) / np.float32((s // side) ** 2)
-    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "L")
-    return np.asarray(img.resize((side, side), Image.Resampling.BOX), dtype=np.float32)
-
-
-def features(gray: np.ndarray, side: int = DEFAULT_THUMB) -> tuple[np.ndarray, np.ndarray]:
-    """(standardized thumbnails ``float64[N, side*side]``, their standard deviations ``[N]`` in gray levels)."""
-    t = thumbnail(gray if np.ndim(gray) == 3 else np.asarray(gray)[None], side).reshape(-1, side * side)
-    t = t.astype(np.float64)
-    mu = t.mean(axis=1, keepdims=True)
-    sd = t.std(axis=1, keepdims=True)
-    return (t - mu) / np.maximum(sd, 1e-6), sd[:, 0]
-
-
-def ppca_score(x: np.ndarray, mean: np.ndarray, components: np.ndarray, eigvals: np.ndarray,
-               resid_var: float) -> np.ndarray:
-    """Squared Mahalanobis distance in the principal subspace + squared residual / ``resid_var``, per row."""
-    c = x - mean
-    z = c @ components.T
-    resid = c - z @ components
-    return (z * z / eigvals).sum(axis=1) + (resid * resid).sum(axis=1) / resid_var
-
-
-def head_logits(embedding: np.ndarray, mean: np.ndarray, scale: np.ndarray, weights: np.ndarray,
-                bias: np.ndarray) -> np.ndarray:
-    """The embedding head's logits ``[N, 4]`` for embeddings ``[N, C]`` (or ``[C]`` -> ``[4]``)."""
-    e = np.asarray(embedding, np.float64)
-    return ((e - mean) / scale) @ weights + bias
-
-
-def density_distance(embedding: np.ndarray, mean: np.ndarray, scale: np.ndarray, components: np.ndarray,
-                     var: np.ndarray) -> np.ndarray:
-    """Squared Mahalanobis distance ``[N]`` of embeddings ``[N, C]`` in the principal subspace ``components
-    [k, C]`` (variances ``var[k]``) of standardized frontal chest X-ray embeddings."""
-    z = ((np.asarray(embedding, np.float64) - mean) / scale) @ components.T
-    return (z * z / var).sum(axis=-1)
-
-
-def logsumexp(x: np.ndarray) -> np.ndarray:
-    """``log(sum(exp(x)))`` over the last axis, stable."""
-    m = x.max(axis=-1)
-    return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
-
-
-def head_score(logits: np.ndarray) -> np.ndarray:
-    """``logsumexp(logits[..., 1:]) - logits[..., 0]``: how much more likely anything but a frontal chest
-    X-ray is (log odds; higher = less like one)."""
-    return logsumexp(logits[..., 1:]) - logits[..., 0]
 
 
 @dataclass(frozen=True)
@@ -496,43 +383,6 @@ class Gate:
         return self.check_after_model(embed(gray[None])[0] if embed is not None and self.has_embedding else None,
                                       gray, allow_adults)
 
-
-def feature_maps(model, threads: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``uint8[N, S, S]`` (from ``load_gray``) -> the model's last feature maps ``float32[N, h, w, C]``.
-
-    ``model``: a :class:`cxr_edge.Classifier`, a :class:`cxr_edge.bundle.Bundle` or a bundle folder. When the
-    classifier's model gives its feature map (``Classifier.predict_full``, dual-output bundles, contract 3),
-    that is used: the very numbers the runtime gate sees. Otherwise (single-output bundles) the bundle's
-    ``features.tflite`` (card entry ``"cam"``: image -> last feature map)."""
-    from cxr_edge.bundle import Bundle, load_bundle
-    from cxr_edge.classifier import Classifier
-    from cxr_edge.preprocess import to_input
-
-    clf = model if isinstance(model, Classifier) else None
-    bundle = clf.bundle if clf else model if isinstance(model, Bundle) else load_bundle(model)
-    if clf is None:
-        clf = Classifier(model=bundle.root, threads=threads, ood=False)
-    if getattr(clf.engine, "has_features", False):
-        return lambda gray: np.asarray(clf.predict_full(np.asarray(gray, np.uint8))[2], np.float32)
-    if not isinstance(bundle.card.get("cam"), dict):
-        raise BundleError(f"bundle {bundle.root}: its model gives no feature map and it has no features.tflite "
-                          "(card entry 'cam'); cannot compute embeddings")
-    from cxr_edge.heatmap import LegacyFeatures
-
-    legacy, spec = LegacyFeatures(bundle, threads), bundle.spec
-    return lambda gray: np.asarray(legacy(to_input(np.asarray(gray, np.uint8), spec)), np.float32)
-
-
-def embedder(model, threads: Optional[int] = None, gate: Optional["Gate"] = None,
-             grid: int = 0) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``uint8[N, S, S]`` (from ``load_gray``) -> vectors from the model's feature maps
-    (:func:`feature_maps`): with ``gate``, what its :meth:`Gate.check_embedding` expects (``Gate.embedding_of``);
-    without, the penultimate global averages ``float32[N, C]``, followed (``grid`` > 0) by the ``grid x grid``
-    cells (:func:`pooled`, what a layout gate is fitted on)."""
-    maps = feature_maps(model, threads)
-    if gate is not None and gate.has_embedding:
-        return lambda gray: gate.embedding_of(maps(gray))
-    return lambda gray: pooled(maps(gray), grid)
 
 
 __all__ = ["Gate", "Verdict", "EMBED_CLASSES", "REASONS", "ADULT", "POPULATION", "embedder", "feature_maps", "pooled", "grid_cells",

@@ -20,25 +20,22 @@ installed packages, nothing from a CDN):
 
 Everything goes through :class:`cxr_edge.Classifier` (``classify_many``) and ``Result.to_dict()``; uploads are
 decoded from memory (``load_gray`` takes bytes) and never written to disk: the multipart parser's spool file
-never rolls over, and the request body is refused past the limit before it is all read. The model loads
-once, in the background after the socket is bound; ``--workers`` model instances (default 1) serve requests,
-each used by one request at a time, so concurrent requests never share an interpreter.
+never rolls over, and the request body is refused past the limit before it is all read
+(``cxr_edge/serve_uploads.py``). The model loads once, in the background after the socket is bound;
+``--workers`` model instances (default 1) serve requests, each used by one request at a time, so concurrent
+requests never share an interpreter (``cxr_edge/serve_pool.py``).
 """
 from __future__ import annotations
 
 import base64
 import hmac
-import io
 import ipaddress
 import logging
-import queue
 import socket
-import sys
 import threading
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import click
 from fastapi import Depends, HTTPException, Query, Request
@@ -47,198 +44,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cxr_edge import __version__
 from cxr_edge.classifier import one_line
 from cxr_edge.labels import CLASS_NAMES
 from cxr_edge.serve_limits import DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT, RequestLimits
+# the model pool (cxr_edge/serve_pool.py) and the uploads (cxr_edge/serve_uploads.py), importable from here
+from cxr_edge.serve_pool import HEATMAP_SIDE, ModelPool, Slot, classify_uploads, heatmap_png  # noqa: F401
+from cxr_edge.serve_uploads import (Upload, _bounded, _InMemoryParser, _too_large, _TooLarge,  # noqa: F401
+                                    clean_name, read_uploads)
 
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
-HEATMAP_SIDE = 512  # overlays sent over HTTP are at most this many pixels a side
 WEB = Path(__file__).resolve().parent / "web"
 NOTICE = ("Not a medical device: a research demonstration, not validated clinically, not cleared by any "
           "regulator; never use it to diagnose, treat or triage anyone.")
 log = logging.getLogger("cxr_edge.serve")
-
-
-class Upload(bytes):
-    """An uploaded file's bytes that print as its file name: ``load_gray`` decodes bytes in memory, and the
-    Classifier's records (``str(path)``) carry the name the client sent."""
-
-    def __new__(cls, data: bytes, name: str):
-        obj = super().__new__(cls, data)
-        obj.name = name
-        return obj
-
-    def __str__(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:
-        return f"Upload({self.name!r}, {len(self)} bytes)"
-
-
-def clean_name(raw: Optional[str], default: str) -> str:
-    """The last component of a client's file name, printable, at most 255 characters."""
-    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if ch.isprintable()).strip()
-    return name[:255] or default
-
-
-# --------------------------------------------------------------------------------------------- the model
-
-
-@dataclass
-class Slot:
-    """One model instance: a Classifier, with heatmaps from its classifying pass when the bundle has them
-    (``heat``; ``heat_error`` says why not)."""
-
-    clf: Any
-    heat: bool = False
-    heat_error: Optional[str] = None
-
-
-class ModelPool:
-    """``size`` model instances; :meth:`slot` lends one to one request at a time."""
-
-    def __init__(self, slots: list[Slot]):
-        self._free: "queue.Queue[Slot]" = queue.Queue()
-        for s in slots:
-            self._free.put(s)
-        self.first = slots[0]
-        self.size = len(slots)
-
-    @classmethod
-    def load(cls, model=None, backend=None, threads=None, workers: int = 1, ood: bool = True,
-             allow_adults: bool = False) -> "ModelPool":
-        from cxr_edge.bundle import BundleError
-        from cxr_edge.classifier import Classifier
-        from cxr_edge.engines import EngineError
-
-        slots = []
-        for _ in range(max(1, int(workers))):
-            try:
-                slots.append(Slot(Classifier(model=model, backend=backend, threads=threads, ood=ood,
-                                             heatmaps=True, allow_adults=allow_adults), True))
-            except (BundleError, EngineError) as exc:  # a bundle without (usable) heatmap data still
-                clf = Classifier(model=model, backend=backend, threads=threads, ood=ood,  # classifies; the
-                                 allow_adults=allow_adults)
-                slots.append(Slot(clf, False, one_line(exc)))  # reason shows in /healthz and heatmap_error
-        return cls(slots)
-
-    @contextmanager
-    def slot(self):
-        s = self._free.get()
-        try:
-            yield s
-        finally:
-            self._free.put(s)
-
-    @property
-    def model(self) -> dict:
-        clf = self.first.clf
-        heat = {"heatmaps": self.first.heat}
-        if self.first.heat_error:
-            heat["heatmap_error"] = self.first.heat_error
-        return {**clf.model.to_dict(), "backend": clf.backend, **heat}
-
-    @property
-    def card(self) -> dict:
-        return self.first.clf.card
-
-
-def heatmap_png(slot: Slot, data: bytes, result) -> bytes:
-    """The class-activation overlay (``cxr_edge.heatmap``) of one classified scan, as PNG bytes; the map
-    itself came from the classifying pass (``Result.heatmap``)."""
-    from cxr_edge.heatmap import overlay
-    from cxr_edge.preprocess import _open
-
-    cam = getattr(result, "heatmap", None)
-    if not slot.heat or cam is None:
-        raise RuntimeError(slot.heat_error or "this model has no heatmap data")
-    with _open(data) as img:
-        picture = overlay(img, cam)
-    picture.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE))
-    buf = io.BytesIO()
-    picture.save(buf, "PNG", optimize=False)
-    return buf.getvalue()
-
-
-def classify_uploads(pool: ModelPool, uploads: list[Upload], heatmap: bool) -> list[dict]:
-    """The ``cxr-edge classify --json`` record of each upload, in order (runs in a worker thread)."""
-    with pool.slot() as slot:
-        records = []
-        for up, result in zip(uploads, slot.clf.classify_many(uploads)):
-            record = result.to_dict()
-            if heatmap and result.status == "ok":
-                try:
-                    png = heatmap_png(slot, up, result)
-                    record["heatmap"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-                except Exception as exc:  # a heatmap failure never hides the label already given
-                    record["heatmap_error"] = f"heatmap not made ({one_line(exc)})"
-            records.append(record)
-    return records
-
-
-# ------------------------------------------------------------------------------------------ the request
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _InMemoryParser(MultiPartParser):
-    """Starlette's multipart parser with a spool file that never rolls over to disk (the request body is
-    already bounded by the upload limit)."""
-
-    spool_max_size = sys.maxsize
-
-
-async def _bounded(request: Request, limit: int):
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _TooLarge
-        yield chunk
-
-
-def _too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"upload too large: the limit is {limit} bytes ({limit / 2**20:g} MB); "
-                              "start the server with a larger --max-upload-mb")
-
-
-async def read_uploads(request: Request, limit: int, name: Optional[str]) -> list[Upload]:
-    """The files of a request: multipart field ``file`` (repeatable) or the raw body."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise _too_large(limit)
-    ctype = request.headers.get("content-type", "")
-    try:
-        if ctype.lower().startswith("multipart/form-data"):
-            parser = _InMemoryParser(request.headers, _bounded(request, limit), max_files=1000, max_fields=100)
-            form = await parser.parse()
-            try:
-                uploads = []
-                for i, value in enumerate(form.getlist("file")):
-                    if not isinstance(value, UploadFile):
-                        raise HTTPException(400, "multipart field 'file' must be a file upload (with a filename)")
-                    value.file.seek(0)
-                    uploads.append(Upload(value.file.read(), clean_name(value.filename, f"upload-{i + 1}")))
-            finally:
-                await form.close()
-            if not uploads:
-                raise HTTPException(400, "no multipart field 'file' in the request")
-            return uploads
-        body = b"".join([chunk async for chunk in _bounded(request, limit)])
-    except _TooLarge:
-        raise _too_large(limit) from None
-    except MultiPartException as exc:
-        raise HTTPException(400, f"malformed multipart request ({one_line(exc.message)})") from None
-    if not body:
-        raise HTTPException(400, "empty request: send the scan as multipart field 'file' or as the raw body")
-    return [Upload(body, clean_name(name, "upload"))]
 
 
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _engine_helpers import BACKEND_TOL, _batch, _engine
 from _runtime_fixtures import (bundle_dir, fixed_batch_bundle_dir, float_io_bundle_dir, image_files,  # noqa: F401
                                int8_io_bundle_dir, label_of)
 from cxr_edge import Classifier, EngineError, open_engine
@@ -18,28 +19,9 @@ from cxr_edge.labels import CLASS_NAMES
 from cxr_edge.preprocess import load_gray, to_input
 
 REPO = Path(__file__).resolve().parent.parent
-
-# The TFLite and ONNX int8 models are quantized independently (different converters, calibration statistics
-# and rounding), and TFLite also quantizes the softmax output in steps of 1/256 ~ 0.004. So the two differ by a
-# few quantization steps per activation; on the tiny bundle that is a max of ~0.008 over these 9 images.
-# 0.05 leaves ~6x margin for other toolchain versions yet still catches real faults (wrong input scaling,
-# layout or class order move probabilities by 0.3-1.0).
-BACKEND_TOL = 0.05
 # int8 vs float32 I/O tensors of one converted network: only the input quantization (step = the input
 # scale, ~1/128 of the range) and the output's 1/256 steps differ.
 IO_TOL = 0.02
-
-
-def _batch(bundle: Path) -> np.ndarray:
-    spec = load_bundle(bundle).spec
-    files = image_files("train") + image_files("test")
-    return to_input(np.stack([load_gray(f, spec.size) for f in files]), spec)
-
-
-def _engine(bundle: Path, backend: str, threads=1):
-    b = load_bundle(bundle)
-    path, _ = b.model_file(backend)
-    return open_engine(path, backend, threads=threads)
 
 
 @pytest.mark.parametrize("backend", ["tflite", "onnx"])
@@ -368,84 +350,3 @@ def test_the_shipped_model_labels_the_shipped_scans():
         assert sum(g == t for g, t in zip(got, truth)) >= len(files) - 1, (backend, got, truth)
         assert set(got) == {0, 1, 2}
         assert all(r.probabilities[r.label] > 0.5 for r, g, t in zip(results, got, truth) if g == t)
-
-
-# --- ONNX Runtime int8 speed (issue 35): the graph onnxruntime runs, not a timing ----------------------------
-
-def _ops_after_optimization(path: Path, tmp_path: Path) -> dict[str, int]:
-    """Op types (and counts) of the graph onnxruntime's CPU provider actually runs after its optimizations."""
-    import collections
-
-    import onnx
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-
-
-def test_shipped_onnx_int8_runs_every_convolution_and_add_on_integer_kernels(tmp_path):
-    """With int8 activations (S8S8) onnxruntime's x86 provider left 17 of the 49 convolutions and all 9
-    residual Adds as float ops between Dequantize/Quantize pairs (int8 no faster than float); the shipped
-    U8S8 graph must not."""
-    import onnx
-
-    path = load_bundle().model_file("onnx")[0]
-    n_conv = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
-    ops = _ops_after_optimization(path, tmp_path)
-    assert n_conv == 49 and ops["QLinearConv"] == n_conv, ops
-    assert ops["QLinearAdd"] == 9 and "Conv" not in ops and "Add" not in ops, ops
-
-
-def test_shipped_onnx_int8_agrees_with_litert():
-    x = _batch(load_bundle().root)
-    onnx_p, lite_p = _engine(load_bundle().root, "onnx").run(x), _engine(load_bundle().root, "tflite").run(x)
-    assert np.array_equal(onnx_p.argmax(1), lite_p.argmax(1))
-    assert np.abs(onnx_p - lite_p).max() <= BACKEND_TOL
-
-
-def _tiny_float_onnx(path: Path) -> np.ndarray:
-    """Conv -> ReLU -> Conv -> residual Add -> pooling -> dense -> softmax, float32, made with onnx.helper
-    (no TensorFlow): the ops whose int8 kernels decide the speed. Returns calibration images."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = lambda name, *s: numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), name)  # noqa: E731
-    w1, w2, wd = w("w1", 8, 4, 1, 1), w("w2", 8, 8, 3, 3), w("wd", 8, 3)
-    nodes = [helper.make_node("Conv", ["x", w1.name], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", w2.name], ["c2"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c2", "r1"], ["a"]), helper.make_node("GlobalAveragePool", ["a"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", wd.name], ["l"]),
-             helper.make_node("Softmax", ["l"], ["probs"])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 3])], [w1, w2, wd])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return rng.normal(0, 1, (8, 4, 8, 8)).astype(np.float32)
-
-
-def test_export_quantizes_activations_to_uint8_and_the_s8s8_conversion_is_exact(tmp_path):
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    from export.onnx import activations_to_uint8, quantize_int8
-
-    x = _tiny_float_onnx(tmp_path / "float.onnx")
-    u8 = quantize_int8(tmp_path / "float.onnx", tmp_path / "u8.onnx", x, batch=4)  # the export's default
-    ops = _ops_after_optimization(u8, tmp_path)
-    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and "Conv" not in ops and "Add" not in ops, ops
-    s8 = quantize_int8(tmp_path / "float.onnx", tmp_path / "s8.onnx", x, batch=4, activations="int8")
-    conv = activations_to_uint8(s8, tmp_path / "s8_to_u8.onnx")
-    zps = lambda p: {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer  # noqa: E731
-                     if "zero_point" in t.name}
-    before, after = zps(s8), zps(conv)
-    moved = [k for k in before if before[k].dtype == np.int8 and after[k].dtype == np.uint8]
-    assert moved and all(np.array_equal(after[k].astype(int), before[k].astype(int) + 128) for k in moved)
-    assert all(np.array_equal(after[k], before[k]) for k in before if k not in moved)  # weights stay int8
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graphs' own arithmetic
-    run = lambda p: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
-    np.testing.assert_array_equal(run(s8), run(conv))

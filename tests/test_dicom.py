@@ -179,6 +179,18 @@ def _small(scan) -> np.ndarray:
     return np.ascontiguousarray(scan[1][::8, ::8])
 
 
+@pytest.fixture(scope="module")
+def small_clf(bundle_dir):  # no input gate: these small synthetic objects are judged by their tags
+    return Classifier(model=bundle_dir, backend="onnx", ood=False)
+
+
+def _same_record_as_the_scan(clf, path: Path, scan, tmp_path: Path) -> None:
+    """The DICOM object is classified with the label and probabilities of the same pixels as a PNG."""
+    Image.fromarray(_small(scan)).save(tmp_path / "small.png")
+    got, want = clf.classify(path), clf.classify(tmp_path / "small.png")
+    assert got.ok and got.label == want.label in CLASS_NAMES and got.probabilities == want.probabilities, (got, want)
+
+
 @pytest.mark.parametrize("modality", ["CT", "MR", "US", "NM", "PT", "RTDOSE", "XA"])
 def test_non_radiograph_modality_is_refused(scan, tmp_path, modality):
     # a CT-like 16-bit slice with a soft-tissue window: refused for what it is, before any windowing
@@ -206,24 +218,28 @@ def test_radiograph_or_unknown_modality_goes_on(scan, tmp_path, modality):
 
 @pytest.mark.parametrize("part,refused", [("HAND", True), ("KNEE", True), ("SKULL", True), ("CHEST", False),
                                           ("THORAX", False), ("ABDOMEN", True), ("", False), (None, False)])
-def test_body_part_examined(scan, tmp_path, part, refused):
+def test_body_part_examined(scan, tmp_path, part, refused, small_clf):
     path = write_dicom(tmp_path / "x.dcm", _small(scan), BodyPartExamined=part)
     if refused:
         with pytest.raises(InputRejected, match=rf"^another body part \(BodyPartExamined {part}\)$"):
             load_gray(path, 64)
-    else:
-        assert load_gray(path, 64).shape == (64, 64)
+    else:  # goes on: the stored 8-bit pixels are the scan's, exactly
+        gray = load_gray(path, 64)
+        assert gray.shape == (64, 64) and np.array_equal(gray, load_gray(Image.fromarray(_small(scan)), 64)), part
+        _same_record_as_the_scan(small_clf, path, scan, tmp_path)
 
 
 @pytest.mark.parametrize("view,refused", [("LL", True), ("RL", True), ("LATERAL", True), ("PA", False),
                                           ("AP", False), (None, False)])
-def test_view_position(scan, tmp_path, view, refused):
+def test_view_position(scan, tmp_path, view, refused, small_clf):
     path = write_dicom(tmp_path / "x.dcm", _small(scan), BodyPartExamined="CHEST", ViewPosition=view)
     if refused:
         with pytest.raises(InputRejected, match=rf"^lateral view \(ViewPosition {view}\)$"):
             load_gray(path, 64)
-    else:
-        assert load_gray(path, 64).shape == (64, 64)
+    else:  # goes on: the stored 8-bit pixels are the scan's, exactly
+        gray = load_gray(path, 64)
+        assert gray.shape == (64, 64) and np.array_equal(gray, load_gray(Image.fromarray(_small(scan)), 64)), view
+        _same_record_as_the_scan(small_clf, path, scan, tmp_path)
 
 
 def _palette_dicom(path: Path, modality: str | None) -> Path:

@@ -67,6 +67,44 @@ def _pct(values, q) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def _sink_rate(pacs, ids: list, lanes: int = 4) -> float:
+    """Instances/s of Orthanc's own sending, the same way (``lanes`` threads, one instance per request), to a
+    storage SCP that only acknowledges (pynetdicom, nothing written, nothing sent back): the most any node
+    can reach with this PACS on this machine."""
+    from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
+
+    got, lock = [], threading.Lock()
+
+    def on_store(event):
+        with lock:
+            got.append(time.time())
+        return 0x0000
+
+    ae = AE(ae_title="SINK")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        pacs.add_modality("sink", "SINK", "127.0.0.1", port)
+        pacs.send("sink", [ids[0]])  # warm-up, not counted
+        got.clear()
+
+        def lane(k):
+            for i in ids[k::lanes]:
+                pacs.send("sink", [i])
+
+        t0 = time.time()
+        threads = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len(got) / (max(got) - t0) if got else float("nan")
+    finally:
+        server.shutdown()
+
+
 def run(n: int, workers: int, out: Path) -> dict:
     from cxr_edge.classifier import Classifier
 
@@ -127,6 +165,7 @@ def run(n: int, workers: int, out: Path) -> dict:
             sent4 = _sent_times(spool / "journal.sqlite", uids4)
             lat4 = [sent4[u] - starts4[u] for u in uids4]
             node_rate = len(uids4) / (max(sent4.values()) - t0)
+            sink_rate = _sink_rate(pacs, ids4)
         finally:
             if node is not None:
                 node.terminate()
@@ -153,6 +192,7 @@ def run(n: int, workers: int, out: Path) -> dict:
         "classify_instances_per_s": classify_rate, "classify_cli_wall_s": cli_wall,
         "classify_cli_instances_per_s": len(files4) / cli_wall,
         "throughput_ratio": node_rate / classify_rate,
+        "orthanc_send_only_instances_per_s": sink_rate, "node_vs_orthanc_send_only": node_rate / sink_rate,
     }
     result["targets"] = {"p95_one_association_le_1s": result["one_association"]["p95_s"] <= 1.0,
                          "throughput_ge_60pct_of_classify": result["throughput_ratio"] >= 0.6}
@@ -177,6 +217,9 @@ def markdown(r: dict) -> str:
         f"(Classifier().classify_many with the command line's defaults, after a warm-up); the command itself took "
         f"{r['classify_cli_wall_s']:.2f} s wall ({r['classify_cli_instances_per_s']:.2f}/s with its start-up). "
         f"Node with 4 associations: {r['throughput_ratio']:.0%} of it.", "",
+        f"Orthanc's own sending, the same 4 lanes, to a storage SCP that only acknowledges (nothing written, "
+        f"nothing sent back): {r['orthanc_send_only_instances_per_s']:.2f} instances/s, the most any node can "
+        f"reach with this PACS here; the node reaches {r['node_vs_orthanc_send_only']:.0%} of it.", "",
         f"- p95 <= 1 s with one association: {ok[r['targets']['p95_one_association_le_1s']]} "
         f"({one['p95_s']:.3f} s)",
         f"- throughput with 4 associations >= 60% of classify: "

@@ -7,7 +7,8 @@ What it measures (full run):
 - each row of the report's experiment table (``train/plans/report_table.json``) that has a run here;
 - latency: end to end vs bare decode, inference alone (1/2 threads, batch 1 and 32), Keras float predict
   of the shipped network and of DenseNet201 (architecture only: no trained DenseNet201 exists here),
-  CLI cold start and peak RSS, installed sizes.
+  CLI cold start and peak RSS, installed sizes;
+- the official test under acquisition shifts (``benchmarks.robustness``: ``robustness.json``/``.md``).
 
 ``--quick`` (used by the tests) takes a few test images and few repeats and skips the Keras references and
 the installed sizes.
@@ -188,6 +189,10 @@ def _targets(results: dict, shipped: str | None) -> list[dict]:
                                 f"{s['p95_ms']:.0f} ms, {s['requests_per_s']:.1f} requests/s",
                     "met": s["correct"] == s["requests"]})
     out.extend(results.get("batch", {}).get("targets", []))
+    if results.get("robustness"):
+        from benchmarks import robustness
+
+        out.append(robustness.target_row(results["robustness"]))
     g = results.get("ood")
     if g:
         from benchmarks import ood as ood_bench  # the input gate's targets (issue 11), from its own results
@@ -331,6 +336,16 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import ood
 
         results["ood"] = ood.measure(bundles[0], root)
+    if not quick:
+        print("robustness: the official test under acquisition shifts (benchmarks.robustness)", flush=True)
+        from benchmarks import robustness
+
+        rep = robustness.run("test", bundles[0] if args.bundle else None, data=args.data)
+        robustness.write_report(rep, out)
+        val_json = out / "robustness-val.json"  # the validation split's report, when measured (--split val)
+        val = [json.loads(val_json.read_text())] if val_json.exists() else []
+        robustness.plot(val + [rep], out / "robustness.png")
+        results["robustness"] = robustness.summary(rep)
     results["targets"] = _targets(results, artifacts[0].name if artifacts else None)
     results["seconds"] = round(time.time() - t0, 1)
     report.write(results, test.y, out)

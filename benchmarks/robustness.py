@@ -171,6 +171,37 @@ def run(split: str, model=None, backend=None, shifts=None, limit: int = 0, data=
     return report
 
 
+def write_report(rep: dict, out: Path, tag: str = "") -> str:
+    """``robustness[-val][-TAG].json`` and ``.md`` of one split's report into ``out``; returns the stem."""
+    stem = "robustness" + ("-val" if rep["split"] == "val" else "") + (f"-{tag}" if tag else "")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(rep))
+    return stem
+
+
+def summary(rep: dict) -> dict:
+    """What ``python -m benchmarks`` keeps of a report: clean and shifted accuracy, the worst shift, targets."""
+    res = rep["results"]
+    failed = [t for t in rep["targets"] if not t["met"]]
+    return {"split": rep["split"], "n": rep["n"], "clean_accuracy": res["none"]["accuracy"],
+            "clean_refused": res["none"]["refused"], "shifted_mean_accuracy": rep["shifted_mean_accuracy"],
+            "worst_shift": rep["worst_shift"], "worst_accuracy": res[rep["worst_shift"]]["accuracy"],
+            "max_refused": max(r["refused"] for k, r in res.items() if k != "none"),
+            "shifts": len(rep["targets"]), "shifts_met": len(rep["targets"]) - len(failed),
+            "not_met": [t["shift"] for t in failed]}
+
+
+def target_row(s: dict) -> dict:
+    """The ``python -m benchmarks`` target line of a :func:`summary`."""
+    return {"target": f"acquisition shifts (official test): every shift within {MAX_DROP_PP:g} pp of the clean "
+                      f"accuracy and at most {MAX_REFUSED:.0%} refused",
+            "measured": f"{s['shifts_met']}/{s['shifts']} shifts; clean {s['clean_accuracy']:.4f}, shifted mean "
+                        f"{s['shifted_mean_accuracy']:.4f}, worst {s['worst_shift']} {s['worst_accuracy']:.4f}, "
+                        f"refused at most {s['max_refused']:.1%}",
+            "met": s["shifts_met"] == s["shifts"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", choices=["test", "val", "both"], default="both")
@@ -190,10 +221,7 @@ def main(argv=None) -> int:
     reports = []
     for split in (["val", "test"] if args.split == "both" else [args.split]):
         rep = run(split, args.model, args.backend, shifts, args.limit, args.data, args.workers)
-        stem = "robustness" + ("-val" if split == "val" else "") + (f"-{args.tag}" if args.tag else "")
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{stem}.json").write_text(json.dumps(rep, indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(markdown(rep))
+        stem = write_report(rep, args.out, args.tag)
         print(f"{split}: shifted mean accuracy {rep['shifted_mean_accuracy']:.4f}, worst {rep['worst_shift']}; "
               f"wrote {args.out / stem}.json/.md")
         reports.append(rep)

@@ -1,5 +1,6 @@
-"""How to load a :class:`cxr_edge.Classifier`: one options type for ``cxr-edge classify`` (cxr_edge/cli_classify.py)
-and ``cxr-edge batch`` (cxr_edge/batch.py, its local worker processes and Ray actors)."""
+"""How to load a :class:`cxr_edge.Classifier`: one options type for ``cxr-edge classify`` (cxr_edge/cli_classify.py),
+``cxr-edge batch`` (cxr_edge/batch.py, its local worker processes and Ray actors) and ``cxr-edge serve``'s model
+pool (cxr_edge/serve_pool.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

@@ -42,18 +42,18 @@ class ModelPool:
     def load(cls, model=None, backend=None, threads=None, workers: int = 1, ood: bool = True,
              allow_adults: bool = False) -> "ModelPool":
         from cxr_edge.bundle import BundleError
-        from cxr_edge.classifier import Classifier
         from cxr_edge.engines import EngineError
+        from cxr_edge.options import ClassifierOptions
 
+        options = ClassifierOptions(model=model, backend=backend, threads=threads, ood=ood, allow_adults=allow_adults,
+                                    heatmaps=True)
         slots = []
         for _ in range(max(1, int(workers))):
             try:
-                slots.append(Slot(Classifier(model=model, backend=backend, threads=threads, ood=ood,
-                                             heatmaps=True, allow_adults=allow_adults), True))
-            except (BundleError, EngineError) as exc:  # a bundle without (usable) heatmap data still
-                clf = Classifier(model=model, backend=backend, threads=threads, ood=ood,  # classifies; the
-                                 allow_adults=allow_adults)
-                slots.append(Slot(clf, False, one_line(exc)))  # reason shows in /healthz and heatmap_error
+                slots.append(Slot(options.classifier(), True))
+            except (BundleError, EngineError) as exc:  # a bundle without (usable) heatmap data still classifies;
+                clf = options.replace(heatmaps=False).classifier()  # the reason shows in /healthz, heatmap_error
+                slots.append(Slot(clf, False, one_line(exc)))
         return cls(slots)
 
     @contextmanager

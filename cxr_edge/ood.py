@@ -98,6 +98,17 @@ class Verdict:
 OK = Verdict(True, "", 0.0)
 
 
+
+def _linear(arrays: dict, keys: tuple[str, str], dim: int, threshold: float, error: str) -> tuple[np.ndarray, float]:
+    """The weights ``[dim]`` and bias of one of the gate's linear checks (``keys``: their array names), as float64;
+    ``ValueError(error)`` unless the shape is right and they and ``threshold`` are finite."""
+    weights = np.asarray(arrays[keys[0]], np.float64)
+    bias = float(np.asarray(arrays[keys[1]]))
+    if (weights.shape != (dim,) or not np.all(np.isfinite(weights)) or not np.isfinite(bias)
+            or not np.isfinite(threshold)):
+        raise ValueError(error)
+    return weights, bias
+
 class Gate:
     """A fitted input gate. ``Gate.from_bundle(root, card)`` loads and verifies ``ood.npz``;
     ``check_pixels(gray, colour_fraction)`` before the model, ``check_embedding(embedding)`` after it;
@@ -153,29 +164,23 @@ class Gate:
             self.feature_channels = fc
         self.has_adult = self.has_embedding and all(k in arrays for k in ADULT_ARRAYS)
         if self.has_adult:
-            self.adult_weights = np.asarray(arrays["adult_weights"], np.float64)
-            self.adult_bias = float(np.asarray(arrays["adult_bias"]))
             self.adult_threshold = float((emb.get("adult") or {}).get("threshold", float("nan")))
-            if (self.adult_weights.shape != (self.emb_dim,) or not np.all(np.isfinite(self.adult_weights))
-                    or not np.isfinite(self.adult_bias) or not np.isfinite(self.adult_threshold)):
-                raise ValueError("inconsistent OOD gate arrays/parameters (adult check: adult_weights[D], adult_bias "
-                                 "and embedding.adult.threshold)")
+            self.adult_weights, self.adult_bias = _linear(
+                arrays, ADULT_ARRAYS, self.emb_dim, self.adult_threshold,
+                "inconsistent OOD gate arrays/parameters (adult check: adult_weights[D], adult_bias and "
+                "embedding.adult.threshold)")
         self.has_adult_other = self.has_adult and all(k in arrays for k in ADULT_OTHER_ARRAYS)
-        if self.has_adult_other:
-            self.adult_other_weights = np.asarray(arrays["adult_other_weights"], np.float64)
-            self.adult_other_bias = float(np.asarray(arrays["adult_other_bias"]))
-            if (self.adult_other_weights.shape != (self.emb_dim,) or not np.all(np.isfinite(self.adult_other_weights))
-                    or not np.isfinite(self.adult_other_bias)):
-                raise ValueError("inconsistent OOD gate arrays (adult check: adult_other_weights[D], adult_other_bias)")
+        if self.has_adult_other:  # its threshold is 0 (the two classes' boundary)
+            self.adult_other_weights, self.adult_other_bias = _linear(
+                arrays, ADULT_OTHER_ARRAYS, self.emb_dim, 0.0,
+                "inconsistent OOD gate arrays (adult check: adult_other_weights[D], adult_other_bias)")
         self.has_polarity = all(k in arrays for k in POLARITY_ARRAYS)
         if self.has_polarity:
-            self.pol_weights = np.asarray(arrays["pol_weights"], np.float64)
-            self.pol_bias = float(np.asarray(arrays["pol_bias"]))
             self.pol_threshold = float((params.get("polarity") or {}).get("threshold", float("nan")))
-            if (self.pol_weights.shape != (self.thumb * self.thumb,) or not np.all(np.isfinite(self.pol_weights))
-                    or not np.isfinite(self.pol_bias) or not np.isfinite(self.pol_threshold)):
-                raise ValueError("inconsistent OOD gate arrays/parameters (polarity: pol_weights[thumb*thumb], "
-                                 "pol_bias and polarity.threshold)")
+            self.pol_weights, self.pol_bias = _linear(
+                arrays, POLARITY_ARRAYS, self.thumb * self.thumb, self.pol_threshold,
+                "inconsistent OOD gate arrays/parameters (polarity: pol_weights[thumb*thumb], pol_bias and "
+                "polarity.threshold)")
         self.has_density = self.has_embedding and all(k in arrays for k in DENSITY_ARRAYS)
         if self.has_density:
             self.den_mean = np.asarray(arrays["den_mean"], np.float64)

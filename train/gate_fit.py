@@ -119,20 +119,21 @@ def fit_adult(x: np.ndarray, y: np.ndarray, dev: np.ndarray, arrays: dict, val_x
     validation scans (``choose_threshold``). Returns (arrays, card parameters, validation scores)."""
     from sklearn.linear_model import LogisticRegression
 
+    def adult_against(rows: np.ndarray, name: str) -> dict:
+        """Arrays ``{name}_weights``, ``{name}_bias``: the adult rows against ``rows`` (balanced weights)."""
+        keep = (y == ADULT_LABEL) | rows
+        z = (np.asarray(x, np.float64)[keep] - arrays["emb_mean"]) / arrays["emb_scale"]
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
+        model.fit(z, (y[keep] == ADULT_LABEL).astype(int))
+        return _f32({f"{name}_weights": model.coef_[0], f"{name}_bias": np.float64(model.intercept_[0])})
+
     frontal = EMBED_CLASSES.index("frontal_chest")
-    keep = (y == ADULT_LABEL) | ((y == frontal) & (dev == -1))
-    z = (np.asarray(x, np.float64)[keep] - arrays["emb_mean"]) / arrays["emb_scale"]
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
-    model.fit(z, (y[keep] == ADULT_LABEL).astype(int))
-    out = _f32({"adult_weights": model.coef_[0], "adult_bias": np.float64(model.intercept_[0])})
+    children = (y == frontal) & (dev == -1)
+    keep = (y == ADULT_LABEL) | children
+    out = adult_against(children, "adult")
     others = np.isin(y, [EMBED_CLASSES.index("lateral_chest"), EMBED_CLASSES.index("other_body_part")])
-    chest = None
     if others.any():  # what is not a child's film may be another radiograph: adult chest films against those
-        keep2 = (y == ADULT_LABEL) | others
-        z2 = (np.asarray(x, np.float64)[keep2] - arrays["emb_mean"]) / arrays["emb_scale"]
-        chest = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
-        chest.fit(z2, (y[keep2] == ADULT_LABEL).astype(int))
-        out.update(_f32({"adult_other_weights": chest.coef_[0], "adult_other_bias": np.float64(chest.intercept_[0])}))
+        out.update(adult_against(others, "adult_other"))
     val = ((np.asarray(val_x, np.float64) - arrays["emb_mean"]) / arrays["emb_scale"]) @ out["adult_weights"] \
         + float(out["adult_bias"])
     threshold = choose_threshold(val, max_val_reject)
@@ -140,7 +141,7 @@ def fit_adult(x: np.ndarray, y: np.ndarray, dev: np.ndarray, arrays: dict, val_x
               "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
               "train_rows": {"adult": int((y[keep] == ADULT_LABEL).sum()), "child": int((y[keep] == frontal).sum())},
               "val_rejected": int((val > threshold).sum())}
-    if chest is not None:
+    if others.any():
         params["chest"] = CHEST_CHECK
         params["train_rows"]["other_radiograph"] = int(others.sum())
     return out, params, val

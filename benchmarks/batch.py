@@ -147,6 +147,9 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
             out["long_job"] = _long_job(files, tmp, model, mode_ray)
             if not quick:
                 out["ray_floor"] = _ray_floor()
+                lj = out["long_job"]
+                if "local" in lj:  # what Ray Data costs before any scan: a floor under the long job's overhead
+                    lj["ray_data_floor_pct"] = round(100 * out["ray_floor"]["ray_data_job_s"] / lj["local"]["run_s"], 1)
     finally:
         if ray is not None:
             ray.shutdown()
@@ -170,7 +173,9 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
                                          f"job of >= {LONG_JOB_MIN:,} paths",
                                "measured": f"{lj['ray_overhead_pct']:+.1f}% ({lj['images']:,} paths, "
                                            f"{lj['workers']} workers: {lj['ray']['run_s']:.1f} s vs "
-                                           f"{lj['local']['run_s']:.1f} s)",
+                                           f"{lj['local']['run_s']:.1f} s)"
+                                           + (f"; an empty Ray Data job alone is {lj['ray_data_floor_pct']:.1f}% of "
+                                              "the local run" if "ray_data_floor_pct" in lj else ""),
                                "met": lj["ray_overhead_pct"] <= LONG_JOB_MAX_PCT})
     if quick:  # too few images for the targets and the scaling note to mean anything
         out["targets"] = []
@@ -252,11 +257,16 @@ def _long_job(files: list[str], tmp: Path, model, ray_mode: str, copies: int = L
         print(f"batch: long job, {len(paths)} images, {workers} workers, {'Ray' if mode else 'local pool'}",
               flush=True)
         dest = tmp / f"long-{n}"
+        busy0, self0 = _busy_cpu_s(), _self_cpu_s()
         s = run_batch([str(listing)], dest, ray=mode, workers=workers, model=model, progress=False,
                       log=lambda m: None)
+        busy1, self1 = _busy_cpu_s(), _self_cpu_s()
         shutil.rmtree(dest, ignore_errors=True)
         row = {"mode": "ray" if mode else "local", "run_s": s["run_s"], "images_per_s": s["images_per_s"],
                "first_result_s": s["first_result_s"]}
+        if busy0 is not None and s.get("worker_cpu_s"):  # where the CPU-seconds went (the cores are shared)
+            row["cpu_s"] = {"workers": round(s["worker_cpu_s"], 2), "driver": round(self1 - self0, 2),
+                            "rest": round(max(0.0, (busy1 - busy0) - (self1 - self0) - s["worker_cpu_s"]), 2)}
         res["runs"].append(row)
         if row["mode"] not in res or row["run_s"] < res[row["mode"]]["run_s"]:
             res[row["mode"]] = row

@@ -67,7 +67,18 @@ def markdown(r: dict) -> str:
         lines += ["", f"Long job, measured ({lj['images']} paths: the same scans {lj['copies']} times over, "
                   f"{lj['workers']} workers, faster of 2 runs per mode): local pool {lj['local']['run_s']:.1f} s ({lj['local']['images_per_s']:.1f} "
                   f"images/s), Ray {lj['ray']['run_s']:.1f} s ({lj['ray']['images_per_s']:.1f} images/s): Ray "
-                  f"overhead {lj['ray_overhead_pct']:+.1f}%."]
+                  f"overhead {lj['ray_overhead_pct']:+.1f}%."
+                  + (f" Ray Data's empty job of the same shape (below) takes {lj['ray_data_floor_pct']:.1f}% of the "
+                     "local run by itself, before any scan is read"
+                     + (", more than the 5% allowance on its own" if lj["ray_data_floor_pct"] > 5 else "") + "."
+                     if "ray_data_floor_pct" in lj else "")]
+        if lj["local"].get("cpu_s") and lj["ray"].get("cpu_s"):
+            a, b = lj["local"]["cpu_s"], lj["ray"]["cpu_s"]
+            parts = {"the workers": "workers", "the driver": "driver", "everything else (Ray's daemons and "
+                     "helper actors in Ray mode)": "rest"}
+            lines[-1] += (" CPU-seconds of these two runs, local pool vs Ray: " + "; ".join(
+                f"{k} {a[v]:.1f} vs {b[v]:.1f}" for k, v in parts.items())
+                + f" (total {sum(a.values()):.1f} vs {sum(b.values()):.1f} on {r['cpu_cores']} cores).")
     elif lj:
         lines += ["", f"Long job not measured: {lj['skipped']}."]
     busy = [b["other_cores"] for b in r["best"] if b.get("other_cores") is not None]

@@ -71,6 +71,12 @@ def _self_cpu_s() -> float:
     return t.user + t.system
 
 
+def _other_cpu_s(busy0: float, self0: float, busy1: float, self1: float, worker_cpu_s: float) -> float:
+    """CPU-seconds between two (``_busy_cpu_s``, ``_self_cpu_s``) readings used neither by this process (the
+    driver) nor by the job's workers: other users' work, and in Ray mode Ray's own daemons and helper actors."""
+    return max(0.0, (busy1 - busy0) - (self1 - self0) - worker_cpu_s)
+
+
 LONG_JOB_MIN, LONG_JOB_MAX_PCT = 5000, 5.0  # issue 34's target: Ray within 5% on a job of at least 5,000 paths
 LONG_JOB_COPIES = 9  # the long job: every scan this many times over (as distinct paths; 9 x 624 = 5,616 >= 5,000)
 
@@ -136,8 +142,7 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
                     if busy0 is not None and cpu and wall > 0:
                         # cores kept busy by everything else during the job (other users' work, and in Ray
                         # mode Ray's own daemons): the noise that slows a run on shared cores
-                        other = (busy1 - busy0) - (self1 - self0) - cpu
-                        row["other_cores"] = round(max(0.0, other) / wall, 2)
+                        row["other_cores"] = round(_other_cpu_s(busy0, self0, busy1, self1, cpu) / wall, 2)
                     out["runs"].append(row)
                     key = (row["mode"], workers)
                     runs.setdefault(key, []).append(row["run_s"])
@@ -252,7 +257,8 @@ def _long_job(files: list[str], tmp: Path, model, ray_mode: str, copies: int = L
             paths.append(str(link))
     listing = tmp / "long-inputs.txt"
     listing.write_text("\n".join(paths) + "\n")
-    res: dict = {"images": len(paths), "copies": copies, "workers": workers, "runs": []}
+    res: dict = {"images": len(paths), "copies": copies, "workers": workers, "max_overhead_pct": LONG_JOB_MAX_PCT,
+                 "runs": []}
     for n, mode in enumerate((None, ray_mode, ray_mode, None)):
         print(f"batch: long job, {len(paths)} images, {workers} workers, {'Ray' if mode else 'local pool'}",
               flush=True)
@@ -266,7 +272,7 @@ def _long_job(files: list[str], tmp: Path, model, ray_mode: str, copies: int = L
                "first_result_s": s["first_result_s"]}
         if busy0 is not None and s.get("worker_cpu_s"):  # where the CPU-seconds went (the cores are shared)
             row["cpu_s"] = {"workers": round(s["worker_cpu_s"], 2), "driver": round(self1 - self0, 2),
-                            "rest": round(max(0.0, (busy1 - busy0) - (self1 - self0) - s["worker_cpu_s"]), 2)}
+                            "rest": round(_other_cpu_s(busy0, self0, busy1, self1, s["worker_cpu_s"]), 2)}
         res["runs"].append(row)
         if row["mode"] not in res or row["run_s"] < res[row["mode"]]["run_s"]:
             res[row["mode"]] = row

@@ -68,9 +68,10 @@ def markdown(r: dict) -> str:
                   f"{lj['workers']} workers, faster of 2 runs per mode): local pool {lj['local']['run_s']:.1f} s ({lj['local']['images_per_s']:.1f} "
                   f"images/s), Ray {lj['ray']['run_s']:.1f} s ({lj['ray']['images_per_s']:.1f} images/s): Ray "
                   f"overhead {lj['ray_overhead_pct']:+.1f}%."
-                  + (f" Ray Data's empty job of the same shape (below) takes {lj['ray_data_floor_pct']:.1f}% of the "
+                  + (f" Ray Data's empty job of the same shape (above) takes {lj['ray_data_floor_pct']:.1f}% of the "
                      "local run by itself, before any scan is read"
-                     + (", more than the 5% allowance on its own" if lj["ray_data_floor_pct"] > 5 else "") + "."
+                     + (f", more than the {lj['max_overhead_pct']:g}% allowance on its own"
+                        if lj["ray_data_floor_pct"] > lj.get("max_overhead_pct", float("inf")) else "") + "."
                      if "ray_data_floor_pct" in lj else "")]
         if lj["local"].get("cpu_s") and lj["ray"].get("cpu_s"):
             a, b = lj["local"]["cpu_s"], lj["ray"]["cpu_s"]

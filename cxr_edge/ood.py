@@ -98,7 +98,6 @@ class Verdict:
 OK = Verdict(True, "", 0.0)
 
 
-
 def _linear(arrays: dict, keys: tuple[str, str], dim: int, threshold: float, error: str) -> tuple[np.ndarray, float]:
     """The weights ``[dim]`` and bias of one of the gate's linear checks (``keys``: their array names), as float64;
     ``ValueError(error)`` unless the shape is right and they and ``threshold`` are finite."""
@@ -108,6 +107,7 @@ def _linear(arrays: dict, keys: tuple[str, str], dim: int, threshold: float, err
             or not np.isfinite(threshold)):
         raise ValueError(error)
     return weights, bias
+
 
 class Gate:
     """A fitted input gate. ``Gate.from_bundle(root, card)`` loads and verifies ``ood.npz``;

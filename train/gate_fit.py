@@ -119,27 +119,28 @@ def fit_adult(x: np.ndarray, y: np.ndarray, dev: np.ndarray, arrays: dict, val_x
     validation scans (``choose_threshold``). Returns (arrays, card parameters, validation scores)."""
     from sklearn.linear_model import LogisticRegression
 
+    def standardized(rows: np.ndarray) -> np.ndarray:  # the head's standardization, which the gate applies
+        return (np.asarray(rows, np.float64) - arrays["emb_mean"]) / arrays["emb_scale"]
+
+    adult = y == ADULT_LABEL
+
     def adult_against(rows: np.ndarray, name: str) -> dict:
         """Arrays ``{name}_weights``, ``{name}_bias``: the adult rows against ``rows`` (balanced weights)."""
-        keep = (y == ADULT_LABEL) | rows
-        z = (np.asarray(x, np.float64)[keep] - arrays["emb_mean"]) / arrays["emb_scale"]
+        keep = adult | rows
         model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
-        model.fit(z, (y[keep] == ADULT_LABEL).astype(int))
+        model.fit(standardized(np.asarray(x)[keep]), adult[keep].astype(int))
         return _f32({f"{name}_weights": model.coef_[0], f"{name}_bias": np.float64(model.intercept_[0])})
 
-    frontal = EMBED_CLASSES.index("frontal_chest")
-    children = (y == frontal) & (dev == -1)
-    keep = (y == ADULT_LABEL) | children
+    children = (y == EMBED_CLASSES.index("frontal_chest")) & (dev == -1)
     out = adult_against(children, "adult")
     others = np.isin(y, [EMBED_CLASSES.index("lateral_chest"), EMBED_CLASSES.index("other_body_part")])
     if others.any():  # what is not a child's film may be another radiograph: adult chest films against those
         out.update(adult_against(others, "adult_other"))
-    val = ((np.asarray(val_x, np.float64) - arrays["emb_mean"]) / arrays["emb_scale"]) @ out["adult_weights"] \
-        + float(out["adult_bias"])
+    val = standardized(val_x) @ out["adult_weights"] + float(out["adult_bias"])
     threshold = choose_threshold(val, max_val_reject)
     params = {"threshold": round(threshold, 6), "model": ADULT_CHECK,
               "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
-              "train_rows": {"adult": int((y[keep] == ADULT_LABEL).sum()), "child": int((y[keep] == frontal).sum())},
+              "train_rows": {"adult": int(adult.sum()), "child": int(children.sum())},
               "val_rejected": int((val > threshold).sum())}
     if others.any():
         params["chest"] = CHEST_CHECK

@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks.common import write_results
 from benchmarks.machine import describe
-from benchmarks.robustness import RESULTS, measure, split_records
+from benchmarks.robustness import RESULTS, measure, shifted_summary, split_records
 from cxr_edge.classifier import Classifier
 from cxr_edge.model import calibrate
 from cxr_edge.preprocess import to_input
@@ -84,10 +84,10 @@ def verdicts(rows: dict) -> dict:
     for name, r in rows.items():
         gain = 100 * (r["shifted_mean"] - ref["shifted_mean"])
         clean = 100 * (r["clean"] - ref["clean"])
+        worst_ok = r["worst_accuracy"] >= ref["worst_accuracy"]
         out[name] = {"shifted_gain_pp": round(gain, 2), "clean_change_pp": round(clean, 2),
-                     "worst_no_worse": r["worst_accuracy"] >= ref["worst_accuracy"],
-                     "passes": bool(gain >= MIN_GAIN_PP and clean >= -MAX_CLEAN_LOSS_PP
-                                    and r["worst_accuracy"] >= ref["worst_accuracy"])}
+                     "worst_no_worse": worst_ok,
+                     "passes": bool(gain >= MIN_GAIN_PP and clean >= -MAX_CLEAN_LOSS_PP and worst_ok)}
     return out
 
 
@@ -125,24 +125,23 @@ def markdown(rep: dict) -> str:
 def run(plan_path: Path = PLAN, only=(), limit: int = 0, data=None, log=print) -> dict:
     plan = json.loads(Path(plan_path).read_text())
     records = split_records("val", data_mod.data_dir(data), limit)
-    rows, model = {}, None
+    clf = AveragingClassifier(plan["rows"][0]["views"], threads=1)
+    rows = {}
     for row in plan["rows"]:
         if only and row["name"] not in only and row is not plan["rows"][0]:
             continue
-        clf = AveragingClassifier(row["views"], threads=1)
-        model = {**clf.model.to_dict(), "backend": clf.backend}
+        clf.views = list(row["views"])
         t0 = time.perf_counter()
         res = measure(clf, records, list(SHIFTS), log=lambda _: None)
-        shifted = {k: v["accuracy"] for k, v in res.items() if k != "none"}
-        worst = min(shifted, key=shifted.get)
-        rows[row["name"]] = {"views": row["views"], "passes": len(row["views"]), "clean": res["none"]["accuracy"],
-                             "shifted_mean": float(np.mean(list(shifted.values()))), "worst_shift": worst,
-                             "worst_accuracy": shifted[worst], "accuracy": {k: v["accuracy"] for k, v in res.items()},
-                             "refused": {k: v["refused"] for k, v in res.items()},
-                             "seconds": round(time.perf_counter() - t0, 1)}
-        log(f"{row['name']:10s} clean {rows[row['name']]['clean']:.4f}  shifted mean "
-            f"{rows[row['name']]['shifted_mean']:.4f}  worst {worst} {shifted[worst]:.4f}")
+        mean, worst = shifted_summary(res)
+        r = rows[row["name"]] = {"views": row["views"], "passes": len(row["views"]), "clean": res["none"]["accuracy"],
+                                 "shifted_mean": mean, "worst_shift": worst, "worst_accuracy": res[worst]["accuracy"],
+                                 "accuracy": {k: v["accuracy"] for k, v in res.items()},
+                                 "refused": {k: v["refused"] for k, v in res.items()},
+                                 "seconds": round(time.perf_counter() - t0, 1)}
+        log(f"{row['name']:10s} clean {r['clean']:.4f}  shifted mean {mean:.4f}  worst {worst} {r['worst_accuracy']:.4f}")
     ver = verdicts(rows)
+    model = {**clf.model.to_dict(), "backend": clf.backend}
     return {"command": "python -m benchmarks.tta", "split": "val", "n": len(records), "model": model,
             "machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "verdicts": ver,
             "chosen": choose(rows, ver)}

@@ -8,8 +8,7 @@ is the job from the start of the worker pool to the last shard committed (worker
 included; listing the inputs and ``ray.init`` are not, the latter is reported apart as ``ray_init_s``: on a
 cluster Ray is already running); ``images_per_s = images / run_s``; ``first_result_s``: when the first
 results came back; ``images_per_worker_cpu_s``: images per CPU-second of the worker processes (local pool
-workers or Ray actors, as each reports its own CPU time: start-up, model loading and work; a Ray actor's
-includes importing Ray Data), a per-core figure that other work on the machine changes little. Ray overhead
+workers or Ray actors, as each reports its own CPU time: start-up, model loading and work), a per-core figure that other work on the machine changes little. Ray overhead
 = ``run_s(ray) / run_s(local) - 1`` at the same worker count. Each configuration runs ``repeats`` times
 (default 3), interleaved (repeat, then worker count, then mode), and the fastest run counts, because the two
 cores here are shared; the median is reported too. The local pool's fork server starts with the first local
@@ -153,8 +152,8 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
             if not quick:
                 out["ray_floor"] = _ray_floor()
                 lj = out["long_job"]
-                if "local" in lj:  # what Ray Data costs before any scan: a floor under the long job's overhead
-                    lj["ray_data_floor_pct"] = round(100 * out["ray_floor"]["ray_data_job_s"] / lj["local"]["run_s"], 1)
+                if "local" in lj:  # what Ray costs before any scan: a floor under the long job's overhead
+                    lj["ray_floor_pct"] = round(100 * out["ray_floor"]["plain_actors_s"] / lj["local"]["run_s"], 1)
     finally:
         if ray is not None:
             ray.shutdown()
@@ -179,8 +178,8 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
                                "measured": f"{lj['ray_overhead_pct']:+.1f}% ({lj['images']:,} paths, "
                                            f"{lj['workers']} workers: {lj['ray']['run_s']:.1f} s vs "
                                            f"{lj['local']['run_s']:.1f} s)"
-                                           + (f"; an empty Ray Data job alone is {lj['ray_data_floor_pct']:.1f}% of "
-                                              "the local run" if "ray_data_floor_pct" in lj else ""),
+                                           + (f"; starting and calling {lj['workers']} empty Ray actors alone is "
+                                              f"{lj['ray_floor_pct']:.1f}% of the local run" if "ray_floor_pct" in lj else ""),
                                "met": lj["ray_overhead_pct"] <= LONG_JOB_MAX_PCT})
     if quick:  # too few images for the targets and the scaling note to mean anything
         out["targets"] = []
@@ -189,44 +188,21 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
 
 
 def _ray_floor(workers: int = 2, repeats: int = 3) -> dict:
-    """What Ray alone costs per job, with nothing of cxr-edge in it (medians of ``repeats`` jobs): a Ray Data
-    job of ``workers`` one-row blocks through a pool of ``workers`` actors whose function does nothing (the
-    shape of a ``cxr-edge batch`` job: from_blocks, map_batches on an ActorPoolStrategy, iter_batches), and
-    ``workers`` plain Ray actors created and called once. Times from the job's start to the first actor
-    constructor and to the last result."""
+    """What Ray alone costs per job, with nothing of cxr-edge in it (medians of ``repeats`` jobs): ``workers``
+    actors of one CPU each (as ``cxr-edge batch --ray`` makes), created and called once, then killed. Times
+    from the start to the first actor constructor and to the last answer."""
     import ray
-    import ray.data
-
-    class Noop:  # defined here so that Ray ships it by value (workers need not import this module)
-        def __init__(self):
-            self.t = time.time()
-
-        def __call__(self, batch):
-            import pyarrow as pa
-            return pa.table({"t0": [self.t]})
 
     @ray.remote(num_cpus=1)
-    class Plain:
+    class Plain:  # defined here so that Ray ships it by value (workers need not import this module)
         def __init__(self):
             self.t = time.time()
 
         def ping(self):
             return self.t
 
-    import logging
-
-    import pyarrow as pa
-
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # as cxr_edge.batch does: no per-job notices
-    data_init, data_done, core_init, core_done = [], [], [], []
+    core_init, core_done = [], []
     for _ in range(repeats):
-        t0 = time.time()
-        ds = ray.data.from_blocks([pa.table({"a": [i]}) for i in range(workers)]).map_batches(
-            Noop, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, batch_size=None,
-            batch_format="pyarrow")
-        inits = [b.column("t0")[0].as_py() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-        data_done.append(time.time() - t0)
-        data_init.append(min(inits) - t0)
         t0 = time.time()
         actors = [Plain.remote() for _ in range(workers)]
         inits = ray.get([a.ping.remote() for a in actors])
@@ -236,7 +212,6 @@ def _ray_floor(workers: int = 2, repeats: int = 3) -> dict:
             ray.kill(a)
     med = lambda v: round(statistics.median(v), 2)  # noqa: E731
     return {"workers": workers, "repeats": repeats,
-            "ray_data_first_constructor_s": med(data_init), "ray_data_job_s": med(data_done),
             "plain_actor_first_constructor_s": med(core_init), "plain_actors_s": med(core_done)}
 
 
@@ -291,7 +266,7 @@ def _derived(best: dict, mean_bytes: float) -> dict:
                 best[("ray", w)]["first_result_s"] - best[("local", w)]["first_result_s"], 2)
             if best[("ray", w)].get("worker_cpu_s") and best[("local", w)].get("worker_cpu_s"):
                 # what a Ray actor costs beyond a local worker, in CPU-seconds each: mostly its start-up (a
-                # Ray worker process imports Ray and Ray Data, with pandas, besides the model)
+                # Ray worker process runs Ray's worker loop besides the model)
                 d.setdefault("ray_extra_worker_cpu_s", {})[str(w)] = round(
                     (best[("ray", w)]["worker_cpu_s"] - best[("local", w)]["worker_cpu_s"]) / w, 2)
             # Steady state (after each mode's first results) and where the fixed start-up stops mattering:

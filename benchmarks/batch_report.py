@@ -32,25 +32,21 @@ def markdown(r: dict) -> str:
                      + ("; each Ray actor used " + ", ".join(
                          f"{x:+.2f} CPU-s ({w} worker{'s' * (w != '1')})"
                          for w, x in r["ray_extra_worker_cpu_s"].items())
-                        + " more than a local worker over the same images (a Ray worker process imports Ray "
-                        "and Ray Data, with pandas, besides the model)"
+                        + " more than a local worker over the same images (a Ray worker process runs Ray's "
+                        "worker loop besides the model)"
                         if r.get("ray_extra_worker_cpu_s") else "") + ".")
     if r.get("ray_floor"):
         f = r["ray_floor"]
         local2 = next((b["run_s"] for b in r["best"] if b["mode"] == "local" and b["workers"] == f["workers"]), None)
         ray_first = next((b["first_result_s"] for b in r["best"]
                           if b["mode"] == "ray" and b["workers"] == f["workers"]), None)
-        lines += ["", f"Ray's own floor, with nothing of cxr-edge in it (medians of {f['repeats']} jobs): a Ray Data "
-                  f"job shaped like this one ({f['workers']} one-row blocks, an actor pool of {f['workers']}, a "
-                  f"function that does nothing) reached its first actor constructor after "
-                  f"{f['ray_data_first_constructor_s']:.2f} s and finished in {f['ray_data_job_s']:.2f} s; "
-                  f"{f['workers']} plain Ray actors were constructed after {f['plain_actor_first_constructor_s']:.2f} s "
-                  f"and answered in {f['plain_actors_s']:.2f} s"
-                  + (f"; so most of the Ray rows' {ray_first:.2f} s to first results is Ray Data's own start-up, "
-                     "not cxr-edge's imports or model loading" if ray_first and f["ray_data_job_s"] >= ray_first / 2
-                     else "")
-                  + (f"; the empty job alone is {100 * f['ray_data_job_s'] / local2:.0f}% of the local pool's "
-                     f"{local2:.2f} s run with {f['workers']} workers, against a 15% allowance" if local2 else "")
+        lines += ["", f"Ray's own floor, with nothing of cxr-edge in it (medians of {f['repeats']} jobs): "
+                  f"{f['workers']} Ray actors of one CPU each were constructed after "
+                  f"{f['plain_actor_first_constructor_s']:.2f} s and answered in {f['plain_actors_s']:.2f} s"
+                  + (f"; that is {100 * f['plain_actors_s'] / ray_first:.0f}% of the Ray rows' {ray_first:.2f} s to "
+                     "first results" if ray_first else "")
+                  + (f", and {100 * f['plain_actors_s'] / local2:.0f}% of the local pool's {local2:.2f} s run with "
+                     f"{f['workers']} workers" if local2 else "")
                   + "."]
     if r.get("steady_ray_overhead_pct"):
         lines += ["", "After the first results (steady state): Ray overhead " + ", ".join(
@@ -68,11 +64,11 @@ def markdown(r: dict) -> str:
                   f"{lj['workers']} workers, faster of 2 runs per mode): local pool {lj['local']['run_s']:.1f} s ({lj['local']['images_per_s']:.1f} "
                   f"images/s), Ray {lj['ray']['run_s']:.1f} s ({lj['ray']['images_per_s']:.1f} images/s): Ray "
                   f"overhead {lj['ray_overhead_pct']:+.1f}%."
-                  + (f" Ray Data's empty job of the same shape (above) takes {lj['ray_data_floor_pct']:.1f}% of the "
-                     "local run by itself, before any scan is read"
+                  + (f" Starting and calling {lj['workers']} empty Ray actors (above) takes {lj['ray_floor_pct']:.1f}% "
+                     "of the local run by itself, before any scan is read"
                      + (f", more than the {lj['max_overhead_pct']:g}% allowance on its own"
-                        if lj["ray_data_floor_pct"] > lj.get("max_overhead_pct", float("inf")) else "") + "."
-                     if "ray_data_floor_pct" in lj else "")]
+                        if lj["ray_floor_pct"] > lj.get("max_overhead_pct", float("inf")) else "") + "."
+                     if "ray_floor_pct" in lj else "")]
         if lj["local"].get("cpu_s") and lj["ray"].get("cpu_s"):
             a, b = lj["local"]["cpu_s"], lj["ray"]["cpu_s"]
             parts = {"the workers": "workers", "the driver": "driver", "everything else (Ray's daemons and "

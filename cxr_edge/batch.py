@@ -10,7 +10,7 @@ Every file becomes one row of a Parquet dataset (the folder ``RESULTS``), comput
 the URI for files listed from a URI. Probabilities are those of ``to_dict()`` (rounded to 6 decimals).
 
 Work is spread over a pool of workers that each load the bundle once: local processes (the default), or Ray
-actors (``--ray auto|local|ray://HOST:PORT``: Ray Data ``map_batches`` over an actor pool). Results stream back
+actors (``--ray auto|local|ray://HOST:PORT``: one CPU each, fed work units by this process). Results stream back
 to this process, which writes them.
 
 Resumable, exactly once. The sorted, de-duplicated input list is cut into shards of ``shard_size`` paths; a

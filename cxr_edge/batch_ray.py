@@ -1,7 +1,8 @@
-"""``cxr-edge batch --ray`` (cxr_edge/batch.py): Ray Data ``map_batches`` over a pool of actors that each load the
-model once; the driver ships the bundle's files to them unless the cluster is this machine alone."""
+"""``cxr-edge batch --ray`` (cxr_edge/batch.py): a pool of Ray actors that each load the model once, fed work units
+by the driver; the driver ships the bundle's files to them unless the cluster is this machine alone."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -10,37 +11,37 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import pyarrow as pa
-
-from cxr_edge.batch_store import _ROW_SCHEMA, BatchError, _Collector
+from cxr_edge.batch_store import BatchError, BatchFailed, _Collector
 from cxr_edge.batch_work import classify_rows
 from cxr_edge.classifier import one_line, usable_cpus
 from cxr_edge.options import ClassifierOptions
 
 RAY_HINT = 'pip install "cxr-edge[ray]"'
-_WORKER_COLUMNS = ["worker", "worker_cpu_s"]  # what a Ray batch carries besides its rows (not written)
 
 
 class RayWorker:
-    """A Ray Data ``map_batches`` actor: loads the bundle once (from the files shipped by the driver, so a
-    cluster node needs cxr-edge installed but not the bundle), then classifies batches of paths."""
+    """A Ray actor (``_run_ray`` makes it one): loads the bundle once (from the files shipped by the driver, so a
+    cluster node needs cxr-edge installed but not the bundle), then classifies work units of paths."""
 
     def __init__(self, bundle_files, args: ClassifierOptions):
         import ray
 
-        files = ray.get(bundle_files) if isinstance(bundle_files, ray.ObjectRef) else bundle_files
-        if files:
-            args = args.replace(model=str(_unpack_bundle(files)))
-        self.clf = args.classifier()
-        self.worker = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+        node = ray.util.get_node_ip_address()
+        self.worker, self.clf, self.error = f"{node}:{os.getpid()}", None, None
+        try:
+            files = ray.get(bundle_files) if isinstance(bundle_files, ray.ObjectRef) else bundle_files
+            if files:
+                args = args.replace(model=str(_unpack_bundle(files)))
+            self.clf = args.classifier()
+        except Exception as exc:  # told with the first unit, in one line (Ray would pass a constructor's traceback)
+            self.error = f"a Ray worker on {node} could not load the model: {one_line(exc)}"
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = batch.to_pydict()
-        rows = classify_rows(self.clf, list(zip(cols["path"], cols["missing"], cols["shard"])))
-        table = pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
-        n = table.num_rows  # who did it and its CPU seconds so far (the process's whole life), for the summary
-        return table.append_column("worker", pa.array([self.worker] * n, pa.string())).append_column(
-            "worker_cpu_s", pa.array([time.process_time()] * n, pa.float64()))
+    def run(self, unit: list[tuple]) -> tuple[list[dict], str, float, Optional[str]]:
+        """(rows, this actor's name, its process's CPU seconds so far: start-up, model loading and work, None),
+        or ([], name, seconds, why) when the model did not load here."""
+        if self.clf is None:
+            return [], self.worker, time.process_time(), self.error
+        return classify_rows(self.clf, unit), self.worker, time.process_time(), None
 
 
 def _unpack_bundle(files: dict[str, bytes]) -> Path:
@@ -68,7 +69,6 @@ def _bundle_files(root: Path) -> dict[str, bytes]:
 def have_ray() -> bool:
     try:
         import ray  # noqa: F401
-        import ray.data  # noqa: F401
     except ImportError:
         return False
     return True
@@ -103,34 +103,92 @@ def _single_node() -> bool:
         return False
 
 
+_IN_FLIGHT = 2  # work units queued on each actor: one running, the next waiting, so it never waits on the driver
+_LOST_WAIT_S = 300.0  # with every actor lost, how long replacements may take to start before the job stops
+
+
 def _run_ray(units, args: ClassifierOptions, bundle_root: Path, workers: int, collector: _Collector,
              tick: Callable[[int], None], cpu_s: dict, single_node: Callable[[], bool] = _single_node) -> None:
-    import logging
+    """``workers`` Ray actors (one CPU each), each fed ``_IN_FLIGHT`` work units at a time in job order; rows go
+    to the collector as units finish. A unit whose actor dies (its node lost) goes back to the front of the
+    queue for the actors left, and a replacement actor is started, given work once it runs; an actor whose
+    constructor fails stops the job with its error."""
+    import collections
 
     import ray
-    import ray.data
+    from ray.exceptions import RayActorError
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     if single_node():
         files, args = {}, args.replace(model=str(bundle_root))
     else:  # ship the bundle: a node needs cxr-edge installed, not the bundle
         files = ray.put(_bundle_files(bundle_root))
-    # One block per work unit, built here (from_blocks keeps the blocks as given, so the small units of the
-    # end of the job stay small; from_items cuts equal blocks, from_arrow runs a remote task per block for
-    # its metadata), and one map_batches call per block (batch_size=None): no read stage, no re-batching.
-    blocks = [pa.table({"path": pa.array([p for p, _, _ in u], pa.string()),
-                        "missing": pa.array([r for _, r, _ in u], pa.string()),
-                        "shard": pa.array([i for _, _, i in u], pa.int64())}) for u in units]
-    ds = ray.data.from_blocks(blocks).map_batches(
-        RayWorker, fn_constructor_kwargs={"bundle_files": files, "args": args},
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, batch_size=None,
-        batch_format="pyarrow", zero_copy_batch=True)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # no lag
-        if batch.num_rows:
-            cpu_s[batch.column("worker")[0].as_py()] = batch.column("worker_cpu_s")[0].as_py()
-        rows = batch.drop_columns(_WORKER_COLUMNS).to_pylist()
-        collector.add(rows)
-        tick(len(rows))
+    actor_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(RayWorker)
+    queue = collections.deque(units)
+    tasks: dict = {}  # ObjectRef of a unit's rows -> (actor, unit)
+    starting: dict = {}  # ObjectRef of a replacement's readiness -> the replacement
+    load: dict = {}  # live actor -> units queued on it
+    replacements = 2 * workers  # at most this many over the job: a cluster that keeps losing nodes stops it
+
+    def feed(actor) -> None:
+        while load[actor] < _IN_FLIGHT and queue:
+            unit = queue.popleft()
+            tasks[actor.run.remote(unit)] = (actor, unit)
+            load[actor] += 1
+
+    def lost(actor) -> None:
+        nonlocal replacements
+        if load.pop(actor, None) is not None and replacements > 0:
+            replacements -= 1
+            new = actor_cls.remote(files, args)
+            starting[new.__ray_ready__.remote()] = new
+
+    for _ in range(workers):
+        actor = actor_cls.remote(files, args)
+        load[actor] = 0
+        feed(actor)
+    try:
+        while tasks or queue:
+            waiting = list(tasks) + list(starting)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=None if tasks else _LOST_WAIT_S) if waiting else ([], [])
+            if not ready:
+                raise BatchFailed("every Ray worker was lost and none could be started again"
+                                  + (f" in {_LOST_WAIT_S:.0f} s" if waiting else ""))
+            ref = ready[0]
+            if ref in starting:  # a replacement is up (or could not start)
+                actor = starting.pop(ref)
+                load[actor] = 0
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:
+                    _raise_if_init_failed(exc)
+                    lost(actor)
+            else:
+                actor, unit = tasks.pop(ref)
+                try:
+                    rows, worker, cpu, error = ray.get(ref)
+                except RayActorError as exc:
+                    _raise_if_init_failed(exc)
+                    queue.appendleft(unit)  # its other queued units follow (their refs fail the same way)
+                    lost(actor)
+                else:
+                    if error:  # the model does not load there: every actor would fail so
+                        raise BatchFailed(error)
+                    collector.add(rows)
+                    cpu_s[worker] = cpu
+                    tick(len(rows))
+                    if actor in load:
+                        load[actor] -= 1
+            for actor in load:  # the actor that has room now, or any (units that came back from a lost one)
+                feed(actor)
+    finally:
+        for actor in [*load, *starting.values()]:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+
+
+def _raise_if_init_failed(exc) -> None:
+    """An actor that died in its constructor (before ``RayWorker`` could catch it: cxr-edge not importable on
+    that node, say) stops the job, with the last line of Ray's report (the exception)."""
+    if getattr(exc, "actor_init_failed", False):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise BatchFailed(f"a Ray worker could not start: {lines[-1] if lines else type(exc).__name__}") from None

@@ -32,7 +32,6 @@ PROJECT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
@@ -159,6 +158,30 @@ def test_ray_and_local_equal_cli(tmp_path, ray_session, bad_files, monkeypatch):
     res = CliRunner().invoke(cli, ["batch", *sources, "--out", str(out), "--ray", "local"])
     assert res.exit_code == 0, res.output
     assert "13 inputs: 9 ok" in res.stderr and "0 written" in res.stderr
+
+
+def test_a_ray_worker_that_cannot_load_the_model_stops_the_job(tmp_path, ray_session, monkeypatch):
+    # The bundle shipped to the actors is damaged (one byte of the model changed): every actor's constructor
+    # fails, and the job must stop at once with that error in one line, not start replacements or wait.
+    from cxr_edge import batch_ray
+
+    real = batch_ray._bundle_files
+
+    def damaged(root):
+        files = real(root)
+        files["model.tflite"] = files["model.tflite"][:-1] + bytes([files["model.tflite"][-1] ^ 1])
+        return files
+
+    monkeypatch.setattr(batch_mod, "_single_node", lambda: False)
+    monkeypatch.setattr(batch_ray, "_bundle_files", damaged)
+    t0 = time.monotonic()
+    with pytest.raises(batch_mod.BatchFailed) as info:
+        run_batch([str(DATA)], tmp_path / "out", ray="local", workers=2, progress=False, log=lambda m: None)
+    msg = str(info.value)
+    assert "could not load the model" in msg and "sha256" in msg and "\n" not in msg, msg
+    assert "rerun the same command" in msg
+    assert time.monotonic() - t0 < 60
+    assert not list((tmp_path / "out").glob("part-*"))
 
 
 def test_ray_missing_gives_one_line_hint(tmp_path, monkeypatch):

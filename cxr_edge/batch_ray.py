@@ -116,7 +116,7 @@ def _run_ray(units, args: ClassifierOptions, bundle_root: Path, workers: int, co
     import collections
 
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ObjectLostError, RayActorError
 
     if single_node():
         files, args = {}, args.replace(model=str(bundle_root))
@@ -168,8 +168,12 @@ def _run_ray(units, args: ClassifierOptions, bundle_root: Path, workers: int, co
                     rows, worker, cpu, error = ray.get(ref)
                 except RayActorError as exc:
                     _raise_if_init_failed(exc)
-                    queue.appendleft(unit)  # its other queued units follow (their refs fail the same way)
+                    queue.appendleft(unit)  # its other queued units come back too (their refs fail the same way)
                     lost(actor)
+                except ObjectLostError:  # the actor is fine, its result was lost with a node: do the unit again
+                    queue.appendleft(unit)
+                    if actor in load:
+                        load[actor] -= 1
                 else:
                     if error:  # the model does not load there: every actor would fail so
                         raise BatchFailed(error)

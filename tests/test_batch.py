@@ -160,6 +160,57 @@ def test_ray_and_local_equal_cli(tmp_path, ray_session, bad_files, monkeypatch):
     assert "13 inputs: 9 ok" in res.stderr and "0 written" in res.stderr
 
 
+def _descendants_named(word: str) -> list[int]:
+    """Live processes under this one whose command line holds ``word`` (this test's Ray actors)."""
+    parent: dict[int, int] = {}
+    named = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            parent[int(d.name)] = int(stat[1])
+            if stat[0] != "Z" and word in cmd:
+                named.append(int(d.name))
+
+    def under_us(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid in named if under_us(pid)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the actor processes through /proc")
+def test_a_ray_actor_killed_part_way_loses_no_row(tmp_path, corpus, ray_session, monkeypatch):
+    # An actor's process killed (as the OOM killer would) once the first rows are in: its queued units go
+    # back to the queue, a replacement actor starts, and the job ends with every row, as the local pool's.
+    killed: list[int] = []
+
+    class KillOnce(batch_mod._Collector):
+        def add(self, rows):
+            if not killed:
+                actors = _descendants_named("RayWorker")
+                assert len(actors) == 2, actors
+                os.kill(actors[0], signal.SIGKILL)
+                killed.append(actors[0])
+            super().add(rows)
+
+    local = tmp_path / "local"
+    run_batch([str(corpus)], local, workers=2, shard_size=8, progress=False, log=lambda m: None)
+    monkeypatch.setattr(batch_mod, "_Collector", KillOnce)
+    summary = run_batch([str(corpus)], tmp_path / "ray", ray="local", workers=2, shard_size=8, progress=False,
+                        log=lambda m: None)
+    assert killed and not Path(f"/proc/{killed[0]}").exists()
+    assert summary["classified_now"] == summary["inputs"] > 240
+    assert read_rows(tmp_path / "ray") == read_rows(local)  # none lost, none twice, the same labels
+    assert (tmp_path / "ray" / "_manifest.json").exists()
+
+
 def test_a_ray_worker_that_cannot_load_the_model_stops_the_job(tmp_path, ray_session, monkeypatch):
     # The bundle shipped to the actors is damaged (one byte of the model changed): every actor's constructor
     # fails, and the job must stop at once with that error in one line, not start replacements or wait.

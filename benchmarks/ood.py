@@ -155,6 +155,11 @@ def measure(gate_bundle_dir, data_root, edge_scans: int = 60, seed: int = 0, kee
 
 
 def gate_dev_cv(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adult_root: Path | None = None) -> dict:
+    """The cross-validation of the bundle's gate as fitted (``cv_inputs``, then ``run_cv``)."""
+    return run_cv(cv_inputs(bundle, data_root, dev_root, embed, seed, adult_root))
+
+
+def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adult_root: Path | None = None) -> dict:
     """``train.ood.cross_validate`` with this bundle's feature maps and the fit's recipe (the card's
     ``ood.fitted_on`` sizes, its layout grid and its generated "long film" negatives where it has them):
     each fold refits the whole gate (layout projection, head, density, thresholds on validation) without
@@ -188,11 +193,22 @@ def gate_dev_cv(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, ad
                               n_train_variants=int(fitted.get("train_variants", 0)),
                               n_clinical=int(fitted.get("clinical_variants", 0)),
                               n_adult_variants=int(fitted.get("adult_variants", 0)))
-    res = fit.cross_validate(data, val_x, items, c=float(emb.get("C", fit.DEFAULT_C)),
-                             max_val_reject=float(emb.get("max_val_reject", fit.DEFAULT_MAX_VAL_REJECT)), seed=seed,
-                             density_components=int(emb.get("density_components", 0)), grid=grid,
-                             grid_components=int(layout.get("components", fit.DEFAULT_GRID_COMPONENTS)),
-                             channels=layout.get("channels"))
+    adult = emb.get("adult") or {}
+    return {"data": data, "val_x": val_x, "items": items,
+            "fit": {"c": float(emb.get("C", fit.DEFAULT_C)),
+                    "max_val_reject": float(emb.get("max_val_reject", fit.DEFAULT_MAX_VAL_REJECT)), "seed": seed,
+                    "density_components": int(emb.get("density_components", 0)), "grid": grid,
+                    "grid_components": int(layout.get("components", fit.DEFAULT_GRID_COMPONENTS)),
+                    "channels": layout.get("channels"),
+                    "adult_c": float(adult["C"]) if "C" in adult else None}}
+
+
+def run_cv(inputs: dict, **changes) -> dict:
+    """``train.ood.cross_validate`` over ``cv_inputs``' rows with its fit settings (``changes`` replace some,
+    e.g. ``adult_c``), with the adult films' summary."""
+    from train import ood as fit
+
+    res = fit.cross_validate(inputs["data"], inputs["val_x"], inputs["items"], **{**inputs["fit"], **changes})
     res["note"] = ("the gate's settings (layout grid and components, C, density components, generated negatives) "
                    "were chosen on this same cross-validation, so its rates are optimistic; gate_dev is a "
                    "development set, not a test set")

@@ -208,3 +208,21 @@ def test_clinical_variants_are_seeded_frontal_films():
         np.testing.assert_allclose(mixed[k], plain[k], rtol=1e-6, atol=1e-6)
 
 
+
+
+def test_the_adult_check_takes_its_own_c():
+    """``fit_gate(adult_c=...)``: the adult check (and only it) is fitted with that C, which the card records;
+    a stronger penalty gives smaller adult weights, and the head is the same either way."""
+    rng = np.random.default_rng(1)
+    children = rng.normal(size=(60, 6))
+    adults = rng.normal(size=(20, 6)) + np.array([1.5, -1.0, 0, 0, 0, 0])
+    others = rng.normal(size=(20, 6)) + np.array([0, 0, 3.0, 0, 0, 0])
+    x = np.concatenate([children, adults, others]).astype(np.float32)
+    y = np.concatenate([np.zeros(60, int), np.full(20, fit.ADULT_LABEL), np.full(20, 2)])
+    data = fit.GateData(x, y, np.full(100, -1))
+    val = children[:30].astype(np.float32)
+    shared, p_shared = fit.fit_gate(data, val, 10.0, 0.05, 0, 0)
+    own, p_own = fit.fit_gate(data, val, 10.0, 0.05, 0, 0, adult_c=0.01)
+    assert "C" not in p_shared["adult"] and p_own["adult"]["C"] == 0.01
+    np.testing.assert_array_equal(shared["emb_weights"], own["emb_weights"])
+    assert np.linalg.norm(own["adult_weights"]) < 0.5 * np.linalg.norm(shared["adult_weights"])

@@ -175,11 +175,13 @@ def gate_vectors(arrays: dict, x: np.ndarray, grid: int) -> np.ndarray:
 def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
              max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
              density_components: int = DEFAULT_DENSITY_COMPONENTS, grid: int = 0,
-             grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None) -> tuple[dict, dict]:
+             grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None,
+             adult_c: float | None = None) -> tuple[dict, dict]:
     """(arrays, ``embedding`` card parameters) from training rows and validation scans' rows (``pooled``: the
     global average, then with ``grid`` > 0 the ``grid x grid`` cells of ``channels`` each). With a grid, the
     layout projection (``fit_layout``) comes from the frontal training rows first. Both thresholds (head score;
-    density distance when ``density_components`` > 0) come from the validation scans."""
+    density distance when ``density_components`` > 0) come from the validation scans. ``adult_c``: the adult
+    check's C (``None``: the head's ``c``)."""
     arrays: dict = {}
     layout = None
     if grid:
@@ -214,8 +216,11 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
         params["layout"] = layout
     rejected = val_scores > threshold
     if np.any(data.y == ADULT_LABEL):
-        adult_arrays, adult_params, val_adult = fit_adult(x, data.y, data.dev, arrays, val_x, c,
+        adult_arrays, adult_params, val_adult = fit_adult(x, data.y, data.dev, arrays, val_x,
+                                                          c if adult_c is None else adult_c,
                                                           max_val_reject * ADULT_VAL_SHARE, seed)
+        if adult_c is not None:
+            adult_params["C"] = adult_c
         arrays.update(adult_arrays)
         params["adult"] = adult_params
         rejected |= val_adult > adult_params["threshold"]
@@ -239,7 +244,8 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
 def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], folds: int = 5,
                    c: float = DEFAULT_C, max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
                    density_components: int = None, grid: int = 0,
-                   grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None) -> dict:
+                   grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None,
+                   adult_c: float | None = None) -> dict:
     """gate_dev cross-validated: its groups (patients; body parts for other radiographs) are dealt into
     ``folds`` folds per category; each fold's original images are judged by a gate fitted without any row of
     that fold (nor their variants, "long film" ones included), its layout projection, head, density and
@@ -259,7 +265,7 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
             continue
         keep = ~np.isin(data.dev, held)
         arrays, params = fit_gate(data.subset(keep), val_x, c, max_val_reject,
-                                  seed, density_components, grid, grid_components, channels)
+                                  seed, density_components, grid, grid_components, channels, adult_c)
         gate = Gate(arrays, {"embedding": params})
         orig = np.array([np.flatnonzero((data.dev == i))[0] for i in held])  # first row of an item: the original
         vectors = gate_vectors(arrays, data.x[orig], grid)

@@ -13,17 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 from benchmarks.common import add_out, write_results
 from benchmarks.machine import describe
 from benchmarks.ood import ADULT_CATEGORIES, cv_inputs, run_cv
-from cxr_edge.bundle import load_bundle
+from cxr_edge.bundle import DEFAULT_BUNDLE, load_bundle
 
 PROJECT = Path(__file__).resolve().parent.parent
 PLAN = PROJECT / "train" / "plans" / "adult.json"
 MIN_MORE_ADULTS, MAX_VAL_REFUSED = 2, 1  # the plan's rule (train/plans/adult.json "about")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the project where it is inside it (a committed report names no folder of this machine)."""
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT))
+    except ValueError:
+        return str(path)
 
 
 def measure(plan: dict, bundle_dir: Path, data_root: Path | None = None) -> dict:
@@ -33,7 +42,7 @@ def measure(plan: dict, bundle_dir: Path, data_root: Path | None = None) -> dict
     bundle = load_bundle(bundle_dir)
     t0 = time.perf_counter()
     inputs = cv_inputs(bundle, data_root or DEFAULT_DATA, fit.DEFAULT_GATE_DEV)
-    out = {"bundle": str(bundle_dir), "machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    out = {"bundle": _shown(bundle_dir), "machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "embed_s": round(time.perf_counter() - t0, 1), "rows": []}
     for row in plan["rows"]:
         t = time.perf_counter()
@@ -41,7 +50,6 @@ def measure(plan: dict, bundle_dir: Path, data_root: Path | None = None) -> dict
         _, params = fit.fit_gate(inputs["data"], inputs["val_x"], **{**inputs["fit"], "adult_c": float(row["adult_c"])})
         out["rows"].append({"name": row["name"], "adult_c": row["adult_c"],
                             "adults_as_adult": cv["adults"]["correct"], "adults": cv["adults"]["n"],
-                            "adults_wrong": cv["adults"]["wrong"],
                             "by_category": {k: {"correct": v["correct"], "n": v["n"], "wrong": v["wrong"]}
                                             for k, v in cv["by_category"].items()},
                             "val_refused_by_adult_check": params["adult"]["val_rejected"],
@@ -64,8 +72,6 @@ def decide(out: dict) -> dict:
                        and r["val_refused_by_adult_check"] <= MAX_VAL_REFUSED)
         if r["passes"]:
             passing.append(r)
-    import math
-
     best = max(passing, key=lambda r: (r["adults_as_adult"], -abs(math.log(r["adult_c"] / ref["adult_c"]))),
                default=None)
     out["chosen"] = best["name"] if best else ref["name"]
@@ -98,7 +104,7 @@ def markdown(out: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.adult_c", description=__doc__.split("\n")[0])
     ap.add_argument("--plan", type=Path, default=PLAN)
-    ap.add_argument("--bundle", type=Path, default=PROJECT / "cxr_edge" / "models" / "default")
+    ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     ap.add_argument("--data", type=Path, default=None)
     add_out(ap)
     args = ap.parse_args(argv)

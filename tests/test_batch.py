@@ -21,6 +21,7 @@ from PIL import Image
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from _processes import processes, with_descendants  # noqa: E402
 from cxr_edge import batch as batch_mod  # noqa: E402
 from cxr_edge.batch import BatchError, run_batch  # noqa: E402
 from cxr_edge.cli import cli  # noqa: E402
@@ -160,31 +161,6 @@ def test_ray_and_local_equal_cli(tmp_path, ray_session, bad_files, monkeypatch):
     assert "13 inputs: 9 ok" in res.stderr and "0 written" in res.stderr
 
 
-def _descendants_named(word: str) -> list[int]:
-    """Live processes under this one whose command line holds ``word`` (this test's Ray actors)."""
-    parent: dict[int, int] = {}
-    named = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError):
-                continue
-            parent[int(d.name)] = int(stat[1])
-            if stat[0] != "Z" and word in cmd:
-                named.append(int(d.name))
-
-    def under_us(pid: int) -> bool:
-        while pid > 1:
-            pid = parent.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
-    return [pid for pid in named if under_us(pid)]
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the actor processes through /proc")
 def test_a_ray_actor_killed_part_way_loses_no_row(tmp_path, corpus, ray_session, monkeypatch):
     # An actor's process killed (as the OOM killer would) once the first rows are in: its queued units go
@@ -194,7 +170,9 @@ def test_a_ray_actor_killed_part_way_loses_no_row(tmp_path, corpus, ray_session,
     class KillOnce(batch_mod._Collector):
         def add(self, rows):
             if not killed:
-                actors = _descendants_named("RayWorker")
+                procs = processes()
+                actors = [pid for pid in with_descendants({os.getpid()}, procs) - {os.getpid()}
+                          if "RayWorker" in procs[pid][1]]
                 assert len(actors) == 2, actors
                 os.kill(actors[0], signal.SIGKILL)
                 killed.append(actors[0])

@@ -27,6 +27,7 @@ from PIL import Image
 pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from _processes import processes, with_descendants  # noqa: E402
 from cxr_edge.batch import run_batch  # noqa: E402
 
 pytestmark = pytest.mark.ray_nodes
@@ -41,33 +42,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every live process we can read (zombies left out: they are dead
-    already, and only their parent can reap them)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            except (OSError, ValueError, IndexError):
-                continue
-            if state != "Z":
-                out[int(d.name)] = (int(ppid), cmd)
-    return out
-
-
 def ours(marks: list[str]) -> set[int]:
     """Processes whose command line holds one of ``marks`` (a temp dir, ``--port=N``), with their
     descendants (the workers a raylet forks do not name the temp dir)."""
     procs = processes()
-    found = {pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in marks)} - {os.getpid()}
-    grew = True
-    while grew:
-        more = {pid for pid, (ppid, _) in procs.items() if ppid in found} - found - {os.getpid()}
-        found |= more
-        grew = bool(more)
-    return found
+    procs.pop(os.getpid(), None)  # never this test itself, nor through it its other children
+    return with_descendants({pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in marks)}, procs)
 
 
 def kill_all(marks: list[str], timeout: float = 15.0) -> set[int]:

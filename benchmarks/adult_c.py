@@ -1,13 +1,15 @@
-"""The adult check's regularisation (issue 30): the gate_dev / adult_dev cross-validation with the adult check's C
-replaced, every other setting as the shipped gate was fitted.
+"""The adult check's candidates (issue 30): the gate_dev / adult_dev cross-validation with one setting of the
+gate's fit replaced, every other setting as the shipped gate was fitted.
 
     python -m benchmarks.adult_c [--plan train/plans/adult.json] [--bundle cxr_edge/models/default] [--out DIR]
 
-The embedded rows (training and validation scans, gate_dev and adult_dev with their variants) are built once,
-as ``benchmarks.ood.gate_dev_cv`` builds them, and every plan row runs ``benchmarks.ood.run_cv`` on them with its
-``adult_c``, plus one fit on all rows for the adult check's validation refusals. The plan's rule (written before
-any row was measured) is applied here. The official test split is never read. Writes ``adult_c.json`` and
-``adult_c.md`` into ``--out``.
+A plan row sets ``adult_c`` (the adult check's C; ``train/plans/adult.json``) and/or ``n_train`` (how many
+training scans the gate is fitted on; ``train/plans/adult2.json``). The embedded rows (training and validation
+scans, gate_dev and adult_dev with their variants) are built once per ``n_train``, as
+``benchmarks.ood.gate_dev_cv`` builds them, and every plan row runs ``benchmarks.ood.run_cv`` on them, plus one
+fit on all rows for the validation refusals. The plan's ``rule`` (written before any row was measured) is applied
+here. The official test split is never read. Writes ``<plan name>.json`` and ``.md`` into ``--out``
+(``adult_c`` for ``adult.json``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from cxr_edge.bundle import DEFAULT_BUNDLE, load_bundle
 
 PROJECT = Path(__file__).resolve().parent.parent
 PLAN = PROJECT / "train" / "plans" / "adult.json"
-MIN_MORE_ADULTS, MAX_VAL_REFUSED = 2, 1  # the plan's rule (train/plans/adult.json "about")
+RULE = {"min_more_adults": 2, "max_val_refused_by_adult_check": 1, "val_refused_at_most_reference": False,
+        "tie": "adult_c nearest the reference"}  # adult.json's rule, for a plan without a "rule"
 
 
 def _shown(path: Path) -> str:
@@ -40,15 +43,21 @@ def measure(plan: dict, bundle_dir: Path, data_root: Path | None = None) -> dict
     from train.data import DEFAULT_DATA
 
     bundle = load_bundle(bundle_dir)
-    t0 = time.perf_counter()
-    inputs = cv_inputs(bundle, data_root or DEFAULT_DATA, fit.DEFAULT_GATE_DEV)
     out = {"bundle": _shown(bundle_dir), "machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "embed_s": round(time.perf_counter() - t0, 1), "rows": []}
+           "rule": {**RULE, **plan.get("rule", {})}, "embed_s": {}, "rows": []}
+    inputs, built_for = None, object()
     for row in plan["rows"]:
+        if row.get("n_train") != built_for:  # rows of one n_train share their embedded rows (plans list them so)
+            inputs, built_for = None, row.get("n_train")
+            t0 = time.perf_counter()
+            inputs = cv_inputs(bundle, data_root or DEFAULT_DATA, fit.DEFAULT_GATE_DEV, n_train=built_for)
+            out["embed_s"][str(built_for or "card")] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
-        cv = run_cv(inputs, adult_c=float(row["adult_c"]))
-        _, params = fit.fit_gate(inputs["data"], inputs["val_x"], **{**inputs["fit"], "adult_c": float(row["adult_c"])})
-        out["rows"].append({"name": row["name"], "adult_c": row["adult_c"],
+        changes = {"adult_c": float(row["adult_c"])} if "adult_c" in row else {}
+        cv = run_cv(inputs, **changes)
+        _, params = fit.fit_gate(inputs["data"], inputs["val_x"], **{**inputs["fit"], **changes})
+        out["rows"].append({"name": row["name"], "adult_c": row.get("adult_c", inputs["fit"]["adult_c"] or inputs["fit"]["c"]),
+                            "n_train": row.get("n_train", bundle.card["ood"].get("fitted_on", {}).get("train_images")),
                             "adults_as_adult": cv["adults"]["correct"], "adults": cv["adults"]["n"],
                             "by_category": {k: {"correct": v["correct"], "n": v["n"], "wrong": v["wrong"]}
                                             for k, v in cv["by_category"].items()},
@@ -60,37 +69,53 @@ def measure(plan: dict, bundle_dir: Path, data_root: Path | None = None) -> dict
 
 
 def decide(out: dict) -> dict:
-    """The plan's rule: against the shipped row (the first), at least ``MIN_MORE_ADULTS`` more adults refused as
-    adult, no other category with fewer correct, at most ``MAX_VAL_REFUSED`` validation scans refused by the
-    adult check; the most adults among those that pass, ties to the C nearest the shipped one."""
-    ref = out["rows"][0]
+    """The plan's rule (``out["rule"]``): against the shipped row (the first), at least ``min_more_adults`` more
+    adults refused as adult, no other category with fewer correct, at most ``max_val_refused_by_adult_check``
+    validation scans refused by the adult check (and, with ``val_refused_at_most_reference``, no more refused by
+    all checks than the shipped row); the most adults among those that pass, a tie to the C nearest the shipped
+    one or to the smaller ``n_train`` (``tie``)."""
+    rule, ref = out["rule"], out["rows"][0]
     passing = []
     for r in out["rows"][1:]:
         others = all(r["by_category"][k]["correct"] >= ref["by_category"][k]["correct"]
                      for k in ref["by_category"] if k not in ADULT_CATEGORIES)
-        r["passes"] = (r["adults_as_adult"] >= ref["adults_as_adult"] + MIN_MORE_ADULTS and others
-                       and r["val_refused_by_adult_check"] <= MAX_VAL_REFUSED)
+        r["passes"] = (r["adults_as_adult"] >= ref["adults_as_adult"] + rule["min_more_adults"] and others
+                       and r["val_refused_by_adult_check"] <= rule["max_val_refused_by_adult_check"]
+                       and (not rule["val_refused_at_most_reference"] or r["val_refused"] <= ref["val_refused"]))
         if r["passes"]:
             passing.append(r)
-    best = max(passing, key=lambda r: (r["adults_as_adult"], -abs(math.log(r["adult_c"] / ref["adult_c"]))),
-               default=None)
+
+    def tie(r) -> float:
+        if rule["tie"] == "smaller n_train":
+            return -r["n_train"]
+        return -abs(math.log(r["adult_c"] / ref["adult_c"]))
+
+    best = max(passing, key=lambda r: (r["adults_as_adult"], tie(r)), default=None)
     out["chosen"] = best["name"] if best else ref["name"]
     return out
 
 
-def markdown(out: dict) -> str:
+def markdown(out: dict, plan_path: Path = PLAN) -> str:
+    rule = out["rule"]
     cats = [k for k in out["rows"][0]["by_category"] if k not in ADULT_CATEGORIES]
-    lines = ["# The adult check's C (issue 30)", "",
-             f"`python -m benchmarks.adult_c` on {out['machine']['cpu']} ({out['machine']['usable_cores']} cores), {out['date']}: gate_dev and adult_dev "
-             "cross-validated (5 folds, chest views grouped by patient, other radiographs by body part), every "
-             "setting as the shipped gate except the adult check's C. Rule (train/plans/adult.json, written "
-             f"before): at least {MIN_MORE_ADULTS} more adults refused as adult than the shipped row, no other "
-             f"category worse, at most {MAX_VAL_REFUSED} validation scan refused by the adult check.", "",
-             "| row | adult C | adults refused as adult | " + " | ".join(cats)
+    varied = [k for k in ("adult_c", "n_train")
+              if len({r[k] for r in out["rows"]}) > 1]
+    heads = {"adult_c": "adult C", "n_train": "training scans"}
+    lines = [f"# The adult check's candidates: {_shown(plan_path)} (issue 30)", "",
+             f"`python -m benchmarks.adult_c --plan {_shown(plan_path)}` on {out['machine']['cpu']} "
+             f"({out['machine']['usable_cores']} cores), {out['date']}: gate_dev and adult_dev cross-validated (5 "
+             "folds, chest views grouped by patient, other radiographs by body part), every setting as the shipped "
+             f"gate except {' and '.join(heads[k] for k in varied) or 'none'}. Rule ({_shown(plan_path)}, written "
+             f"before): at least {rule['min_more_adults']} more adults refused as adult than the shipped row, no "
+             f"other category worse, at most {rule['max_val_refused_by_adult_check']} validation scan refused by the "
+             "adult check" + (", no more validation scans refused by all checks than the shipped row"
+                              if rule["val_refused_at_most_reference"] else "") + ".", "",
+             "| row | " + "".join(f"{heads[k]} | " for k in varied) + "adults refused as adult | " + " | ".join(cats)
              + " | validation refused (adult check / all) | adult threshold | passes |",
-             "|---|---|---|" + "---|" * len(cats) + "---|---|---|"]
+             "|---|" + "---|" * len(varied) + "---|" + "---|" * len(cats) + "---|---|---|"]
     for r in out["rows"]:
-        lines.append(f"| {r['name']} | {r['adult_c']:g} | {r['adults_as_adult']}/{r['adults']} | "
+        lines.append(f"| {r['name']} | " + "".join(f"{r[k]:g} | " for k in varied)
+                     + f"{r['adults_as_adult']}/{r['adults']} | "
                      + " | ".join(f"{r['by_category'][k]['correct']}/{r['by_category'][k]['n']}" for k in cats)
                      + f" | {r['val_refused_by_adult_check']} / {r['val_refused']} | {r['adult_threshold']:.2f} | "
                      + ("(shipped)" if r is out["rows"][0] else ("yes" if r["passes"] else "no")) + " |")
@@ -101,6 +126,11 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def result_name(plan_path: Path) -> str:
+    """``adult_c`` for train/plans/adult.json (its results' name since it was first run), else the plan's stem."""
+    return "adult_c" if Path(plan_path).name == "adult.json" else Path(plan_path).stem
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.adult_c", description=__doc__.split("\n")[0])
     ap.add_argument("--plan", type=Path, default=PLAN)
@@ -109,7 +139,7 @@ def main(argv=None) -> int:
     add_out(ap)
     args = ap.parse_args(argv)
     out = measure(json.loads(args.plan.read_text()), args.bundle, args.data)
-    write_results(args.out, "adult_c", out, markdown(out))
+    write_results(args.out, result_name(args.plan), out, markdown(out, args.plan))
     return 0
 
 

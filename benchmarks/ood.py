@@ -159,19 +159,21 @@ def gate_dev_cv(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, ad
     return run_cv(cv_inputs(bundle, data_root, dev_root, embed, seed, adult_root))
 
 
-def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adult_root: Path | None = None) -> dict:
+def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adult_root: Path | None = None,
+              n_train: int | None = None) -> dict:
     """``train.ood.cross_validate`` with this bundle's feature maps and the fit's recipe (the card's
     ``ood.fitted_on`` sizes, its layout grid and its generated "long film" negatives where it has them):
     each fold refits the whole gate (layout projection, head, density, thresholds on validation) without
     that fold's gate_dev images and their variants. ``embed``: rows as ``train.ood.collect`` wants them
-    (``cxr_edge.ood.embedder(bundle, grid=...)``); made here when not given."""
+    (``cxr_edge.ood.embedder(bundle, grid=...)``); made here when not given. ``n_train``: how many training
+    scans the seeded subsample draws (default: the card's ``fitted_on.train_images``)."""
     from train import ood as fit
     from train.data import load_images, protocol_splits
 
     card = bundle.card["ood"]
     fitted = card.get("fitted_on", {})
     emb = card.get("embedding", {})
-    n_train = int(fitted.get("train_images", 1200))
+    n_train = int(n_train or fitted.get("train_images", 1200))
     n_variants = int(fitted.get("gate_dev_variants", fit.DEFAULT_VARIANTS))
     splits = protocol_splits(Path(data_root), "grouped")
     train, val = splits["train"], splits["val"]

@@ -12,7 +12,9 @@ them:
    under an eighth of it (a CT slice in Hounsfield units); unsigned stored values without any LUT or rescale
    keep the top 8 bits of their depth (``preprocess.high_bits``, as for 16-bit PNGs: a 12-bit image by
    ``v >> 4``, also when the file declares 16 bits stored);
-5. MONOCHROME1 (white = low values) inverted so that bone is bright, as in MONOCHROME2 and in JPEG scans.
+5. MONOCHROME1 (white = low values) inverted so that bone is bright, as in MONOCHROME2 and in JPEG scans; a
+   MONOCHROME2 image whose Presentation LUT Shape is INVERSE likewise (the standard's last step, as viewers
+   show it; MONOCHROME1 with INVERSE is inverted once).
 
 Before any pixel is decoded, the metadata says whether this is a frontal chest radiograph at all
 (:func:`check_metadata`); a readable object that is not one is refused with
@@ -25,6 +27,9 @@ Before any pixel is decoded, the metadata says whether this is a frontal chest r
   through to the image gate; anything else is refused, "another body part (BodyPartExamined HAND)";
 - ``ViewPosition``: PA, AP (or missing, or an oblique/decubitus code) go on; LL, RL, LATERAL, LAT are
   refused, "lateral view (ViewPosition LL)";
+- ``PresentationIntentType`` FOR PROCESSING (or the SOP class "Digital X-Ray Image Storage - For Processing"):
+  the detector's raw values before the modality's image processing, which no reader (and not this model) looks
+  at, are refused, "not for presentation (...)"; FOR PRESENTATION or missing go on;
 - pixel data no radiograph has: 32-bit integer or floating-point pixels (RT dose grids, parametric maps)
   are refused, "not a radiograph (32 bits per pixel)".
 
@@ -111,7 +116,7 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
         # declares 16 bits stored is not shown 16 times too dark)
         bits = min(int(ds.BitsStored), content_bits(int(arr.max(initial=0))))
         out = high_bits(arr, max(8, bits))
-        return 255 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
+        return 255 - out if _shown_inverted(ds) else out
     values = apply_modality_lut(arr, ds)
     if kind == "lut":
         values = apply_voi_lut(values, ds)
@@ -131,9 +136,17 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
     span = hi - lo if hi > lo else 1.0
     out = (np.asarray(values, dtype=np.float64) - lo) * (255.0 / span)
     out = np.clip(np.rint(np.nan_to_num(out)), 0, 255).astype(np.uint8)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
+    if _shown_inverted(ds):
         out = 255 - out
     return out
+
+
+def _shown_inverted(ds) -> bool:
+    """Whether the display inverts the values (white = low): MONOCHROME1, or a Presentation LUT Shape of INVERSE.
+    The standard pairs INVERSE with MONOCHROME1 (one inversion, not two); a MONOCHROME2 image with INVERSE asks
+    for its output to be inverted too, as viewers show it. (A wrong INVERSE gives a negative, which the input
+    gate refuses as an inverted image.)"""
+    return ds.PhotometricInterpretation == "MONOCHROME1" or _text(ds, "PresentationLUTShape") == "INVERSE"
 
 
 def _palette_rgb(ds, arr: np.ndarray) -> Image.Image:

@@ -14,6 +14,9 @@ OTHER_BODY_PART_MODALITIES = {"MG": "mammography", "PX": "dental panoramic", "IO
 CHEST = {"CHEST", "THORAX", "LUNG", "LUNGS"}
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LEFT LATERAL", "RIGHT LATERAL"}
 FLOAT_PIXELS = ("FloatPixelData", "DoubleFloatPixelData")
+FOR_PROCESSING_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+                          "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+                          "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing"}
 
 
 def _is_multi(value) -> bool:
@@ -51,6 +54,12 @@ def check_metadata(ds) -> None:
     for keyword in FLOAT_PIXELS:
         if keyword in ds:
             raise InputRejected("not a radiograph (floating-point pixel data)")
+    intent = _text(ds, "PresentationIntentType")
+    sop = _uid(ds)
+    if intent == "FOR PROCESSING" or (sop in FOR_PROCESSING_CLASSES and intent != "FOR PRESENTATION"):
+        said = f"PresentationIntentType {intent}" if intent == "FOR PROCESSING" else FOR_PROCESSING_CLASSES[sop]
+        raise InputRejected(f"not for presentation ({said}: the detector's raw values, before the modality's "
+                            "image processing; send the image for presentation)")
 
 
 AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12, "W": 7 / 365.25, "D": 1 / 365.25}  # PatientAge (AS): nnnD/W/M/Y
@@ -100,6 +109,14 @@ def _pydicom():
     except ImportError:
         raise PreprocessError("this is a DICOM file; reading DICOM needs pydicom: "
                               "pip install 'cxr-edge[dicom]'") from None
+
+
+def _uid(ds) -> str:
+    """The SOP Class UID (from the data set, else the file meta), ``""`` when missing or malformed."""
+    try:
+        return str(ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID") or "").strip()
+    except Exception:
+        return ""
 
 
 def _sop_class(ds) -> str:

@@ -14,6 +14,8 @@ output of softmax probabilities ``[N, 3]``. Models with int8/uint8 input or outp
   its metadata: ``cxr_edge.input_quantization`` / ``cxr_edge.output_quantization`` = ``"<scale>,<zero_point>"``.
   (Models whose QDQ nodes sit inside the graph, with float I/O, need nothing.)
 
+On x86 CPUs without VNNI the ONNX engine runs int8 QDQ graphs unfused (``cxr_edge.cpu.onnx_int8_fused``).
+
 Outputs are told apart by shape: the probabilities are the rank-2 output whose last dimension is 3, the
 feature map (for heatmaps and the non-CXR gate's embedding) the rank-4 output, if there is one. Batches of
 any size N >= 1 are accepted: a TFLite input tensor is resized to the batch; a model whose graph has its
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
+
+from cxr_edge.cpu import onnx_int8_fused, onnx_session_options
 
 NUM_CLASSES = 3
 BACKENDS = ("tflite", "onnx")
@@ -298,6 +302,8 @@ class OnnxEngine:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        self.int8_fused = onnx_int8_fused()  # False: QDQ computed in float (the saturating kernels, cxr_edge.cpu)
+        onnx_session_options(ort, opts)
         self._errors = _ort_errors()
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

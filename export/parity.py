@@ -26,7 +26,9 @@ def features(path, backend: str, x: np.ndarray, threads: int | None = None) -> n
     if backend == "onnx":
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        from cxr_edge.cpu import onnx_session_options  # the runtime's kernels on this CPU
+
+        sess = ort.InferenceSession(str(path), onnx_session_options(ort), providers=["CPUExecutionProvider"])
         outs = sess.run(None, {sess.get_inputs()[0].name: x})
     else:
         from ai_edge_litert.interpreter import Interpreter

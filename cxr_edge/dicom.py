@@ -105,6 +105,31 @@ def _identity_modality(ds) -> bool:
         return False
 
 
+def _lookup(ds, item, values) -> tuple[np.ndarray, float]:
+    """A Modality or VOI LUT Sequence item applied to ``values``, and the largest value its entries can hold.
+    Done here rather than by pydicom, which indexes an 8-bit LUT with 8-bit indices (a 12-bit image through an
+    8-bit VOI LUT of 4096 entries comes out as 0..15, a blank image). Indices below the first mapped value take
+    the first entry, beyond the last the last (PS3.3 C.11.2.1.1); 8-bit entries may also be packed two to a
+    16-bit word. The entries' depth is the descriptor's unless an entry is larger (the data decides then)."""
+    desc = [int(v) for v in item.LUTDescriptor]
+    n, first, bits = desc[0] or 65536, desc[1], desc[2]
+    if first >= 32768 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        first -= 65536  # the first mapped value of signed data, written as US
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):  # OW
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+        data = np.frombuffer(bytes(data)[: len(data) // 2 * 2], "<u2" if little else ">u2")
+    lut = np.asarray(data if isinstance(data, (list, tuple, np.ndarray)) or _is_multi(data) else [data], np.int64)
+    if bits == 8 and len(lut) * 2 == n:  # two 8-bit entries to a word, the first in the low byte
+        lut = np.stack([lut & 0xFF, lut >> 8], axis=-1).reshape(-1)
+    if len(lut) < n:
+        raise PreprocessError(f"DICOM LUT has {len(lut)} entries, its descriptor says {n}")
+    top = int(lut[:n].max(initial=0))
+    hi = 2.0 ** (bits if top < 2 ** bits else content_bits(top)) - 1
+    idx = np.clip(np.rint(np.asarray(values, np.float64)) - first, 0, n - 1).astype(np.int64)
+    return lut[idx], hi
+
+
 def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -117,10 +142,13 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
         bits = min(int(ds.BitsStored), content_bits(int(arr.max(initial=0))))
         out = high_bits(arr, max(8, bits))
         return 255 - out if _shown_inverted(ds) else out
-    values = apply_modality_lut(arr, ds)
+    if ds.get("ModalityLUTSequence"):
+        values, _ = _lookup(ds, ds.ModalityLUTSequence[0], arr)
+    else:
+        values = apply_modality_lut(arr, ds)
     if kind == "lut":
-        values = apply_voi_lut(values, ds)
-        lo, hi = 0.0, 2.0 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
+        values, hi = _lookup(ds, ds.VOILUTSequence[0], values)
+        lo = 0.0
     elif kind == "window":
         values = apply_voi_lut(values, ds, prefer_lut=False)
         lo, hi = _modality_range(ds)  # apply_windowing maps the window onto this range

@@ -57,3 +57,50 @@ def test_raw_detector_images_are_refused(scan, tmp_path, small_clf, sop_class, i
         assert not r.ok and r.to_dict()["status"] == "rejected" and "for presentation" in r.to_dict()["reason"]
     else:
         _same_record_as_the_scan(small_clf, path, scan, tmp_path)
+
+
+def _with_lut(path, keyword: str, descriptor: list[int], data, vr: str):
+    """The DICOM file at ``path`` with one ``keyword`` (VOILUTSequence, ModalityLUTSequence) item."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = data
+    item["LUTData"].VR = vr
+    if keyword == "ModalityLUTSequence":
+        item.ModalityLUTType = "US"
+    setattr(ds, keyword, Sequence([item]))
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("case", ["8-bit entries", "8-bit entries, two to a word", "12-bit entries as OW",
+                                  "16-bit entries", "first mapped 512", "modality LUT, 8-bit entries"])
+def test_lookup_tables_show_the_scan(scan, tmp_path, case):
+    """A 12-bit image (the scan's pixels x 16 + 8) through a LUT that maps it back: every form shows the scan.
+    (pydicom's own VOI LUT step indexes an 8-bit LUT with 8-bit indices: that image came out as 0..15, blank.)"""
+    v = _small(scan)
+    stored = v.astype(np.uint16) * 16 + 8
+    idx = np.arange(4096)
+    path = write_dicom(tmp_path / "lut.dcm", stored, bits_stored=12)
+    if case == "8-bit entries":
+        _with_lut(path, "VOILUTSequence", [4096, 0, 8], (idx // 16).tolist(), "US")
+    elif case == "8-bit entries, two to a word":
+        lut = (idx // 16).astype(np.uint16)
+        _with_lut(path, "VOILUTSequence", [4096, 0, 8], (lut[0::2] | (lut[1::2] << 8)).tolist(), "US")
+    elif case == "12-bit entries as OW":
+        _with_lut(path, "VOILUTSequence", [4096, 0, 12], idx.astype("<u2").tobytes(), "OW")
+    elif case == "16-bit entries":
+        _with_lut(path, "VOILUTSequence", [4096, 0, 16], (idx * 16).tolist(), "US")
+    elif case == "first mapped 512":  # values under 512 take entry 0, the others entry (value - 512)
+        lut = np.clip(np.arange(4096 - 512) + 512, 0, 4095) // 16
+        _with_lut(path, "VOILUTSequence", [4096 - 512, 512, 8], lut.tolist(), "US")
+        v = np.where(stored < 512, 512 // 16, v).astype(np.uint8)
+    else:  # a modality LUT of 8-bit entries, no VOI step: shown over its 8-bit range
+        _with_lut(path, "ModalityLUTSequence", [4096, 0, 8], (idx // 16).tolist(), "US")
+    gray = load_gray(path, 64).astype(int)
+    ref = load_gray(Image.fromarray(v), 64).astype(int)
+    assert np.abs(gray - ref).mean() < 1.0, (case, np.abs(gray - ref).mean(), gray.min(), gray.max())

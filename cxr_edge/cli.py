@@ -37,6 +37,7 @@ from cxr_edge.bundle import BundleError, load_bundle, sha256_file
 from cxr_edge.cli_classify import PROGRESS_MIN_FILES, classify  # noqa: F401
 from cxr_edge.cli_common import ModelLoadError, model_option
 from cxr_edge.cli_services import batch, dicom_node, export_web, journal, serve
+from cxr_edge.cpu import onnx_int8_fused
 from cxr_edge.engines import available_backends
 from cxr_edge.inputs import (GLOB_CHARS, IMAGE_SUFFIXES, Missing, dicom_style_suffix, expand_inputs,  # noqa: F401
                              shown)
@@ -82,6 +83,8 @@ def _print_card(bundle) -> None:
         else:
             state = "sha256 ok" if sha256_file(path) == entry.get("sha256") else "SHA256 MISMATCH"
         runtime = "" if backend in have else ", runtime not installed"
+        if backend == "onnx" and backend in have and entry.get("precision") == "int8" and not onnx_int8_fused():
+            runtime += ", run unfused on this CPU: x86 without VNNI (docs/runtimes.md)"
         click.echo(f"{backend:<10} {entry.get('path')} ({entry.get('precision', '?')}, {entry.get('bytes', '?')} "
                    f"bytes, {state}{runtime})")
     metrics = card.get("metrics")

@@ -156,7 +156,7 @@ def test_bad_model_path_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "not a model bundle" in result.stderr
 
 
-def test_info(bundle_dir):
+def test_info(bundle_dir, monkeypatch):
     card = json.loads((bundle_dir / "card.json").read_text())
     result = run("info", "--model", bundle_dir / "card.json")
     assert result.exit_code == 0, result.output
@@ -164,6 +164,10 @@ def test_info(bundle_dir):
     assert result.stdout.count("sha256 ok") == 2
     as_json = run("info", "--model", bundle_dir, "--json")
     assert as_json.exit_code == 0 and json.loads(as_json.stdout) == card
+    for mode, said in (("unfused", True), ("fused", False)):  # the ONNX int8 kernels this CPU gets (cxr_edge.cpu)
+        monkeypatch.setenv("CXR_EDGE_ONNX_INT8", mode)
+        out = run("info", "--model", bundle_dir).stdout
+        assert ("run unfused on this CPU" in out) is said, out
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(bundle_dir, tmp_path):

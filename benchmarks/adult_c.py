@@ -3,9 +3,10 @@ gate's fit replaced, every other setting as the shipped gate was fitted.
 
     python -m benchmarks.adult_c [--plan train/plans/adult.json] [--bundle cxr_edge/models/default] [--out DIR]
 
-A plan row sets ``adult_c`` (the adult check's C; ``train/plans/adult.json``) and/or ``n_train`` (how many
-training scans the gate is fitted on; ``train/plans/adult2.json``). The embedded rows (training and validation
-scans, gate_dev and adult_dev with their variants) are built once per ``n_train``, as
+A plan row sets ``adult_c`` (the adult check's C; ``train/plans/adult.json``), ``n_train`` (how many
+training scans the gate is fitted on; ``adult2.json``) and/or ``adult_variants`` (of each kind per adult film;
+``adult3.json``). The embedded rows (training and validation scans, gate_dev and adult_dev with their
+variants) are built once per ``n_train`` and ``adult_variants``, as
 ``benchmarks.ood.gate_dev_cv`` builds them, and every plan row runs ``benchmarks.ood.run_cv`` on them, plus one
 fit on all rows for the validation refusals. The plan's ``rule`` (written before any row was measured) is applied
 here. The official test split is never read. Writes ``<plan name>.json`` and ``.md`` into ``--out``
@@ -45,19 +46,23 @@ def measure(plan: dict, bundle_dir: Path, data_root: Path | None = None) -> dict
     bundle = load_bundle(bundle_dir)
     out = {"bundle": _shown(bundle_dir), "machine": describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "rule": {**RULE, **plan.get("rule", {})}, "embed_s": {}, "rows": []}
+    fitted = bundle.card["ood"].get("fitted_on", {})
     inputs, built_for = None, object()
     for row in plan["rows"]:
-        if row.get("n_train") != built_for:  # rows of one n_train share their embedded rows (plans list them so)
-            inputs, built_for = None, row.get("n_train")
+        key = (row.get("n_train"), row.get("adult_variants"))
+        if key != built_for:  # rows of one n_train and adult_variants share their embedded rows (plans list them so)
+            inputs, built_for = None, key
             t0 = time.perf_counter()
-            inputs = cv_inputs(bundle, data_root or DEFAULT_DATA, fit.DEFAULT_GATE_DEV, n_train=built_for)
-            out["embed_s"][str(built_for or "card")] = round(time.perf_counter() - t0, 1)
+            inputs = cv_inputs(bundle, data_root or DEFAULT_DATA, fit.DEFAULT_GATE_DEV, n_train=key[0],
+                               adult_variants=key[1])
+            out["embed_s"]["/".join(str(k) if k is not None else "card" for k in key)] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         changes = {"adult_c": float(row["adult_c"])} if "adult_c" in row else {}
         cv = run_cv(inputs, **changes)
         _, params = fit.fit_gate(inputs["data"], inputs["val_x"], **{**inputs["fit"], **changes})
         out["rows"].append({"name": row["name"], "adult_c": row.get("adult_c", inputs["fit"]["adult_c"] or inputs["fit"]["c"]),
-                            "n_train": row.get("n_train", bundle.card["ood"].get("fitted_on", {}).get("train_images")),
+                            "n_train": row.get("n_train", fitted.get("train_images")),
+                            "adult_variants": row.get("adult_variants", fitted.get("adult_variants")),
                             "adults_as_adult": cv["adults"]["correct"], "adults": cv["adults"]["n"],
                             "by_category": {k: {"correct": v["correct"], "n": v["n"], "wrong": v["wrong"]}
                                             for k, v in cv["by_category"].items()},
@@ -73,7 +78,7 @@ def decide(out: dict) -> dict:
     adults refused as adult, no other category with fewer correct, at most ``max_val_refused_by_adult_check``
     validation scans refused by the adult check (and, with ``val_refused_at_most_reference``, no more refused by
     all checks than the shipped row); the most adults among those that pass, a tie to the C nearest the shipped
-    one or to the smaller ``n_train`` (``tie``)."""
+    one, the smaller ``n_train`` or the fewer ``adult_variants`` (``tie``)."""
     rule, ref = out["rule"], out["rows"][0]
     passing = []
     for r in out["rows"][1:]:
@@ -88,6 +93,8 @@ def decide(out: dict) -> dict:
     def tie(r) -> float:
         if rule["tie"] == "smaller n_train":
             return -r["n_train"]
+        if rule["tie"] == "fewer adult_variants":
+            return -r["adult_variants"]
         return -abs(math.log(r["adult_c"] / ref["adult_c"]))
 
     best = max(passing, key=lambda r: (r["adults_as_adult"], tie(r)), default=None)
@@ -98,9 +105,9 @@ def decide(out: dict) -> dict:
 def markdown(out: dict, plan_path: Path = PLAN) -> str:
     rule = out["rule"]
     cats = [k for k in out["rows"][0]["by_category"] if k not in ADULT_CATEGORIES]
-    varied = [k for k in ("adult_c", "n_train")
-              if len({r[k] for r in out["rows"]}) > 1]
-    heads = {"adult_c": "adult C", "n_train": "training scans"}
+    varied = [k for k in ("adult_c", "n_train", "adult_variants")
+              if len({r.get(k) for r in out["rows"]}) > 1]
+    heads = {"adult_c": "adult C", "n_train": "training scans", "adult_variants": "variants per adult film"}
     lines = [f"# The adult check's candidates: {_shown(plan_path)} (issue 30)", "",
              f"`python -m benchmarks.adult_c --plan {_shown(plan_path)}` on {out['machine']['cpu']} "
              f"({out['machine']['usable_cores']} cores), {out['date']}: gate_dev and adult_dev cross-validated (5 "

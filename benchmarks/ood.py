@@ -160,13 +160,14 @@ def gate_dev_cv(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, ad
 
 
 def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adult_root: Path | None = None,
-              n_train: int | None = None) -> dict:
+              n_train: int | None = None, adult_variants: int | None = None) -> dict:
     """``train.ood.cross_validate`` with this bundle's feature maps and the fit's recipe (the card's
     ``ood.fitted_on`` sizes, its layout grid and its generated "long film" negatives where it has them):
     each fold refits the whole gate (layout projection, head, density, thresholds on validation) without
     that fold's gate_dev images and their variants. ``embed``: rows as ``train.ood.collect`` wants them
     (``cxr_edge.ood.embedder(bundle, grid=...)``); made here when not given. ``n_train``: how many training
-    scans the seeded subsample draws (default: the card's ``fitted_on.train_images``)."""
+    scans the seeded subsample draws (default: the card's ``fitted_on.train_images``); ``adult_variants``: of
+    each kind per adult film (default: the card's)."""
     from train import ood as fit
     from train.data import load_images, protocol_splits
 
@@ -194,7 +195,8 @@ def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adul
                               n_frontal_variants=int(fitted.get("gate_dev_frontal_variants", 0)),
                               n_train_variants=int(fitted.get("train_variants", 0)),
                               n_clinical=int(fitted.get("clinical_variants", 0)),
-                              n_adult_variants=int(fitted.get("adult_variants", 0)))
+                              n_adult_variants=int(fitted.get("adult_variants", 0) if adult_variants is None
+                                                   else adult_variants))
     adult = emb.get("adult") or {}
     return {"data": data, "val_x": val_x, "items": items,
             "fit": {"c": float(emb.get("C", fit.DEFAULT_C)),

@@ -31,8 +31,9 @@ def test_benchmark_non_cxr_set_is_complete(tmp_path):
     assert all(p.is_file() for p, _ in items)
 
 
-def _row(name, adults, others, val_adult, val_all, adult_c=10.0, n_train=1200):
-    return {"name": name, "adult_c": adult_c, "n_train": n_train, "adults_as_adult": adults, "adults": 76,
+def _row(name, adults, others, val_adult, val_all, adult_c=10.0, n_train=1200, adult_variants=6):
+    return {"name": name, "adult_c": adult_c, "n_train": n_train, "adult_variants": adult_variants,
+            "adults_as_adult": adults, "adults": 76,
             "by_category": {"adult_dev": {"correct": adults - 10, "n": 60, "wrong": []},
                             "frontal_chest_other": {"correct": 10, "n": 16, "wrong": []},
                             "non_chest_radiograph": {"correct": others, "n": 22, "wrong": []}},
@@ -61,4 +62,7 @@ def test_adult_candidates_rule_is_the_plans():
     out = chosen({}, _row("c1", 74, 20, 0, 2, adult_c=1.0), _row("c100", 74, 20, 0, 2, adult_c=100.0),
                  _row("c30", 74, 20, 0, 2, adult_c=30.0))
     assert out["chosen"] == "c30"
+    plan3 = json.loads((adult_c.PROJECT / "train" / "plans" / "adult3.json").read_text())["rule"]
+    out = chosen(plan3, _row("v16", 74, 20, 1, 3, adult_variants=16), _row("v2", 74, 20, 1, 3, adult_variants=2))
+    assert out["chosen"] == "v2"
     assert adult_c.result_name(adult_c.PLAN) == "adult_c" and adult_c.result_name(Path("x/adult2.json")) == "adult2"

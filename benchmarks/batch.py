@@ -8,10 +8,10 @@ is the job from the start of the worker pool to the last shard committed (worker
 included; listing the inputs and ``ray.init`` are not, the latter is reported apart as ``ray_init_s``: on a
 cluster Ray is already running); ``images_per_s = images / run_s``; ``first_result_s``: when the first
 results came back; ``images_per_worker_cpu_s``: images per CPU-second of the worker processes (local pool
-workers or Ray actors, as each reports its own CPU time: start-up, model loading and work), a per-core figure that other work on the machine changes little. Ray overhead
-= ``run_s(ray) / run_s(local) - 1`` at the same worker count. Each configuration runs ``repeats`` times
-(default 3), interleaved (repeat, then worker count, then mode), and the fastest run counts, because the two
-cores here are shared; the median is reported too. The local pool's fork server starts with the first local
+workers or Ray actors, as each reports its own CPU time: start-up, model loading and work), a per-core figure
+that other work on the machine changes little. Ray overhead = ``run_s(ray) / run_s(local) - 1`` at the same
+worker count. Each configuration runs ``repeats`` times (default 3), interleaved (repeat, then worker count,
+then mode), and the fastest run counts, because the two cores here are shared; the median is reported too. The local pool's fork server starts with the first local
 job of this process and serves the later ones, as the Ray instance started once here serves every Ray job:
 both modes' first runs are listed apart (``first_run_s``). ``other_cores``: how many cores other processes
 kept busy during a run on average (/proc/stat's busy time less this process's and its workers'; Ray's daemons

@@ -5,25 +5,23 @@ import os
 import platform
 from importlib import metadata
 
+from cxr_edge.cpu import int8_isa
+
 
 def cpu_model() -> str:
     """The CPU's name and, on x86, its int8 instructions, e.g. "AMD EPYC (AVX2, no VNNI)": machines of one name
     differ in them, and int8 inference with them (the ONNX engine runs unfused without VNNI: cxr_edge/cpu.py)."""
-    name, flags = "", None
+    name = ""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not name:
+            if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and flags is None:
-                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
     name = name or platform.processor() or platform.machine()
-    if flags is None:
-        return name
-    isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
-           else "AVX2, no VNNI" if "avx2" in flags else "no AVX2")
-    return f"{name} ({isa})"
+    isa = int8_isa()
+    return f"{name} ({isa})" if isa else name
 
 
 def describe() -> dict:

@@ -11,6 +11,7 @@ speed. LiteRT (the default engine) and ARM CPUs do not have this problem.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from typing import Optional
@@ -18,14 +19,19 @@ from typing import Optional
 X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def _has_vnni() -> Optional[bool]:
-    """Whether this CPU has VNNI (AVX-512 VNNI or AVX-VNNI); None when it cannot be told."""
+@functools.lru_cache(maxsize=None)
+def int8_isa() -> Optional[str]:
+    """This x86 CPU's int8 dot-product instructions: "AVX-512 VNNI", "AVX-VNNI", "AVX2, no VNNI" or "no AVX2";
+    None where it cannot be told (not x86, or no flags to read). Read once per process."""
+    if platform.machine().lower() not in X86:
+        return None
+    flags = None
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[-1].split()
-                    return "avx512_vnni" in flags or "avx_vnni" in flags
+            flags = next((set(line.split(":", 1)[-1].split()) for line in f if line.startswith("flags")), None)
+    if flags is not None:
+        return ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-VNNI" if "avx_vnni" in flags
+                else "AVX2, no VNNI" if "avx2" in flags else "no AVX2")
     try:  # macOS, Windows: numpy's own CPU dispatch knows AVX-512 VNNI (not AVX-VNNI: those run unfused)
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:
@@ -33,7 +39,8 @@ def _has_vnni() -> Optional[bool]:
             from numpy.core._multiarray_umath import __cpu_features__
         except ImportError:
             return None
-    return bool(__cpu_features__.get("AVX512VNNI"))
+    return ("AVX-512 VNNI" if __cpu_features__.get("AVX512VNNI") else
+            "AVX2, no VNNI" if __cpu_features__.get("AVX2") else "no AVX2")
 
 
 def onnx_int8_fused() -> bool:
@@ -44,7 +51,7 @@ def onnx_int8_fused() -> bool:
         return forced == "fused"
     if platform.machine().lower() not in X86:
         return True
-    return bool(_has_vnni())
+    return int8_isa() in ("AVX-512 VNNI", "AVX-VNNI")
 
 
 def onnx_session_options(ort, opts=None):

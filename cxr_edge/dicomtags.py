@@ -55,7 +55,7 @@ def check_metadata(ds) -> None:
         if keyword in ds:
             raise InputRejected("not a radiograph (floating-point pixel data)")
     intent = _text(ds, "PresentationIntentType")
-    sop = _uid(ds)
+    sop = str(_sop_uid(ds) or "").strip()
     if intent == "FOR PROCESSING" or (sop in FOR_PROCESSING_CLASSES and intent != "FOR PRESENTATION"):
         said = f"PresentationIntentType {intent}" if intent == "FOR PROCESSING" else FOR_PROCESSING_CLASSES[sop]
         raise InputRejected(f"not for presentation ({said}: the detector's raw values, before the modality's "
@@ -111,18 +111,19 @@ def _pydicom():
                               "pip install 'cxr-edge[dicom]'") from None
 
 
-def _uid(ds) -> str:
-    """The SOP Class UID (from the data set, else the file meta), ``""`` when missing or malformed."""
+def _sop_uid(ds):
+    """The SOP Class UID as pydicom read it (from the data set, else the file meta); None when missing or
+    malformed (pydicom parses elements lazily: a malformed one fails where it is read)."""
     try:
-        return str(ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID") or "").strip()
+        return ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID") or None
     except Exception:
-        return ""
+        return None
 
 
 def _sop_class(ds) -> str:
     """The SOP class's name (or UID) for a message: one line of printable text, whatever the file holds."""
+    uid = _sop_uid(ds)
     try:
-        uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
         text = str(getattr(uid, "name", None) or uid or "")
     except Exception:  # a malformed element
         text = ""

@@ -15,24 +15,28 @@ from cxr_edge.preprocess import load_gray, to_input
 SCANS = sorted((Path(__file__).resolve().parent / "data" / "chest_xray").rglob("*.jpeg"))
 
 
-@pytest.mark.parametrize("machine,vnni,fused", [("x86_64", False, False), ("x86_64", True, True),
-                                                ("AMD64", None, False), ("aarch64", False, True),
-                                                ("arm64", None, True)])
-def test_fused_int8_only_where_the_kernels_do_not_saturate(monkeypatch, machine, vnni, fused):
+@pytest.mark.parametrize("machine,isa,fused", [("x86_64", "AVX2, no VNNI", False), ("x86_64", "AVX-512 VNNI", True),
+                                               ("x86_64", "AVX-VNNI", True), ("AMD64", None, False),
+                                               ("x86_64", "no AVX2", False), ("aarch64", None, True),
+                                               ("arm64", None, True)])
+def test_fused_int8_only_where_the_kernels_do_not_saturate(monkeypatch, machine, isa, fused):
     monkeypatch.delenv("CXR_EDGE_ONNX_INT8", raising=False)
     monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
-    monkeypatch.setattr(cpu, "_has_vnni", lambda: vnni)
+    monkeypatch.setattr(cpu, "int8_isa", lambda: isa)
     assert cpu.onnx_int8_fused() is fused
     monkeypatch.setenv("CXR_EDGE_ONNX_INT8", "unfused" if fused else "fused")  # for measuring: either way
     assert cpu.onnx_int8_fused() is not fused
 
 
 def test_this_cpu_is_read():
-    """On Linux the flags come from /proc/cpuinfo: the answer is the flag's presence."""
+    """On Linux the flags come from /proc/cpuinfo: the answer is the flags' presence."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    if "flags" not in flags:
+    if "flags" not in flags or cpu.platform.machine().lower() not in cpu.X86:
         pytest.skip("no x86 flags line in /proc/cpuinfo")
-    assert cpu._has_vnni() is any(f in flags.split() for f in ("avx512_vnni", "avx_vnni"))
+    words = flags.split()
+    want = ("AVX-512 VNNI" if "avx512_vnni" in words else "AVX-VNNI" if "avx_vnni" in words
+            else "AVX2, no VNNI" if "avx2" in words else "no AVX2")
+    assert cpu.int8_isa() == want
 
 
 @pytest.mark.skipif("onnx" not in available_backends() or "tflite" not in available_backends(),

@@ -3,7 +3,8 @@ gate's fit replaced, every other setting as the shipped gate was fitted.
 
     python -m benchmarks.adult_c [--plan train/plans/adult.json] [--bundle cxr_edge/models/default] [--out DIR]
 
-A plan row sets ``adult_c`` (the adult check's C; ``train/plans/adult.json``), ``n_train`` (how many
+A plan row sets ``adult_c`` (the adult check's C; ``train/plans/adult.json``), ``adult_floor`` (its threshold's
+floor, null for none; ``adult5.json``), ``n_train`` (how many
 training scans the gate is fitted on; ``adult2.json``) and/or ``adult_variants`` (of each kind per adult film;
 ``adult3.json``). The embedded rows (training and validation scans, gate_dev and adult_dev with their
 variants) are built once per ``n_train`` and ``adult_variants``, as
@@ -58,11 +59,14 @@ def measure(plan: dict, bundle_dir: Path, data_root: Path | None = None) -> dict
             out["embed_s"]["/".join(str(k) if k is not None else "card" for k in key)] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         changes = {"adult_c": float(row["adult_c"])} if "adult_c" in row else {}
+        if "adult_floor" in row:  # None: the threshold is the validation quantile whatever its sign
+            changes["adult_floor"] = None if row["adult_floor"] is None else float(row["adult_floor"])
         cv = run_cv(inputs, **changes)
         _, params = fit.fit_gate(inputs["data"], inputs["val_x"], **{**inputs["fit"], **changes})
         out["rows"].append({"name": row["name"], "adult_c": row.get("adult_c", inputs["fit"]["adult_c"] or inputs["fit"]["c"]),
                             "n_train": row.get("n_train", fitted.get("train_images")),
                             "adult_variants": row.get("adult_variants", fitted.get("adult_variants")),
+                            "adult_floor": changes.get("adult_floor", inputs["fit"]["adult_floor"]),
                             "adults_as_adult": cv["adults"]["correct"], "adults": cv["adults"]["n"],
                             "by_category": {k: {"correct": v["correct"], "n": v["n"], "wrong": v["wrong"]}
                                             for k, v in cv["by_category"].items()},
@@ -105,9 +109,10 @@ def decide(out: dict) -> dict:
 def markdown(out: dict, plan_path: Path = PLAN) -> str:
     rule = out["rule"]
     cats = [k for k in out["rows"][0]["by_category"] if k not in ADULT_CATEGORIES]
-    varied = [k for k in ("adult_c", "n_train", "adult_variants")
+    varied = [k for k in ("adult_c", "adult_floor", "n_train", "adult_variants")
               if len({r.get(k) for r in out["rows"]}) > 1]
-    heads = {"adult_c": "adult C", "n_train": "training scans", "adult_variants": "variants per adult film"}
+    heads = {"adult_c": "adult C", "adult_floor": "adult threshold floor", "n_train": "training scans",
+             "adult_variants": "variants per adult film"}
     lines = [f"# The adult check's candidates: {_shown(plan_path)} (issue 30)", "",
              f"`python -m benchmarks.adult_c --plan {_shown(plan_path)}` on {out['machine']['cpu']} "
              f"({out['machine']['usable_cores']} cores), {out['date']}: gate_dev and adult_dev cross-validated (5 "
@@ -121,7 +126,7 @@ def markdown(out: dict, plan_path: Path = PLAN) -> str:
              + " | validation refused (adult check / all) | adult threshold | passes |",
              "|---|" + "---|" * len(varied) + "---|" + "---|" * len(cats) + "---|---|---|"]
     for r in out["rows"]:
-        lines.append(f"| {r['name']} | " + "".join(f"{r[k]:g} | " for k in varied)
+        lines.append(f"| {r['name']} | " + "".join(("none" if r[k] is None else f"{r[k]:g}") + " | " for k in varied)
                      + f"{r['adults_as_adult']}/{r['adults']} | "
                      + " | ".join(f"{r['by_category'][k]['correct']}/{r['by_category'][k]['n']}" for k in cats)
                      + f" | {r['val_refused_by_adult_check']} / {r['val_refused']} | {r['adult_threshold']:.2f} | "

@@ -204,7 +204,8 @@ def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adul
                     "density_components": int(emb.get("density_components", 0)), "grid": grid,
                     "grid_components": int(layout.get("components", fit.DEFAULT_GRID_COMPONENTS)),
                     "channels": layout.get("channels"),
-                    "adult_c": float(adult["C"]) if "C" in adult else None}}
+                    "adult_c": float(adult["C"]) if "C" in adult else None,
+                    "adult_floor": adult.get("floor", 0.0)}}
 
 
 def run_cv(inputs: dict, **changes) -> dict:

@@ -158,6 +158,9 @@ def test_choose_threshold_follows_validation():
     assert choose_threshold(val, 0.25) == pytest.approx(np.quantile(val, 0.75))
     assert choose_threshold(val - 3, 0.25) == 0.0  # at most 25% refused at 0 already: the head boundary
     assert choose_threshold(val, 0.0) == 2.0  # none may be refused
+    # no floor (the adult check's option): the quantile whatever its sign, so the refusal budget is spent
+    assert choose_threshold(val - 3, 0.25, None) == pytest.approx(np.quantile(val - 3, 0.75))
+    assert np.mean((val - 3) > choose_threshold(val - 3, 0.25, None)) <= 0.25
 
 
 def test_fitted_gate_on_held_out_images(fitted, non_cxr):

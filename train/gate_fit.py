@@ -112,11 +112,13 @@ CHEST_CHECK = ("what the adult score flags is asked a second question, a logisti
 
 
 def fit_adult(x: np.ndarray, y: np.ndarray, dev: np.ndarray, arrays: dict, val_x: np.ndarray, c: float = DEFAULT_C,
-              max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0) -> tuple[dict, dict, np.ndarray]:
+              max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
+              floor: float | None = 0.0) -> tuple[dict, dict, np.ndarray]:
     """The intended-population check (``Gate.adult_scores``): arrays ``adult_weights[D]``, ``adult_bias`` on the
     head's standardization (``emb_mean``, ``emb_scale``), fitted on the adult rows (``ADULT_LABEL``) against the
     children's frontal rows (training scans and their variants: ``dev == -1``); its threshold from the
-    validation scans (``choose_threshold``). Returns (arrays, card parameters, validation scores)."""
+    validation scans (``choose_threshold``; ``floor`` None: the validation quantile whatever its sign). Returns
+    (arrays, card parameters, validation scores)."""
     from sklearn.linear_model import LogisticRegression
 
     def standardized(rows: np.ndarray) -> np.ndarray:  # the head's standardization, which the gate applies
@@ -137,9 +139,10 @@ def fit_adult(x: np.ndarray, y: np.ndarray, dev: np.ndarray, arrays: dict, val_x
     if others.any():  # what is not a child's film may be another radiograph: adult chest films against those
         out.update(adult_against(others, "adult_other"))
     val = standardized(val_x) @ out["adult_weights"] + float(out["adult_bias"])
-    threshold = choose_threshold(val, max_val_reject)
+    threshold = choose_threshold(val, max_val_reject, floor)
+    quantile = f"{1 - max_val_reject:.4f} quantile of the validation scans' scores"
     params = {"threshold": round(threshold, 6), "model": ADULT_CHECK,
-              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "threshold_rule": quantile if floor is None else f"max({floor:g}, {quantile})",
               "train_rows": {"adult": int(adult.sum()), "child": int(children.sum())},
               "val_rejected": int((val > threshold).sum())}
     if others.any():
@@ -154,14 +157,16 @@ def scores_of(arrays: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return head_score(logits), 1 + logits[:, 1:].argmax(axis=1)
 
 
-def choose_threshold(val_scores: np.ndarray, max_reject: float = DEFAULT_MAX_VAL_REJECT) -> float:
-    """The threshold from **validation** scans' scores: the head's own decision boundary (0: frontal more
-    likely than anything else), raised to the ``1 - max_reject`` quantile of the validation scores when more
-    than ``max_reject`` of them would be refused at 0."""
+def choose_threshold(val_scores: np.ndarray, max_reject: float = DEFAULT_MAX_VAL_REJECT,
+                     floor: float | None = 0.0) -> float:
+    """The threshold from **validation** scans' scores: the head's own decision boundary (``floor`` 0: frontal
+    more likely than anything else), raised to the ``1 - max_reject`` quantile of the validation scores when more
+    than ``max_reject`` of them would be refused at 0; ``floor`` None: that quantile alone."""
     v = np.asarray(val_scores, np.float64)
     if v.size == 0:
         raise ValueError("no validation scores")
-    return float(max(0.0, np.quantile(v, 1.0 - max_reject)))
+    q = float(np.quantile(v, 1.0 - max_reject))
+    return q if floor is None else max(float(floor), q)
 
 
 
@@ -176,12 +181,12 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
              max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
              density_components: int = DEFAULT_DENSITY_COMPONENTS, grid: int = 0,
              grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None,
-             adult_c: float | None = None) -> tuple[dict, dict]:
+             adult_c: float | None = None, adult_floor: float | None = 0.0) -> tuple[dict, dict]:
     """(arrays, ``embedding`` card parameters) from training rows and validation scans' rows (``pooled``: the
     global average, then with ``grid`` > 0 the ``grid x grid`` cells of ``channels`` each). With a grid, the
     layout projection (``fit_layout``) comes from the frontal training rows first. Both thresholds (head score;
     density distance when ``density_components`` > 0) come from the validation scans. ``adult_c``: the adult
-    check's C (``None``: the head's ``c``)."""
+    check's C (``None``: the head's ``c``); ``adult_floor``: its threshold's floor (``fit_adult``)."""
     arrays: dict = {}
     layout = None
     if grid:
@@ -218,9 +223,11 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
     if np.any(data.y == ADULT_LABEL):
         adult_arrays, adult_params, val_adult = fit_adult(x, data.y, data.dev, arrays, val_x,
                                                           c if adult_c is None else adult_c,
-                                                          max_val_reject * ADULT_VAL_SHARE, seed)
+                                                          max_val_reject * ADULT_VAL_SHARE, seed, adult_floor)
         if adult_c is not None:
             adult_params["C"] = adult_c
+        if adult_floor != 0.0:
+            adult_params["floor"] = adult_floor
         arrays.update(adult_arrays)
         params["adult"] = adult_params
         rejected |= val_adult > adult_params["threshold"]
@@ -245,7 +252,7 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
                    c: float = DEFAULT_C, max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
                    density_components: int = None, grid: int = 0,
                    grid_components: int = DEFAULT_GRID_COMPONENTS, channels: int | None = None,
-                   adult_c: float | None = None) -> dict:
+                   adult_c: float | None = None, adult_floor: float | None = 0.0) -> dict:
     """gate_dev cross-validated: its groups (patients; body parts for other radiographs) are dealt into
     ``folds`` folds per category; each fold's original images are judged by a gate fitted without any row of
     that fold (nor their variants, "long film" ones included), its layout projection, head, density and
@@ -265,7 +272,7 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
             continue
         keep = ~np.isin(data.dev, held)
         arrays, params = fit_gate(data.subset(keep), val_x, c, max_val_reject,
-                                  seed, density_components, grid, grid_components, channels, adult_c)
+                                  seed, density_components, grid, grid_components, channels, adult_c, adult_floor)
         gate = Gate(arrays, {"embedding": params})
         orig = np.array([np.flatnonzero((data.dev == i))[0] for i in held])  # first row of an item: the original
         vectors = gate_vectors(arrays, data.x[orig], grid)

@@ -14,17 +14,21 @@ them:
    ``v >> 4``, also when the file declares 16 bits stored);
 5. MONOCHROME1 (white = low values) inverted so that bone is bright, as in MONOCHROME2 and in JPEG scans; a
    MONOCHROME2 image whose Presentation LUT Shape is INVERSE likewise (the standard's last step, as viewers
-   show it; MONOCHROME1 with INVERSE is inverted once).
+   show it; MONOCHROME1 with INVERSE is inverted once);
+6. pixels that Pixel Padding Value (to Pixel Padding Range Limit) marks as outside the patient shown black, and
+   left out of any range read from the values (a 12-bit film padded with 65535 is not shown 16 times too dark).
 
 Before any pixel is decoded, the metadata says whether this is a frontal chest radiograph at all
 (:func:`check_metadata`); a readable object that is not one is refused with
 :class:`cxr_edge.preprocess.InputRejected` (a "rejected" record with its reason, not an error):
 
-- ``Modality``: CR, DX (and RG) go on; OT ("other", e.g. a scanned film) and a missing tag fall through to the
+- ``Modality``: CR, DX (and RG, and DR, the retired code older units still send) go on; OT ("other", e.g. a scanned film) and a missing tag fall through to the
   image gate; anything else is refused, "not a radiograph (Modality CT)" (CT, MR, US, NM, PT, RTDOSE, SR, ...)
   or, for X-ray modalities of other body parts (MG, PX, IO), "another body part (Modality MG)";
-- ``BodyPartExamined``: CHEST (THORAX, LUNG) or missing go on; a value naming the chest among others falls
-  through to the image gate; anything else is refused, "another body part (BodyPartExamined HAND)";
+- ``BodyPartExamined``: a value with a word that names another body part (the standard's defined terms and
+  common names: HAND, L SPINE, ABDOMENPELVIS) and none that names the chest is refused, "another body part
+  (BodyPartExamined HAND)"; anything else goes on to the image gate: CHEST, missing, and the free text sites
+  write (TORAX, BRUSTKORB, CXR, a site code);
 - ``ViewPosition``: PA, AP (or missing, or an oblique/decubitus code) go on; LL, RL, LATERAL, LAT are
   refused, "lateral view (ViewPosition LL)";
 - ``PresentationIntentType`` FOR PROCESSING (or the SOP class "Digital X-Ray Image Storage - For Processing"):
@@ -38,8 +42,8 @@ colour, so that the pixel gate sees a colour image. Multi-frame objects ("not a 
 objects without pixel data ("not an image") are refused too; a file that cannot be decoded is a
 :class:`PreprocessError` (an error record). Data sets without the Part 10 preamble are read as well
 (``preprocess`` recognises their first element), and compressed transfer syntaxes decode with the plugins
-the ``dicom`` extra installs (Pillow for JPEG baseline and JPEG 2000; GDCM for JPEG lossless, JPEG-LS and
-12-bit JPEG).
+the ``dicom`` extra installs (Pillow for JPEG baseline and JPEG 2000; GDCM for JPEG lossless, JPEG-LS). 12-bit
+JPEG (JPEG Extended) is an error that says so unless pylibjpeg with its libjpeg plugin is installed.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import functools
 import io
 import os
 import warnings
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -130,16 +134,43 @@ def _lookup(ds, item, values) -> tuple[np.ndarray, float]:
     return lut[idx], hi
 
 
+def _padding(ds, arr: np.ndarray) -> Optional[np.ndarray]:
+    """The pixels that Pixel Padding Value (up to Pixel Padding Range Limit) marks as outside the patient, or
+    None: such pixels are shown black and kept out of the display range. None too when every pixel or none is
+    padding, or the tags are unreadable."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or not np.issubdtype(arr.dtype, np.integer):
+        return None
+    try:
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        ends = [int.from_bytes(v[:2], "little", signed=signed) if isinstance(v, (bytes, bytearray)) else int(v)
+                for v in (value, ds.get("PixelPaddingRangeLimit", value))]
+    except (TypeError, ValueError):
+        return None
+    mask = (arr >= min(ends)) & (arr <= max(ends))
+    return mask if mask.any() and not mask.all() else None
+
+
 def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
+    pad = _padding(ds, arr)
+    out = _display(ds, arr, pad)
+    if pad is not None:
+        out = out.copy()
+        out[pad] = 0  # outside the patient: black, as viewers show it (whatever the photometric interpretation)
+    return out
+
+
+def _display(ds, arr: np.ndarray, pad: Optional[np.ndarray]) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     kind = _voi_kind(ds)
     unsigned = int(ds.get("PixelRepresentation", 0) or 0) == 0
+    shown = arr if pad is None else arr[~pad]  # the patient's pixels, for ranges read from the data
     if kind == "none" and _identity_modality(ds) and unsigned and np.issubdtype(arr.dtype, np.integer):
         # stored values shown as they are: the top 8 bits of their depth, as for 16-bit PNGs (a widened 8-bit
         # scan gives its own pixels back whether it was shifted or scaled; 12-bit data in a file that
         # declares 16 bits stored is not shown 16 times too dark)
-        bits = min(int(ds.BitsStored), content_bits(int(arr.max(initial=0))))
+        bits = min(int(ds.BitsStored), content_bits(int(shown.max(initial=0))))
         out = high_bits(arr, max(8, bits))
         return 255 - out if _shown_inverted(ds) else out
     if ds.get("ModalityLUTSequence"):
@@ -154,7 +185,7 @@ def _to_display_uint8(ds, arr: np.ndarray) -> np.ndarray:
         lo, hi = _modality_range(ds)  # apply_windowing maps the window onto this range
     else:
         lo, hi = _modality_range(ds)
-        v = np.asarray(values)
+        v = np.asarray(values) if pad is None else np.asarray(values)[~pad]
         vmin, vmax = (float(v.min()), float(v.max())) if v.size else (lo, hi)
         if vmax - vmin < (hi - lo) / 8:
             # no window, and the values fill under an eighth of what the stored bits can hold (a CT slice in
@@ -245,11 +276,18 @@ def _read_dicom(source, force: bool) -> Image.Image:
 
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        ds = pydicom.dcmread(fp, force=force)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(fp, force=force)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
     except Exception as exc:
         raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
+    if any("End of file reached before delimiter" in str(w.message) for w in seen):
+        # pydicom returns what it read so far (for a cut compressed image: nothing), which is not this file
+        raise PreprocessError("truncated DICOM file (it ends inside its compressed pixel data)")
+    if len(ds) == 0:
+        raise PreprocessError("empty DICOM file (no data elements after the DICM marker)")
 
     check_metadata(ds)
     return _pixels(ds, force), patient_age(ds)
@@ -258,8 +296,9 @@ def _read_dicom(source, force: bool) -> Image.Image:
 def _decoder(ds, bits: int) -> str:
     """pydicom's decoding plugin for compressed pixel data: any but GDCM that can decode it (Pillow for JPEG
     baseline and JPEG 2000, pyjpegls for JPEG-LS, pydicom's own for RLE), because GDCM's binding lets the C++
-    exception of corrupt data abort the whole process (found by fuzzing); GDCM is left for JPEG lossless and
-    12-bit JPEG, which only it decodes here. ``""``: pydicom's own order."""
+    exception of corrupt data abort the whole process (found by fuzzing); GDCM is left for JPEG lossless, which
+    only it decodes here. 12-bit JPEG (JPEG Extended) needs pylibjpeg's libjpeg plugin (pydicom's GDCM plugin
+    refuses it): without it, a :class:`PreprocessError` that says so. ``""``: pydicom's own order."""
     from pydicom.pixels import get_decoder
     from pydicom.uid import JPEGExtended12Bit
 
@@ -267,6 +306,10 @@ def _decoder(ds, bits: int) -> str:
     plugins = [p for p in get_decoder(syntax).available_plugins if p != "gdcm"]
     if syntax == JPEGExtended12Bit and bits > 8:  # Pillow reads 8-bit JPEG only
         plugins = [p for p in plugins if p != "pillow"]
+        if not plugins:  # pydicom's GDCM plugin refuses it too: say so, not "all plugins failed"
+            raise PreprocessError(f"DICOM 12-bit JPEG (JPEG Extended, {JPEGExtended12Bit}) cannot be decoded "
+                                  "here: pydicom reads it only with pylibjpeg and its libjpeg plugin; send it "
+                                  "uncompressed or as JPEG lossless")
     return plugins[0] if plugins else ""
 
 

@@ -4,14 +4,35 @@ docstring), the patient's age for the intended-population check (:func:`patient_
 message, and pydicom's import (the optional extra ``cxr-edge[dicom]``) for reading and writing DICOM."""
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from cxr_edge.pixels import InputRejected, PreprocessError
 
-RADIOGRAPH_MODALITIES = {"CR", "DX", "RG"}
+RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR"}  # DR: digital radiography's retired code, still sent by older units
 FALL_THROUGH_MODALITIES = {"OT"}  # "other": scanned films, secondary captures; the image gate decides
 OTHER_BODY_PART_MODALITIES = {"MG": "mammography", "PX": "dental panoramic", "IO": "intra-oral"}
 CHEST = {"CHEST", "THORAX", "LUNG", "LUNGS"}
+# BodyPartExamined is free text in practice (local languages, site codes: TORAX, BRUSTKORB, CXR, ...): a value is
+# refused only when a word of it names another body part (the standard's defined terms, PS3.16 Annex L, and
+# common English names) and none names the chest; any other value goes on to the image gate, which decides.
+CHEST_WORDS = CHEST | {"CXR", "TORAX", "TÓRAX", "TORACE", "THORACE", "THORAKS", "THORAKAL", "BRUSTKORB", "PECHO",
+                       "POITRINE", "TORAKS", "CHESTABDOMEN", "CHESTABDPELVIS", "NECKCHEST", "NECKCHESTABDOMEN",
+                       "NECKCHESTABDPELV"}
+OTHER_BODY_PARTS = {
+    "SKULL", "HEAD", "BRAIN", "FACE", "JAW", "MANDIBLE", "MAXILLA", "ORBIT", "ORBITS", "NOSE", "SINUS", "SINUSES",
+    "EAR", "IAC", "TMJ", "TEETH", "TOOTH", "DENTAL", "ZYGOMA", "NECK", "HEADNECK", "LARYNX", "SPINE", "CSPINE",
+    "TSPINE", "LSPINE", "SSPINE", "CTSPINE", "TLSPINE", "LSSPINE", "COCCYX", "SACRUM", "ABDOMEN", "ABDOMENPELVIS",
+    "PELVIS", "HIP", "HIPS", "FEMUR", "THIGH", "KNEE", "KNEES", "PATELLA", "LEG", "LEGS", "TIBIA", "FIBULA", "CALF",
+    "ANKLE", "ANKLES", "FOOT", "FEET", "CALCANEUS", "HEEL", "TOE", "TOES", "SHOULDER", "SHOULDERS", "CLAVICLE",
+    "SCAPULA", "HUMERUS", "ARM", "ARMS", "ELBOW", "ELBOWS", "FOREARM", "RADIUS", "ULNA", "WRIST", "WRISTS", "HAND",
+    "HANDS", "FINGER", "FINGERS", "THUMB", "EXTREMITY", "BREAST", "KIDNEY", "BLADDER", "COLON", "STOMACH"}
+
+
+def names_another_body_part(part: str) -> bool:
+    """A BodyPartExamined value (upper case) that names another body part and not the chest."""
+    words = set(re.split(r"[^0-9A-ZÀ-Þ]+", part)) - {""}
+    return bool(words & OTHER_BODY_PARTS) and not (words & CHEST_WORDS or any(w in part for w in ("CHEST", "THORAX")))
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LEFT LATERAL", "RIGHT LATERAL"}
 FLOAT_PIXELS = ("FloatPixelData", "DoubleFloatPixelData")
 FOR_PROCESSING_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
@@ -46,7 +67,7 @@ def check_metadata(ds) -> None:
             raise InputRejected(f"another body part (Modality {modality}: {OTHER_BODY_PART_MODALITIES[modality]})")
         raise InputRejected(f"not a radiograph (Modality {modality})")
     part = _text(ds, "BodyPartExamined")
-    if part and part.replace("_", " ") not in CHEST and not any(w in part for w in ("CHEST", "THORAX")):
+    if part and names_another_body_part(part):
         raise InputRejected(f"another body part (BodyPartExamined {part})")
     view = _text(ds, "ViewPosition")
     if view and (view in LATERAL_VIEWS or view.replace("_", " ") in LATERAL_VIEWS):

@@ -48,6 +48,7 @@ DEFAULT_SIZE = 224
 # several times dearer (see the module docstring).
 KEEP = 1
 EXIF_ORIENTATION = 0x0112
+TIFF_PHOTOMETRIC = 262
 MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
 
 
@@ -163,6 +164,13 @@ def _open(source: Source) -> Image.Image:
                 img = Image.open(io.BytesIO(source))
             else:
                 img = Image.open(source)
+                if img.format == "TIFF" and img.tag_v2.get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                    # Pillow memory-maps an uncompressed TIFF from a path at its turned size and garbles a
+                    # film stored on its side (Pillow 13): read from memory, where it is turned after decoding
+                    with open(source, "rb") as f:
+                        data = f.read()
+                    img.close()
+                    img = Image.open(io.BytesIO(data))
     except PreprocessError:
         raise
     except UnidentifiedImageError:
@@ -187,6 +195,13 @@ def _open(source: Source) -> Image.Image:
     return img
 
 
+def _min_is_white(img: Image.Image) -> bool:
+    """A TIFF whose Photometric Interpretation is WhiteIsZero (0: low values white, as DICOM's MONOCHROME1),
+    which Pillow inverts for 1- and 8-bit images but not for 16-bit or float ones."""
+    tags = getattr(img, "tag_v2", None)
+    return getattr(img, "format", None) == "TIFF" and tags is not None and tags.get(TIFF_PHOTOMETRIC) == 0
+
+
 def _to_gray8(img: Image.Image) -> Image.Image:
     """Any mode to 8-bit L. 16- and 32-bit integer data keeps the top 8 bits of its bit depth (``high_bits``),
     the depth read from the content: the first of 10, 12, 14, 16 bits that holds its maximum (detectors store
@@ -197,12 +212,14 @@ def _to_gray8(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img)
-        return Image.fromarray(high_bits(arr, content_bits(int(arr.max(initial=0)))), "L")
+        out = high_bits(arr, content_bits(int(arr.max(initial=0))))
+        return Image.fromarray(255 - out if _min_is_white(img) else out, "L")
     if mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
         span = hi - lo if hi > lo else 1.0
-        return Image.fromarray(np.rint((arr - lo) * (255.0 / span)).astype(np.uint8), "L")
+        out = np.rint((arr - lo) * (255.0 / span)).astype(np.uint8)
+        return Image.fromarray(255 - out if _min_is_white(img) else out, "L")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         # Transparent pixels become black (the background of an X-ray), not whatever colour they hide.
         rgba = img.convert("RGBA")

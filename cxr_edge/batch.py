@@ -51,7 +51,7 @@ from cxr_edge.batch_store import (FORMAT, JOB_FILE, LOCK_FILE, MANIFEST_FILE, MI
                                   SCHEMA, TMP_DIR, BatchError, BatchFailed, Plan, _Collector, _counts, _locked,
                                   _prepare, _units, _write_json, default_shard_size, unit_sizes)
 from cxr_edge.batch_work import ModelArgs, classify_rows, worker_options  # noqa: F401
-from cxr_edge.classifier import usable_cpus
+from cxr_edge.classifier import one_line, usable_cpus
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -116,7 +116,10 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
            "ood": bool(ood), "allow_adults": bool(allow_adults), "sources": list(sources)}
     if out.exists() and not out.is_dir():
         raise BatchError(f"{out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only, a file on the way, ...: a usage problem, not a bug
+        raise BatchError(f"cannot make the results folder {out} ({one_line(exc)})") from None
     with _locked(out):
         size = shard_size
         if size is None:
@@ -125,7 +128,10 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
                 size = int(old["shard_size"]) if old.get("inputs") == len(inputs) else None
         plan = Plan(inputs, size or default_shard_size(len(inputs)))
         job.update(inputs_sha256=plan.digest, shard_size=plan.shard_size, shards=plan.n_shards)
-        done = _prepare(out, plan, job)
+        try:
+            done = _prepare(out, plan, job)
+        except OSError as exc:
+            raise BatchError(f"cannot write to the results folder {out} ({one_line(exc)})") from None
         todo = [i for i in range(plan.n_shards) if i not in done]
         n_todo = sum(len(plan.shard(i)) for i in todo)
         started_ray = False
@@ -176,7 +182,11 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
         t_run = time.perf_counter() - t1
         if not collector.complete:
             raise BatchFailed(f"{len(collector.buf)} shards did not complete; rerun the same command to finish")
-        counts = _counts(out, plan)
+        try:
+            counts = _counts(out, plan)
+        except OSError as exc:  # a shard removed from the folder while the job ran
+            raise BatchFailed(f"cannot read the results back from {out} ({one_line(exc)}); rerun the same "
+                              "command to finish") from None
         wall = time.perf_counter() - t0
         summary = {"format": FORMAT, "out": str(out), "inputs": len(inputs), **counts,
                    "shards": plan.n_shards, "shards_resumed": len(done), "shards_written": collector.written,

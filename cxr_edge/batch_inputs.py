@@ -44,10 +44,17 @@ def _list_uri(uri: str) -> list[tuple[str, Optional[str]]]:
     except Exception as exc:
         return [(uri, f"cannot list ({one_line(exc)})")]
     base = path.rstrip("/")
-    files = sorted(prefix + f.path for f in found if f.type == pafs.FileType.File
-                   and _uri_looks_like_image(f.path)
-                   and not any(part.startswith(".") for part in f.path[len(base):].split("/")))
-    return [(f, None) for f in files] or [(uri, "folder holds no image files")]
+    names, undecodable = [], 0
+    for f in found:
+        try:
+            names.append((f.path, f.type))
+        except UnicodeDecodeError:  # a file name that is not UTF-8: a URI cannot name it
+            undecodable += 1
+    files = sorted(prefix + p for p, kind in names if kind == pafs.FileType.File and _uri_looks_like_image(p)
+                   and not any(part.startswith(".") for part in p[len(base):].split("/")))
+    told = [(uri, f"cannot list {undecodable} file name(s) under it that are not UTF-8; give the folder as a "
+                  "plain path")] if undecodable else []
+    return [(f, None) for f in files] + told or [(uri, "folder holds no image files")]
 
 
 def _expand(args: Iterable[str], allow_lists: bool = True) -> list[tuple[str, Optional[str]]]:

@@ -102,7 +102,11 @@ def _locked(out: Path):
     except ImportError:  # not on POSIX: no lock
         yield
         return
-    with open(out / LOCK_FILE, "a+") as f:
+    try:
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise BatchError(f"cannot write to the results folder {out} ({one_line(exc)})") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -184,12 +188,15 @@ class _Collector:
         table = pa.Table.from_pylist([bucket[p] for p in sorted(bucket)], schema=SCHEMA)
         name = self.plan.part_name(i)
         tmp = self.out / TMP_DIR / f"{name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out / name)
-        _fsync_dir(self.out)
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.out / name)
+            _fsync_dir(self.out)
+        except OSError as exc:  # disk full, the folder removed or made read-only part-way
+            raise BatchFailed(f"cannot write {name} into {self.out} ({one_line(exc)})") from None
         del self.buf[i], self.expected[i]
         self.written += 1
 
@@ -230,7 +237,8 @@ def _units(plan: Plan, todo: list[int], workers: int) -> list[list[tuple]]:
 
 def _counts(out: Path, plan: Plan) -> dict:
     """Read the whole dataset back: exactly one row per input path, or BatchFailed."""
-    table = pq.read_table(out, columns=["path", "status", "label"]) if plan.n_shards else pa.table(
+    parts = [str(out / plan.part_name(i)) for i in range(plan.n_shards)]  # not the folder: a user's notes.txt
+    table = pq.read_table(parts, columns=["path", "status", "label"]) if plan.n_shards else pa.table(
         {"path": pa.array([], pa.string()), "status": pa.array([], pa.string()), "label": pa.array([], pa.string())})
     paths = sorted(table.column("path").to_pylist())
     if paths != [p for p, _ in plan.inputs]:

@@ -90,11 +90,13 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
     inputs = expand_inputs(paths)
     if heatmap_dir is not None:
         _make_heatmap_dir(heatmap_dir)
+        inputs = [i for i in inputs if not _own_heatmap(i, heatmap_dir)]  # a rerun on a folder that holds DIR
     clf = load_classifier(ClassifierOptions(model, backend, threads, ood=not no_ood, allow_adults=allow_adults,
                                             heatmaps=heatmap_dir is not None))
 
     table = None if as_json else _Table(max((len(shown(getattr(i, "path", i))) for i in inputs), default=4))
     failed = done = rejected = 0
+    heatmaps: dict = {}  # overlays written by this run: an input given twice finds its own, not a clash
     with contextlib.ExitStack() as stack:
         writer = None
         if csv_path is not None:
@@ -117,7 +119,11 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
             done += 1
             record = result.to_dict()
             if heatmap_dir is not None and result.ok and result.status != "rejected":
-                written, problem = _write_heatmap(result, heatmap_dir, overwrite)
+                key = str(Path(result.path).resolve())
+                written, problem = ((heatmaps[key], None) if key in heatmaps
+                                    else _write_heatmap(result, heatmap_dir, overwrite))
+                if written:
+                    heatmaps[key] = written
                 if problem:
                     failed += 1
                     _err(result.path, problem)
@@ -141,6 +147,13 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
         click.echo(f"cxr-edge: {done - failed} classified, {failed} failed", err=True)
     if failed:
         sys.exit(1)
+
+
+def _own_heatmap(item, out_dir: Path) -> bool:
+    """An input that is an overlay in the --heatmap folder (``*.heatmap.png``): not a scan to classify."""
+    path = getattr(item, "path", item)
+    return (isinstance(item, str) and path.endswith(".heatmap.png")
+            and Path(path).resolve().parent == Path(out_dir).resolve())
 
 
 def _make_heatmap_dir(out_dir: Path) -> None:

@@ -27,7 +27,7 @@ def _looks_like_image(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return True
-    if not dicom_style_suffix(suffix):
+    if not dicom_style_suffix(suffix) or not path.is_file():  # a named pipe is never opened (it would block)
         return False
     try:  # accept those with the DICM magic, or that start as a bare DICOM data set does
         with open(path, "rb") as f:
@@ -43,12 +43,20 @@ def dicom_style_suffix(suffix: str) -> bool:
     return not suffix or suffix[1:].isdigit()
 
 
-def _walk(folder: Path) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
+def _walk(folder: Path) -> list:
+    """The image files under ``folder``, and a :class:`Missing` for each folder in it that cannot be read (the
+    scans in it would otherwise be left out without a word)."""
+    found: list = []
+    unreadable: list[Missing] = []
+
+    def tell(exc: OSError) -> None:
+        what = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or type(exc).__name__)
+        unreadable.append(Missing(str(exc.filename or folder), f"cannot read folder ({what})"))
+
+    for root, dirs, files in os.walk(folder, onerror=tell):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(str(Path(root) / f) for f in sorted(files) if _looks_like_image(Path(root) / f))
-    return found
+    return found + unreadable
 
 
 def expand_inputs(args: tuple[str, ...]) -> list:
@@ -58,7 +66,7 @@ def expand_inputs(args: tuple[str, ...]) -> list:
         path = Path(arg)
         if path.is_dir():
             files = _walk(path)
-            out.extend(files or [Missing(arg, "folder holds no image files")])
+            out.extend(files or [Missing(arg, "folder holds no image files")])  # an unreadable one says why
         elif path.exists() or not (GLOB_CHARS & set(arg)):
             out.append(arg)  # a file, or a missing path whose error the classifier reports
         else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -80,6 +81,9 @@ DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM
 def _head(source: Union[str, os.PathLike, bytes, bytearray]) -> bytes:
     if isinstance(source, (bytes, bytearray)):
         return bytes(source[:DICOM_MAGIC_OFFSET + 4])
+    mode = os.stat(source).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a named pipe would wait for a writer forever
+        raise PreprocessError("not a regular file (a named pipe, socket or device)")
     with open(source, "rb") as f:
         return f.read(DICOM_MAGIC_OFFSET + 4)
 
@@ -159,6 +163,7 @@ def _open(source: Source) -> Image.Image:
             from cxr_edge.dicom import read_dicom  # imports pydicom only when a DICOM shows up
             return read_dicom(source)
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on odd files (a TIFF tag's count): not our output
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(source, (bytes, bytearray)):
                 img = Image.open(io.BytesIO(source))
@@ -320,6 +325,7 @@ def _load(source: Source, size: int, colour: bool) -> Loaded:
                 chroma = _jpeg_chroma(source)
             img.draft("L", None)
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on odd files (a TIFF tag's count): not our output
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # only then: exif_transpose copies the image

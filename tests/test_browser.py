@@ -97,3 +97,37 @@ def test_page_in_chromium(server, tmp_path):
             assert offsite == [], offsite
         finally:
             browser.close()
+
+
+def test_page_asks_a_busy_server_again(server):
+    """A 503 (past --max-concurrency, with Retry-After) is not the file's fault: the page asks again and shows
+    the label; a server error is shown as "Not classified", not as an unreadable file."""
+    calls = []
+
+    def busy_once(route):
+        calls.append(route.request.url)
+        if len(calls) == 1:
+            route.fulfill(status=503, headers={"Retry-After": "1", "content-type": "application/json"},
+                          body='{"detail": "busy: 1 requests in progress; retry shortly"}')
+        else:
+            route.continue_()
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.route("**/v1/classify*", busy_once)
+            page.goto(server)
+            page.locator("#model.ready").wait_for(timeout=20_000)
+            page.set_input_files("#files", [str(SCAN)])
+            page.locator(".card.ok").wait_for(timeout=30_000)
+            assert len(calls) == 2 and page.locator(".card.error").count() == 0
+            page.unroute("**/v1/classify*")
+            page.route("**/v1/classify*", lambda route: route.fulfill(
+                status=500, headers={"content-type": "application/json"}, body='{"detail": "internal error"}'))
+            page.set_input_files("#files", [str(SCAN)])
+            error = page.locator(".card.error")
+            error.wait_for(timeout=30_000)
+            assert "Not classified" in error.inner_text() and "Unreadable" not in error.inner_text()
+        finally:
+            browser.close()

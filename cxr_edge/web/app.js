@@ -71,7 +71,7 @@ function render(card, record) {
   card.querySelector(".state").remove();
   if (record.error !== undefined) {
     card.className = "card error";
-    card.append(el("p", "verdict", "Unreadable file"), el("p", "reason", record.error));
+    card.append(el("p", "verdict", record.server ? "Not classified" : "Unreadable file"), el("p", "reason", record.error));
   } else if (record.status === "rejected") {
     card.className = "card rejected";
     card.append(el("p", "verdict", "Rejected: not what the model reads"), el("p", "reason", record.reason));
@@ -111,23 +111,34 @@ function addRow(record) {
   $("csv").disabled = $("clear").disabled = false;
 }
 
+const BUSY_RETRIES = 5;  // a busy server (503 past --max-concurrency, 429) is asked again after its Retry-After
+
 async function upload(file, card) {
-  card.querySelector(".state").textContent = "classifying\u2026";
-  const form = new FormData();
-  form.append("file", file, file.name);
+  const state = card.querySelector(".state");
+  state.textContent = "classifying\u2026";
   let record;
-  try {
-    const resp = await fetch("/v1/classify?heatmap=true", { method: "POST", body: form, headers: authHeaders() });
-    const body = await resp.json().catch(() => ({}));
-    if (body.results && body.results.length) {
-      record = body.results[0];
-    } else {
-      const why = body.detail || `HTTP ${resp.status}`;
-      record = { path: file.name, error: resp.status === 401 ? why + " (enter the access token above)" : why };
-      if (resp.status === 401) $("token-row").hidden = false;
+  for (let attempt = 0; !record; attempt++) {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    try {
+      const resp = await fetch("/v1/classify?heatmap=true", { method: "POST", body: form, headers: authHeaders() });
+      const body = await resp.json().catch(() => ({}));
+      if (body.results && body.results.length) {
+        record = body.results[0];
+      } else if ((resp.status === 503 || resp.status === 429) && attempt < BUSY_RETRIES) {
+        const wait = Math.min(10, Math.max(0, Number(resp.headers.get("Retry-After")) || 1));
+        state.textContent = `server busy, trying again in ${wait} s\u2026`;
+        await new Promise((done) => setTimeout(done, wait * 1000));
+      } else {
+        const why = body.detail || `HTTP ${resp.status}`;
+        // the file was not judged (the server, the network or the token): not "unreadable"
+        const server = resp.status >= 500 || resp.status === 429 || resp.status === 408 || resp.status === 401;
+        record = { path: file.name, error: resp.status === 401 ? why + " (enter the access token above)" : why, server };
+        if (resp.status === 401) $("token-row").hidden = false;
+      }
+    } catch (err) {
+      record = { path: file.name, error: "upload failed: " + err.message, server: true };
     }
-  } catch (err) {
-    record = { path: file.name, error: "upload failed: " + err.message };
   }
   render(card, record);
 }

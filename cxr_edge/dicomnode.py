@@ -27,6 +27,7 @@ row) plus one per refused association: see ``cxr_edge.dicomspool.SCHEMA``. ``cxr
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import queue
@@ -169,8 +170,11 @@ class Node:
                 continue
             try:
                 self._process(clf, uid)
-            except Exception as exc:  # a bug or a full disk: journaled; the entry is retried on the next start
+            except (OSError, sqlite3.Error) as exc:  # a full disk: the entry is retried on the next start
                 self.log(f"{uid}: not processed ({type(exc).__name__}: {' '.join(str(exc).split())})")
+            except Exception as exc:  # it would fail the same way on every start: journaled with its reason
+                with contextlib.suppress(OSError, sqlite3.Error):
+                    self._unreadable(uid, f"no result made ({type(exc).__name__}: {' '.join(str(exc).split())})")
 
     def _process(self, clf, uid: str) -> None:
         from cxr_edge import dicomresults
@@ -182,7 +186,8 @@ class Node:
             return
         try:
             header = _header(path)
-            missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID") if not header.get(k)]
+            missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+                       if not header.get(k)]
         except Exception as exc:
             header, missing = None, [f"unreadable DICOM ({one_line(exc)})"]
         if missing:
@@ -235,6 +240,8 @@ class Node:
                 continue
             try:
                 failed, error = self._send(batch)
+            except Exception as exc:  # never end a sender: the result sets stay in the spool and are tried again
+                failed, error = batch, f"not sent ({type(exc).__name__}: {' '.join(str(exc).split())})"
             finally:
                 with self._sending_lock:
                     self._sending.difference_update(batch)
@@ -289,7 +296,12 @@ class Node:
                 self.work.put(uid)
             return None
         for path in files:
-            status = assoc.send_c_store(str(path))
+            try:
+                status = assoc.send_c_store(str(path))
+            except ValueError as exc:  # no accepted presentation context for this SOP class / transfer syntax
+                hint = ("; start the node with --sc-uncompressed" if "Secondary Capture" in str(exc)
+                        and "JPEG" in str(exc) else "")
+                return f"{path.name} not sent: {' '.join(str(exc).split())}{hint}"
             code = getattr(status, "Status", None)
             if code not in OK_STATUSES:
                 return "no answer to C-STORE" if code is None else f"C-STORE answered 0x{code:04X}"

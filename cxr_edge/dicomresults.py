@@ -18,6 +18,7 @@ replaces the earlier object instead of adding a second one.
 """
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Optional
 
@@ -70,16 +71,27 @@ _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", 
                   "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
+# values sites write that the standard does not allow, which highdicom refuses to copy (PatientSex U,
+# 2020-01-01 for a date, 10:15:00 for a time): the result objects carry them empty (type 2: unknown)
+_VALID = {"PatientSex": re.compile(r"[MFO]"), "PatientBirthDate": re.compile(r"\d{8}"),
+          "StudyDate": re.compile(r"\d{8}"), "StudyTime": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")}
+# the patient and study attributes the SR carries and highdicom's Secondary Capture leaves out
+SC_COPIED = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence", "PatientAge",
+             "PatientSize", "PatientWeight", "StudyDescription")
+
+
 def _header(source):
     """The source's data set without pixel data, its patient and study attributes present (type 2: an absent
-    one empty), as highdicom copies them into a result object."""
+    one empty, an invalid one emptied), as highdicom copies them into a result object."""
     from pydicom.dataset import Dataset
 
     header = Dataset()
     header.update({elem.tag: elem for elem in source if elem.keyword not in ("PixelData", "FloatPixelData",
                                                                              "DoubleFloatPixelData")})
     for keyword in _PATIENT_STUDY:
-        if keyword not in header:
+        value = header.get(keyword) if keyword in header else None
+        if keyword not in header or (keyword in _VALID and value not in (None, "")
+                                     and not _VALID[keyword].fullmatch(str(value).strip())):
             setattr(header, keyword, None)
     return header
 
@@ -177,6 +189,12 @@ def secondary_capture(source, record: dict, uids: dict, image: Image.Image, heat
     sc.DerivationDescription = "cxr-edge class-activation heatmap over the source image, annotations burned in"
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"
+    for keyword in SC_COPIED:  # the same patient (an issuer-aware PACS files by ID and issuer) and study as the SR
+        if keyword in source and keyword not in sc:
+            sc[keyword] = source[keyword]
+    if jpeg:
+        sc.LossyImageCompression = "01"
+        sc.LossyImageCompressionMethod = "ISO_10918_1"
     sc.SeriesDescription = "cxr-edge heatmap (not for diagnostic use)"
     sc.ImageComments = DISCLAIMER
     return sc

@@ -2,6 +2,7 @@
 SQLite journal of every instance (:data:`SCHEMA`), printed by ``cxr-edge journal``."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,12 +41,19 @@ def now() -> str:
 
 def _fsync_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (temporary file, fsync, rename, fsync the folder)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # one temporary per writer (the same instance may arrive on two associations at once), removed when the
+    # write fails (a full disk stays full otherwise)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -125,6 +133,8 @@ class Spool:
         try:
             for sub in ("in", "out"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
+                for stale in (self.root / sub).rglob("*.tmp"):  # a write a killed run left half done
+                    stale.unlink()
             self.journal = Journal(self.root / "journal.sqlite")
         except (OSError, sqlite3.Error) as exc:
             raise NodeError(f"cannot use the spool {self.root}: {exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable
@@ -41,8 +42,47 @@ def _mp_context():
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])  # only before the server starts; it then stays for this process
+        with _sigint_deferred():
+            _start_forkserver()
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+def _start_forkserver() -> None:
+    """Start the fork server (if not running) with SIGINT blocked, as CPython starts its resource tracker
+    (bpo-33613). It is a new Python in the job's process group: a Ctrl-C reaches it too, and before it ignores
+    SIGINT (after importing this module, about half a second) it died of it with a traceback on the terminal.
+    Blocked, SIGINT never reaches it nor the workers it forks (they inherit the mask; ``_init_local_worker``
+    ignores it too): Ctrl-C is this process's to handle."""
+    from multiprocessing import forkserver, resource_tracker
+
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    resource_tracker.ensure_running()  # first: it unblocks SIGINT when it returns (then it is already running)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C back until the block ends, then deliver it (``KeyboardInterrupt``): for starting a worker
+    process. Raised inside ``Process.start()`` it left a worker that the pool does not know (not in
+    ``_processes``, so not terminated), which went on alone or died on the job's semaphores with a traceback.
+    Only in the main thread (the only one where Python runs signal handlers and may set them)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    got: list = []
+    old = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            signal.raise_signal(signal.SIGINT)  # to the handler that was there (KeyboardInterrupt)
 
 
 def _run_local(units, args: ClassifierOptions, workers: int, collector: _Collector,
@@ -57,7 +97,8 @@ def _run_local(units, args: ClassifierOptions, workers: int, collector: _Collect
                 unit = next(queue, None)
                 if unit is None:
                     break
-                pending.add(pool.submit(_local_task, unit))
+                with _sigint_deferred():  # submit may start a worker process
+                    pending.add(pool.submit(_local_task, unit))
             if not pending:
                 break
             done, pending = wait(pending, return_when=FIRST_COMPLETED)

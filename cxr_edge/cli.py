@@ -122,9 +122,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: no tracebacks for anything but bugs shown with CXR_EDGE_DEBUG=1."""
     from cxr_edge.classifier import single_threaded_blas
 
-    single_threaded_blas()  # the lanes, not BLAS threads, use the cores (see there)
     try:
+        single_threaded_blas()  # the lanes, not BLAS threads, use the cores (see there)
         cli.main(args=argv, prog_name="cxr-edge", standalone_mode=True)
+    except KeyboardInterrupt:  # Ctrl-C before click runs (it says the same for its own)
+        click.echo("\nAborted!", err=True)
+        sys.exit(1)
     except BrokenPipeError:  # e.g. `cxr-edge classify ... | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -55,17 +55,31 @@ class Engine(Protocol):
         ...
 
 
+def _reraise_interrupt(exc: ImportError) -> None:
+    """Raise the Ctrl-C hidden in an ImportError: ONNX Runtime and LiteRT are pybind11 modules, and pybind11 turns
+    any exception raised while its module initialises (a KeyboardInterrupt included) into
+    ``ImportError("initialization failed")`` from it. Read as "runtime not installed", the Ctrl-C was lost (and
+    the backend could change): ``cxr-edge batch`` went on to finish the job."""
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+
+
 def _tflite_interpreter_class():
     """LiteRT's Interpreter, or tflite_runtime's; ``None`` when neither is installed."""
     try:
         from ai_edge_litert.interpreter import Interpreter
         return Interpreter
-    except ImportError:
-        pass
+    except ImportError as exc:
+        _reraise_interrupt(exc)
     try:
         from tflite_runtime.interpreter import Interpreter
         return Interpreter
-    except ImportError:
+    except ImportError as exc:
+        _reraise_interrupt(exc)
         return None
 
 
@@ -73,7 +87,8 @@ def _onnxruntime():
     try:
         import onnxruntime
         return onnxruntime
-    except ImportError:
+    except ImportError as exc:
+        _reraise_interrupt(exc)
         return None
 
 
@@ -82,7 +97,8 @@ def _ort_errors() -> tuple:
     InvalidArgument, InvalidGraph, ...; they derive from Exception only) and RuntimeError/ValueError."""
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as state
-    except ImportError:
+    except ImportError as exc:
+        _reraise_interrupt(exc)
         return (RuntimeError, ValueError)
     names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
              "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")

@@ -200,7 +200,11 @@ def run_batch(sources: Sequence[str], out, *, ray: Optional[str] = None, workers
                    "steady_images_per_s": (round((n_todo - first[1]) / (t_run - first[0]), 2)
                                            if first and n_todo > first[1] and t_run > first[0] else None),
                    "parts": [plan.part_name(i) for i in range(plan.n_shards)]}
-        _write_json(out / MANIFEST_FILE, summary)
+        try:
+            _write_json(out / MANIFEST_FILE, summary)
+        except OSError as exc:  # every shard is in place: a rerun only writes the manifest
+            raise BatchFailed(f"cannot write {out / MANIFEST_FILE} ({one_line(exc)}); rerun the same command to "
+                              "finish") from None
         shutil.rmtree(out / TMP_DIR, ignore_errors=True)
     log(summary_line(summary))
     return summary

@@ -51,6 +51,7 @@ import functools
 import io
 import os
 import warnings
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
@@ -270,22 +271,30 @@ def _quiet_gdcm() -> None:
     gdcm.Trace.DebugOff()
 
 
+def _has_pixel_data_tag(source) -> bool:
+    """The file's bytes hold the Pixel Data tag (7FE0,0010), little or big endian: a data set read without it
+    was cut short (read only then: a cheap check of a rare case, with no shared state between threads)."""
+    try:
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    except (OSError, TypeError):
+        return False
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
+
+
 def _read_dicom(source, force: bool) -> Image.Image:
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(fp, force=force)
+        ds = pydicom.dcmread(fp, force=force)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
     except Exception as exc:
         raise PreprocessError(f"unreadable DICOM file ({_reason(exc)})") from None
-    if any("End of file reached before delimiter" in str(w.message) for w in seen):
-        # pydicom returns what it read so far (for a cut compressed image: nothing), which is not this file
-        raise PreprocessError("truncated DICOM file (it ends inside its compressed pixel data)")
+    if "PixelData" not in ds and "IconImageSequence" not in ds and _has_pixel_data_tag(source):
+        # pydicom returns what it read before the file ended (for a cut compressed image: nothing at all)
+        raise PreprocessError("truncated DICOM file (it ends inside its pixel data)")
     if len(ds) == 0:
         raise PreprocessError("empty DICOM file (no data elements after the DICM marker)")
 

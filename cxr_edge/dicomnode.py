@@ -170,7 +170,7 @@ class Node:
                 continue
             try:
                 self._process(clf, uid)
-            except (OSError, sqlite3.Error) as exc:  # a full disk: the entry is retried on the next start
+            except (OSError, sqlite3.Error, MemoryError) as exc:  # a full disk or memory: retried on the next start
                 self.log(f"{uid}: not processed ({type(exc).__name__}: {' '.join(str(exc).split())})")
             except Exception as exc:  # it would fail the same way on every start: journaled with its reason
                 with contextlib.suppress(OSError, sqlite3.Error):

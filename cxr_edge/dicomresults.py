@@ -92,6 +92,8 @@ def _header(source):
         value = header.get(keyword) if keyword in header else None
         if keyword not in header or (keyword in _VALID and value not in (None, "")
                                      and not _VALID[keyword].fullmatch(str(value).strip())):
+            if keyword in header:
+                del header[keyword]  # the element is the source's: a new empty one, the source untouched
             setattr(header, keyword, None)
     return header
 

@@ -14,8 +14,8 @@ FALL_THROUGH_MODALITIES = {"OT"}  # "other": scanned films, secondary captures; 
 OTHER_BODY_PART_MODALITIES = {"MG": "mammography", "PX": "dental panoramic", "IO": "intra-oral"}
 CHEST = {"CHEST", "THORAX", "LUNG", "LUNGS"}
 # BodyPartExamined is free text in practice (local languages, site codes: TORAX, BRUSTKORB, CXR, ...): a value is
-# refused only when a word of it names another body part (the standard's defined terms, PS3.16 Annex L, and
-# common English names) and none names the chest; any other value goes on to the image gate, which decides.
+# refused only when a word of it names another body part (a selection of the standard's defined terms, PS3.16
+# Annex L, and common English names) and none names the chest; any other value goes on to the image gate, which decides.
 CHEST_WORDS = CHEST | {"CXR", "TORAX", "TÓRAX", "TORACE", "THORACE", "THORAKS", "THORAKAL", "BRUSTKORB", "PECHO",
                        "POITRINE", "TORAKS", "CHESTABDOMEN", "CHESTABDPELVIS", "NECKCHEST", "NECKCHESTABDOMEN",
                        "NECKCHESTABDPELV"}
@@ -26,7 +26,8 @@ OTHER_BODY_PARTS = {
     "PELVIS", "HIP", "HIPS", "FEMUR", "THIGH", "KNEE", "KNEES", "PATELLA", "LEG", "LEGS", "TIBIA", "FIBULA", "CALF",
     "ANKLE", "ANKLES", "FOOT", "FEET", "CALCANEUS", "HEEL", "TOE", "TOES", "SHOULDER", "SHOULDERS", "CLAVICLE",
     "SCAPULA", "HUMERUS", "ARM", "ARMS", "ELBOW", "ELBOWS", "FOREARM", "RADIUS", "ULNA", "WRIST", "WRISTS", "HAND",
-    "HANDS", "FINGER", "FINGERS", "THUMB", "EXTREMITY", "BREAST", "KIDNEY", "BLADDER", "COLON", "STOMACH"}
+    "HANDS", "FINGER", "FINGERS", "THUMB", "EXTREMITY", "UPPEREXTREMITY", "LOWEREXTREMITY", "LIMB", "BREAST",
+    "KIDNEY", "BLADDER", "COLON", "STOMACH", "KUB", "ACJOINT", "SIJOINT", "SCJOINT", "BUTTOCK"}
 
 
 def names_another_body_part(part: str) -> bool:

@@ -50,6 +50,7 @@ DEFAULT_SIZE = 224
 KEEP = 1
 EXIF_ORIENTATION = 0x0112
 TIFF_PHOTOMETRIC = 262
+MAX_TIFF_IN_MEMORY = 512 * 2 ** 20  # a TIFF stored on its side is read into memory up to this size
 MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
 
 
@@ -169,7 +170,8 @@ def _open(source: Source) -> Image.Image:
                 img = Image.open(io.BytesIO(source))
             else:
                 img = Image.open(source)
-                if img.format == "TIFF" and img.tag_v2.get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                if (img.format == "TIFF" and img.tag_v2.get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+                        and os.path.getsize(source) <= MAX_TIFF_IN_MEMORY):
                     # Pillow memory-maps an uncompressed TIFF from a path at its turned size and garbles a
                     # film stored on its side (Pillow 13): read from memory, where it is turned after decoding
                     with open(source, "rb") as f:

@@ -154,3 +154,9 @@ def test_a_destination_without_jpeg_keeps_the_senders_alive(tmp_path):
     finally:
         node.stop()
         dest.server.shutdown()
+
+
+def test_result_headers_leave_the_source_as_it_was():
+    src = _film(PatientSex="U", StudyDate="2020-01-01")
+    dicomresults.structured_report(src, RECORD, dicomresults.result_uids(src, "0" * 64))
+    assert (src.PatientSex, src.StudyDate) == ("U", "2020-01-01")

@@ -159,3 +159,19 @@ def test_ctrl_c_while_a_worker_starts_is_delivered_after_it():
             signal.raise_signal(signal.SIGINT)
             reached = True  # not interrupted inside the block
     assert reached
+
+
+def test_a_manifest_that_cannot_be_written_stops_the_job_resumably(scans, tmp_path, monkeypatch):
+    real = batch_mod._write_json
+
+    def write(path, data):
+        if Path(path).name == "_manifest.json":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(batch_mod, "_write_json", write)
+    with pytest.raises(batch_mod.BatchFailed, match=r"cannot write .*_manifest\.json.*rerun the same command"):
+        batch_mod.run_batch([str(scans)], tmp_path / "out", workers=1, progress=False, log=lambda m: None)
+    monkeypatch.setattr(batch_mod, "_write_json", real)
+    assert batch_mod.run_batch([str(scans)], tmp_path / "out", workers=1, progress=False,
+                               log=lambda m: None)["shards_resumed"] >= 1

@@ -151,3 +151,31 @@ def test_twelve_bit_jpeg_dicom_says_what_it_needs(scan, tmp_path, bundle_dir):
     result = CliRunner().invoke(cli, ["classify", str(tmp_path / "jpeg12.dcm"), "--json", "--model", str(bundle_dir)])
     row = json.loads(result.stdout)
     assert result.exit_code == 1 and "12-bit JPEG" in row["error"] and "label" not in row, result.output
+
+
+def test_truncation_is_told_from_the_file_in_any_thread(scan, tmp_path):
+    """The check reads the file, not pydicom's warnings (process-wide: a warning of one thread's file was
+    counted against another's): many threads, a whole and a cut file, each always judged by itself."""
+    import threading
+
+    whole = write_dicom(tmp_path / "plain.dcm", _small(scan).astype(np.uint16) * 16, bits_stored=12)
+    data = _transcode(whole, tmp_path / "rle.dcm", "rle").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) // 2])
+    want, wrong = load_gray(whole, SIZE), []
+
+    def run(path, good):
+        for _ in range(40):
+            try:
+                ok = np.array_equal(load_gray(path, SIZE), want)
+            except PreprocessError as exc:
+                ok = not good and str(exc).startswith("truncated DICOM file")
+            if not ok:
+                wrong.append(path.name)
+
+    threads = [threading.Thread(target=run, args=(p, g)) for p, g in ((whole, True), (cut, False)) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

@@ -111,7 +111,9 @@ function addRow(record) {
   $("csv").disabled = $("clear").disabled = false;
 }
 
-const BUSY_RETRIES = 5;  // a busy server (503 past --max-concurrency, 429) is asked again after its Retry-After
+// a busy server (503 "busy: ..." past --max-concurrency, 429) is asked again after its Retry-After; not a 503
+// of --request-timeout, whose classification goes on in the background of a server already slow
+const BUSY_RETRIES = 5;
 
 async function upload(file, card) {
   const state = card.querySelector(".state");
@@ -125,7 +127,8 @@ async function upload(file, card) {
       const body = await resp.json().catch(() => ({}));
       if (body.results && body.results.length) {
         record = body.results[0];
-      } else if ((resp.status === 503 || resp.status === 429) && attempt < BUSY_RETRIES) {
+      } else if ((resp.status === 429 || (resp.status === 503 && String(body.detail || "").startsWith("busy")))
+                 && attempt < BUSY_RETRIES) {
         const wait = Math.min(10, Math.max(0, Number(resp.headers.get("Retry-After")) || 1));
         state.textContent = `server busy, trying again in ${wait} s\u2026`;
         await new Promise((done) => setTimeout(done, wait * 1000));

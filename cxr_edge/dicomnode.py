@@ -8,10 +8,10 @@ journaled before its C-STORE is answered. Worker threads (``--workers``, one ``C
 included: the same records as ``cxr-edge classify --json``) classify spooled instances and write their result
 objects (``cxr_edge.dicomresults``: a Comprehensive SR, and a Secondary Capture with the heatmap for a
 labelled scan) into the spool; sender threads (at least ``SENDERS``, each with its own association) send them
-with C-STORE to ``--send-to``. A spool entry (the
-received file and its results) is removed only after the destination answered every result object with a
-success status; until then it waits, and an unreachable or refusing destination is retried with exponential
-backoff (1 s doubling up to ``retry_max``), logged on every try. A node killed at any moment and started again
+with C-STORE to ``--send-to``. A spool entry (the received file and its results) is removed only after the
+destination answered every result object with a success status; until then it waits, and an unreachable or
+refusing destination is retried with exponential backoff shared by the senders (1 s doubling up to
+``retry_max``), logged on every try. A node killed at any moment and started again
 on the same spool finishes the work: instances journaled as received are classified, results waiting are
 sent. Result UIDs are derived from the source SOP Instance UID and the model's sha256, so a second send after
 a crash replaces the first in the PACS instead of adding to it.
@@ -23,8 +23,7 @@ retries). An association from a calling AE title not in ``allow`` is rejected (A
 "calling AE title not recognized") and journaled as "refused". C-ECHO answers 0x0000.
 
 The journal is an SQLite database, ``SPOOL/journal.sqlite``, one row per SOP instance (a resend updates its
-row) plus one per refused association: see ``cxr_edge.dicomspool.SCHEMA``. ``cxr-edge journal --spool SPOOL`` prints it.
-"""
+row) plus one per refused association: see ``cxr_edge.dicomspool.SCHEMA``; ``cxr-edge journal`` prints it."""
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +35,7 @@ import sqlite3
 import ssl
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -100,11 +100,12 @@ class Node:
         self.ae_title, self.host, self.port, self.allow = ae_title, host, int(port), tuple(allow)
         self.retry_max, self.log = max(0.1, float(retry_max)), log
         self.sc_jpeg = bool(sc_jpeg)
-        # senders, each with its own association: the destination stores results from several at once (one
-        # sender waited on the PACS's storage of every result in turn)
+        # senders, each its own association: the PACS stores several results at once (one waited on each in turn)
         self.senders = max(SENDERS, int(workers))
         self._sending: set = set()
         self._sending_lock = threading.Lock()
+        # one back-off for all senders, none trying before _resume_at (each alone passed the same result sets on)
+        self._delay, self._resume_at = 0.0, 0.0
         self.tls_server, self.tls_client = _tls_contexts(tls_cert, tls_key, tls_ca)
         self.spool = Spool(spool)
         self.classifiers = [self._classifier(model, backend, ood, allow_adults) for _ in range(max(1, int(workers)))]
@@ -224,8 +225,11 @@ class Node:
 
     # -- sending -------------------------------------------------------------------------------------------
     def _sender(self) -> None:
-        delay = 0.0
         while not self._stop.is_set():
+            wait = self._resume_at - time.monotonic()
+            if wait > 0:
+                self._stop.wait(min(wait, 0.2))
+                continue
             batch = []
             try:  # a few result sets per association: the other senders take the rest
                 batch.append(self.outbox.get(timeout=0.2))
@@ -233,6 +237,10 @@ class Node:
                     batch.append(self.outbox.get_nowait())
             except queue.Empty:
                 pass
+            if batch and self._resume_at > time.monotonic():  # a try failed while this sender waited: back off
+                for uid in batch:
+                    self.outbox.put(uid)
+                continue
             with self._sending_lock:  # a result set queued twice is sent by one sender only
                 batch = [u for u in dict.fromkeys(batch) if u not in self._sending]
                 self._sending.update(batch)
@@ -247,14 +255,13 @@ class Node:
                     self._sending.difference_update(batch)
             for uid in failed:
                 self.outbox.put(uid)
+            with self._sending_lock:
+                self._delay = delay = min(self.retry_max, max(1.0, self._delay * 2)) if failed else 0.0
+                self._resume_at = time.monotonic() + delay if failed else self._resume_at
             if failed:
-                delay = min(self.retry_max, max(1.0, delay * 2))
                 aet, host, port = self.dest
                 self.log(f"destination {aet}@{host}:{port}: {error}; {len(failed)} result set(s) waiting in "
                          f"the spool, next try in {delay:g} s")
-                self._stop.wait(delay)
-            else:
-                delay = 0.0
 
     def _send(self, uids: list[str]) -> tuple[list[str], str]:
         """Send the results of ``uids``; (those not confirmed, the error)."""
@@ -299,8 +306,7 @@ class Node:
             try:
                 status = assoc.send_c_store(str(path))
             except ValueError as exc:  # no accepted presentation context for this SOP class / transfer syntax
-                hint = ("; start the node with --sc-uncompressed" if "Secondary Capture" in str(exc)
-                        and "JPEG" in str(exc) else "")
+                hint = "; start the node with --sc-uncompressed" if "JPEG" in str(exc) else ""
                 return f"{path.name} not sent: {' '.join(str(exc).split())}{hint}"
             code = getattr(status, "Status", None)
             if code not in OK_STATUSES:

@@ -160,3 +160,28 @@ def test_result_headers_leave_the_source_as_it_was():
     src = _film(PatientSex="U", StudyDate="2020-01-01")
     dicomresults.structured_report(src, RECORD, dicomresults.result_uids(src, "0" * 64))
     assert (src.PatientSex, src.StudyDate) == ("U", "2020-01-01")
+
+
+def test_a_destination_down_is_tried_once_an_interval(tmp_path):
+    """The senders share one back-off: with the destination down, each result set is tried about once per
+    --retry-max interval (each sender backing off alone handed the same sets to the next: 4 tries an
+    interval), and the log says so about once an interval."""
+    import socket
+
+    from cxr_edge.dicomnode import Node
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lines: list = []
+    node = Node(tmp_path / "spool", f"PACS@127.0.0.1:{port}", port=0, retry_max=0.5, log=lines.append).start()
+    try:
+        films = [_film() for _ in range(3)]
+        _send(node.port, films)
+        time.sleep(4.0)
+        attempts = dict(node.spool.journal._run("SELECT sop_instance_uid, attempts FROM journal"))
+    finally:
+        node.stop()
+    tries = [attempts[f.SOPInstanceUID] for f in films]
+    assert all(1 <= t <= 10 for t in tries), tries  # 4 s / 0.5 s, with start-up and classification
+    assert sum("waiting in the spool" in line for line in lines) <= 12, len(lines)

@@ -90,7 +90,8 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
     inputs = expand_inputs(paths)
     if heatmap_dir is not None:
         _make_heatmap_dir(heatmap_dir)
-        inputs = [i for i in inputs if not _own_heatmap(i, heatmap_dir)]  # a rerun on a folder that holds DIR
+        own = Path(heatmap_dir).resolve()
+        inputs = [i for i in inputs if not _own_heatmap(i, own)]  # a rerun on a folder that holds DIR
     clf = load_classifier(ClassifierOptions(model, backend, threads, ood=not no_ood, allow_adults=allow_adults,
                                             heatmaps=heatmap_dir is not None))
 
@@ -150,10 +151,9 @@ def classify(paths, as_json, csv_path, overwrite, model, backend, threads, no_oo
 
 
 def _own_heatmap(item, out_dir: Path) -> bool:
-    """An input that is an overlay in the --heatmap folder (``*.heatmap.png``): not a scan to classify."""
-    path = getattr(item, "path", item)
-    return (isinstance(item, str) and path.endswith(".heatmap.png")
-            and Path(path).resolve().parent == Path(out_dir).resolve())
+    """An input that is an overlay in the --heatmap folder ``out_dir`` (resolved; ``*.heatmap.png``): not a scan
+    to classify (a :class:`Missing` never is)."""
+    return isinstance(item, str) and item.endswith(".heatmap.png") and Path(item).resolve().parent == out_dir
 
 
 def _make_heatmap_dir(out_dir: Path) -> None:
@@ -167,7 +167,7 @@ def _write_heatmap(result, out_dir: Path, overwrite: bool):
     """(path written, None) or (None, one-line reason). The map comes with the result (same model pass); the
     overlay is drawn on the original image, named by ``cxr_edge.heatmap.heatmap_path``."""
     from cxr_edge.heatmap import heatmap_path, overlay
-    from cxr_edge.preprocess import PreprocessError, _open
+    from cxr_edge.preprocess import PreprocessError, _open, _reason
 
     target = heatmap_path(out_dir, result.path)
     if target.exists() and not overwrite:
@@ -177,4 +177,4 @@ def _write_heatmap(result, out_dir: Path, overwrite: bool):
             overlay(img, result.heatmap).save(target, "PNG")
         return target, None
     except (OSError, PreprocessError) as exc:  # a heatmap failure never hides the label already given
-        return None, f"heatmap not written ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        return None, f"heatmap not written ({_reason(exc)})"

@@ -11,9 +11,8 @@ labelled scan) into the spool; sender threads (at least ``SENDERS``, each with i
 with C-STORE to ``--send-to``. A spool entry (the received file and its results) is removed only after the
 destination answered every result object with a success status; until then it waits, and an unreachable or
 refusing destination is retried with exponential backoff shared by the senders (1 s doubling up to
-``retry_max``), logged on every try. A node killed at any moment and started again
-on the same spool finishes the work: instances journaled as received are classified, results waiting are
-sent. Result UIDs are derived from the source SOP Instance UID and the model's sha256, so a second send after
+``retry_max``), logged on every try. A node killed at any moment and started again on the same spool finishes
+the work: instances journaled as received are classified, results waiting are sent. Result UIDs are derived from the source SOP Instance UID and the model's sha256, so a second send after
 a crash replaces the first in the PACS instead of adding to it.
 
 Answers (C-STORE status): 0x0000 when the instance is in the spool, whatever it holds (an object that cannot
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cxr_edge.dicomspool import NodeError, Spool, _fsync_write, now, print_journal  # noqa: F401 (the CLI's)
+from cxr_edge.pixels import _reason
 
 OK_STATUSES = {0x0000, 0xB000, 0xB007, 0xB006}  # success and the storage warnings (coercion, elements discarded)
 
@@ -172,10 +172,10 @@ class Node:
             try:
                 self._process(clf, uid)
             except (OSError, sqlite3.Error, MemoryError) as exc:  # a full disk or memory: retried on the next start
-                self.log(f"{uid}: not processed ({type(exc).__name__}: {' '.join(str(exc).split())})")
+                self.log(f"{uid}: not processed ({_reason(exc)})")
             except Exception as exc:  # it would fail the same way on every start: journaled with its reason
                 with contextlib.suppress(OSError, sqlite3.Error):
-                    self._unreadable(uid, f"no result made ({type(exc).__name__}: {' '.join(str(exc).split())})")
+                    self._unreadable(uid, f"no result made ({_reason(exc)})")
 
     def _process(self, clf, uid: str) -> None:
         from cxr_edge import dicomresults
@@ -249,16 +249,16 @@ class Node:
             try:
                 failed, error = self._send(batch)
             except Exception as exc:  # never end a sender: the result sets stay in the spool and are tried again
-                failed, error = batch, f"not sent ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                failed, error = batch, f"not sent ({_reason(exc)})"
             finally:
                 with self._sending_lock:
                     self._sending.difference_update(batch)
             for uid in failed:
                 self.outbox.put(uid)
-            with self._sending_lock:
+            with self._sending_lock:  # the back-off every sender keeps
                 self._delay = delay = min(self.retry_max, max(1.0, self._delay * 2)) if failed else 0.0
-                self._resume_at = time.monotonic() + delay if failed else self._resume_at
             if failed:
+                self._resume_at = time.monotonic() + delay
                 aet, host, port = self.dest
                 self.log(f"destination {aet}@{host}:{port}: {error}; {len(failed)} result set(s) waiting in "
                          f"the spool, next try in {delay:g} s")

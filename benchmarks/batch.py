@@ -22,7 +22,11 @@ A job's start-up (worker processes, imports, model loading) is a fixed cost, so 
 job's size. ``steady_images_per_s``: each run's rate after its first results; from it and the time to first
 results, ``images_for_15pct`` projects the job size from which Ray is within 15% of the local pool.
 ``long_job`` measures it: the same scans 9 times over (symbolic links, so 5,616 distinct paths), 2 workers,
-two runs per mode (local, Ray, Ray, local), the faster of each counting.
+in ``LONG_JOB_BLOCKS`` blocks of four runs (local, Ray, Ray, local: a drift within a block weighs on both modes
+alike). A block's overhead is its Ray seconds over its local seconds, less one; the overhead reported and held
+against the target is the median of the blocks, with their range. Single runs of the same job differ by up to
+12% on these shared cores, so the former estimate (the faster run of each mode in one block) could land
+anywhere from 0% to 6% on one machine; it is still reported (``min_run_overhead_pct``).
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ def _other_cpu_s(busy0: float, self0: float, busy1: float, self1: float, worker_
 
 
 LONG_JOB_MIN, LONG_JOB_MAX_PCT = 5000, 5.0  # issue 34's target: Ray within 5% on a job of at least 5,000 paths
+LONG_JOB_BLOCKS = 3  # blocks of (local, Ray, Ray, local) runs in the long job; their median overhead counts
 LONG_JOB_COPIES = 9  # the long job: every scan this many times over (as distinct paths; 9 x 624 = 5,616 >= 5,000)
 
 
@@ -176,8 +181,10 @@ def run(quick: bool, data: Path | None = None, model=None, repeats: int | None =
         out["targets"].append({"target": f"batch: Ray overhead <= {LONG_JOB_MAX_PCT:g}% against the local pool on a "
                                          f"job of >= {LONG_JOB_MIN:,} paths",
                                "measured": f"{lj['ray_overhead_pct']:+.1f}% ({lj['images']:,} paths, "
-                                           f"{lj['workers']} workers: {lj['ray']['run_s']:.1f} s vs "
-                                           f"{lj['local']['run_s']:.1f} s)"
+                                           f"{lj['workers']} workers; median of {len(lj['block_overhead_pct'])} "
+                                           "blocks of local, Ray, Ray, local: "
+                                           + ", ".join(f"{v:+.1f}%" for v in lj["block_overhead_pct"])
+                                           + f"; fastest runs {lj['ray']['run_s']:.1f} s vs {lj['local']['run_s']:.1f} s)"
                                            + (f"; starting and calling {lj['workers']} empty Ray actors alone is "
                                               f"{lj['ray_floor_pct']:.1f}% of the local run" if "ray_floor_pct" in lj else ""),
                                "met": lj["ray_overhead_pct"] <= LONG_JOB_MAX_PCT})
@@ -216,10 +223,10 @@ def _ray_floor(workers: int = 2, repeats: int = 3) -> dict:
 
 
 def _long_job(files: list[str], tmp: Path, model, ray_mode: str, copies: int = LONG_JOB_COPIES,
-              workers: int = 2) -> dict:
+              workers: int = 2, blocks: int = LONG_JOB_BLOCKS) -> dict:
     """The start-up cost is fixed per job, so a longer job of the same scans shows the overhead an archive job
     sees: ``copies`` links to each scan (distinct paths, the same full-resolution files), ``workers`` workers,
-    two runs per mode in the order local, Ray, Ray, local; the faster run of each mode counts."""
+    ``blocks`` blocks of runs in the order local, Ray, Ray, local (see the module's docstring)."""
     from cxr_edge.batch import run_batch
 
     root = tmp / "long"
@@ -233,27 +240,41 @@ def _long_job(files: list[str], tmp: Path, model, ray_mode: str, copies: int = L
     listing = tmp / "long-inputs.txt"
     listing.write_text("\n".join(paths) + "\n")
     res: dict = {"images": len(paths), "copies": copies, "workers": workers, "max_overhead_pct": LONG_JOB_MAX_PCT,
-                 "runs": []}
-    for n, mode in enumerate((None, ray_mode, ray_mode, None)):
-        print(f"batch: long job, {len(paths)} images, {workers} workers, {'Ray' if mode else 'local pool'}",
-              flush=True)
-        dest = tmp / f"long-{n}"
-        busy0, self0 = _busy_cpu_s(), _self_cpu_s()
-        s = run_batch([str(listing)], dest, ray=mode, workers=workers, model=model, progress=False,
-                      log=lambda m: None)
-        busy1, self1 = _busy_cpu_s(), _self_cpu_s()
-        shutil.rmtree(dest, ignore_errors=True)
-        row = {"mode": "ray" if mode else "local", "run_s": s["run_s"], "images_per_s": s["images_per_s"],
-               "first_result_s": s["first_result_s"]}
-        if busy0 is not None and s.get("worker_cpu_s"):  # where the CPU-seconds went (the cores are shared)
-            row["cpu_s"] = {"workers": round(s["worker_cpu_s"], 2), "driver": round(self1 - self0, 2),
-                            "rest": round(_other_cpu_s(busy0, self0, busy1, self1, s["worker_cpu_s"]), 2)}
-        res["runs"].append(row)
-        if row["mode"] not in res or row["run_s"] < res[row["mode"]]["run_s"]:
-            res[row["mode"]] = row
+                 "blocks": blocks, "runs": []}
+    for b in range(blocks):
+        for n, mode in enumerate((None, ray_mode, ray_mode, None)):
+            print(f"batch: long job, {len(paths)} images, {workers} workers, {'Ray' if mode else 'local pool'} "
+                  f"(block {b + 1} of {blocks})", flush=True)
+            dest = tmp / f"long-{b}-{n}"
+            busy0, self0 = _busy_cpu_s(), _self_cpu_s()
+            s = run_batch([str(listing)], dest, ray=mode, workers=workers, model=model, progress=False,
+                          log=lambda m: None)
+            busy1, self1 = _busy_cpu_s(), _self_cpu_s()
+            shutil.rmtree(dest, ignore_errors=True)
+            row = {"mode": "ray" if mode else "local", "block": b, "run_s": s["run_s"],
+                   "images_per_s": s["images_per_s"], "first_result_s": s["first_result_s"]}
+            if busy0 is not None and s.get("worker_cpu_s"):  # where the CPU-seconds went (the cores are shared)
+                row["cpu_s"] = {"workers": round(s["worker_cpu_s"], 2), "driver": round(self1 - self0, 2),
+                                "rest": round(_other_cpu_s(busy0, self0, busy1, self1, s["worker_cpu_s"]), 2)}
+            res["runs"].append(row)
+            if row["mode"] not in res or row["run_s"] < res[row["mode"]]["run_s"]:
+                res[row["mode"]] = row
     shutil.rmtree(root, ignore_errors=True)
-    res["ray_overhead_pct"] = round(100 * (res["ray"]["run_s"] / res["local"]["run_s"] - 1), 1)
+    res.update(long_job_overhead(res["runs"]))
     return res
+
+
+def long_job_overhead(runs: list[dict]) -> dict:
+    """The long job's Ray overhead from its runs (``mode``, ``block``, ``run_s``): per block, Ray's seconds over
+    the local pool's, less one, in %; the median of the blocks (``ray_overhead_pct``, what the target holds),
+    their range, and the faster run of each mode against each other (``min_run_overhead_pct``)."""
+    per_block = []
+    for b in sorted({r["block"] for r in runs}):
+        t = {m: sum(r["run_s"] for r in runs if r["block"] == b and r["mode"] == m) for m in ("local", "ray")}
+        per_block.append(round(100 * (t["ray"] / t["local"] - 1), 1))
+    fastest = {m: min(r["run_s"] for r in runs if r["mode"] == m) for m in ("local", "ray")}
+    return {"block_overhead_pct": per_block, "ray_overhead_pct": round(statistics.median(per_block), 1),
+            "min_run_overhead_pct": round(100 * (fastest["ray"] / fastest["local"] - 1), 1)}
 
 
 def _derived(best: dict, mean_bytes: float) -> dict:

@@ -61,9 +61,13 @@ def markdown(r: dict) -> str:
     lj = r.get("long_job")
     if lj and "skipped" not in lj:
         lines += ["", f"Long job, measured ({lj['images']} paths: the same scans {lj['copies']} times over, "
-                  f"{lj['workers']} workers, faster of 2 runs per mode): local pool {lj['local']['run_s']:.1f} s ({lj['local']['images_per_s']:.1f} "
-                  f"images/s), Ray {lj['ray']['run_s']:.1f} s ({lj['ray']['images_per_s']:.1f} images/s): Ray "
-                  f"overhead {lj['ray_overhead_pct']:+.1f}%."
+                  f"{lj['workers']} workers, {len(lj['block_overhead_pct'])} blocks of runs in the order local, Ray, Ray, "
+                  f"local): Ray overhead {lj['ray_overhead_pct']:+.1f}%, the median of the blocks' "
+                  + ", ".join(f"{v:+.1f}%" for v in lj["block_overhead_pct"])
+                  + f" (a block: its Ray seconds over its local seconds). Fastest runs: local pool "
+                  f"{lj['local']['run_s']:.1f} s ({lj['local']['images_per_s']:.1f} images/s), Ray "
+                  f"{lj['ray']['run_s']:.1f} s ({lj['ray']['images_per_s']:.1f} images/s), "
+                  f"{lj['min_run_overhead_pct']:+.1f}% against each other."
                   + (f" Starting and calling {lj['workers']} empty Ray actors (above) takes {lj['ray_floor_pct']:.1f}% "
                      "of the local run by itself, before any scan is read"
                      + (f", more than the {lj['max_overhead_pct']:g}% allowance on its own"
@@ -73,7 +77,7 @@ def markdown(r: dict) -> str:
             a, b = lj["local"]["cpu_s"], lj["ray"]["cpu_s"]
             parts = {"the workers": "workers", "the driver": "driver", "everything else (Ray's daemons and "
                      "helper actors in Ray mode)": "rest"}
-            lines[-1] += (" CPU-seconds of these two runs, local pool vs Ray: " + "; ".join(
+            lines[-1] += (" CPU-seconds of these two fastest runs, local pool vs Ray: " + "; ".join(
                 f"{k} {a[v]:.1f} vs {b[v]:.1f}" for k, v in parts.items())
                 + f" (total {sum(a.values()):.1f} vs {sum(b.values()):.1f} on {r['cpu_cores']} cores).")
     elif lj:

@@ -162,3 +162,18 @@ def test_resolution_probe_exports_each_size_and_times_the_runtime_steps(tmp_path
     assert r["any_size_within_target"] == any(row["ratio_lower_bound"] <= 3 for row in r["sizes"])
     md = resolution.markdown({"command": "x", "date": "d", "machine": {"cpu": "c", "usable_cores": 2}, **r})
     assert "| 32 |" in md and "| 48 |" in md
+
+
+def test_long_job_overhead_is_the_median_of_paired_blocks_not_the_fastest_runs():
+    from benchmarks.batch import long_job_overhead
+
+    def block(b, local, ray):
+        return [{"mode": "local", "block": b, "run_s": local[0]}, {"mode": "ray", "block": b, "run_s": ray[0]},
+                {"mode": "ray", "block": b, "run_s": ray[1]}, {"mode": "local", "block": b, "run_s": local[1]}]
+
+    # one lucky local run (9 s) would make the fastest-run estimate +11%; each block says about +1%
+    runs = block(0, (10, 10), (10.1, 10.1)) + block(1, (9, 11), (10.2, 10)) + block(2, (12, 12), (12, 12.4))
+    got = long_job_overhead(runs)
+    assert got["block_overhead_pct"] == [1.0, 1.0, 1.7]
+    assert got["ray_overhead_pct"] == 1.0
+    assert got["min_run_overhead_pct"] == 11.1

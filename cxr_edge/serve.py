@@ -27,6 +27,7 @@ requests never share an interpreter (``cxr_edge/serve_pool.py``).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import ipaddress
@@ -48,7 +49,8 @@ from starlette.concurrency import run_in_threadpool
 from cxr_edge import __version__
 from cxr_edge.classifier import one_line
 from cxr_edge.labels import CLASS_NAMES
-from cxr_edge.serve_limits import DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT, RequestLimits
+from cxr_edge.serve_limits import (DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT, LocalHostOnly, RequestLimits,
+                                  hold_work)
 # the model pool (cxr_edge/serve_pool.py) and the uploads (cxr_edge/serve_uploads.py), importable from here
 from cxr_edge.serve_pool import HEATMAP_SIDE, ModelPool, Slot, classify_uploads, heatmap_png  # noqa: F401
 from cxr_edge.serve_uploads import (Upload, _bounded, _InMemoryParser, _too_large, _TooLarge,  # noqa: F401
@@ -59,6 +61,7 @@ WEB = Path(__file__).resolve().parent / "web"
 NOTICE = ("Not a medical device: a research demonstration, not validated clinically, not cleared by any "
           "regulator; never use it to diagnose, treat or triage anyone.")
 log = logging.getLogger("cxr_edge.serve")
+NO_STORE = {"Cache-Control": "no-store"}  # results about a patient: no browser or proxy keeps a copy
 
 
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
@@ -88,10 +91,13 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
                max_upload: int = DEFAULT_MAX_UPLOAD,
                on_ready: Optional[Callable[[ModelPool], None]] = None,
                on_error: Optional[Callable[[str], None]] = None,
-               max_concurrency: int = DEFAULT_MAX_CONCURRENCY, request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+               max_concurrency: int = DEFAULT_MAX_CONCURRENCY, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+               local_only: bool = False):
     """The ASGI app. ``loader`` builds the model pool; it runs once, in a background thread, when the app
-    starts (``/healthz`` says ``loading`` until it returns)."""
+    starts (``/healthz`` says ``loading`` until it returns). ``local_only``: answer only requests whose Host
+    header names this machine (a server bound to loopback: ``LocalHostOnly``)."""
     state: dict = {"status": "loading", "pool": None, "error": None}
+    local: dict = {}  # the in-browser page (cxr-edge export-web of the served bundle), written on first visit
 
     def load() -> None:
         try:
@@ -110,7 +116,11 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
     @asynccontextmanager
     async def lifespan(app):
         threading.Thread(target=load, name="cxr-edge-model-load", daemon=True).start()
-        yield
+        try:
+            yield
+        finally:
+            if "tmp" in local:  # the in-browser page's folder (/local/), removed when the server stops
+                local.pop("tmp").cleanup()
 
     app = FastAPIOffline(title="cxr-edge", version=__version__, lifespan=lifespan,
                          description="Pediatric chest X-ray classifier (normal / bacterial / viral pneumonia). "
@@ -162,14 +172,14 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
                        name: Optional[str] = Query(None, description="file name of a raw-body upload")):
         pool = ready_pool()
         uploads = await read_uploads(request, max_upload, name)
-        records = await run_in_threadpool(classify_uploads, pool, uploads, heatmap)
+        records = await hold_work(request.scope, classify_uploads, pool, uploads, heatmap)
         if all("error" in r for r in records):
             first = records[0]
             detail = f"{first['path']}: {first['error']}"
             if len(records) > 1:
                 detail = f"none of {len(records)} files could be read; first: {detail}"
-            return JSONResponse({"detail": detail, "results": records}, status_code=422)
-        return JSONResponse({"results": records})
+            return JSONResponse({"detail": detail, "results": records}, status_code=422, headers=NO_STORE)
+        return JSONResponse({"results": records}, headers=NO_STORE)
 
     @app.post("/v1/heatmap", tags=["classify"], summary="The heatmap overlay of one scan, as a PNG",
               dependencies=[Depends(authorized)], openapi_extra=_UPLOAD_BODY,
@@ -183,14 +193,14 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
         uploads = await read_uploads(request, max_upload, name)
         if len(uploads) != 1:
             raise HTTPException(400, f"send exactly one file (got {len(uploads)})")
-        record = (await run_in_threadpool(classify_uploads, pool, uploads, True))[0]
+        record = (await hold_work(request.scope, classify_uploads, pool, uploads, True))[0]
         if "heatmap" not in record:
             reason = record.get("error") or record.get("heatmap_error") or f"rejected: {record.get('reason')}"
             raise HTTPException(422, f"{record['path']}: {reason}")
         png = base64.b64decode(record["heatmap"].split(",", 1)[1])
-        return Response(png, media_type="image/png", headers={"X-Label": record["label"]})
+        return Response(png, media_type="image/png", headers={"X-Label": record["label"], **NO_STORE})
 
-    local: dict = {}  # the in-browser page (cxr-edge export-web of the served bundle), written on first visit
+    local_lock = asyncio.Lock()
 
     @app.get("/local", include_in_schema=False)
     async def local_redirect() -> Response:
@@ -199,17 +209,30 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
     @app.get("/local/{name:path}", include_in_schema=False)
     async def local_page(name: str) -> FileResponse:
         """"Classify in this browser": the static folder of ``cxr-edge export-web`` for the served bundle; the
-        scan never reaches this server (the page runs the ONNX model with onnxruntime-web)."""
+        scan never reaches this server (the page runs the ONNX model with onnxruntime-web). Off when the server
+        requires a token: a browser does not send it for a page's files, and the page holds the model."""
+        if token is not None:
+            raise HTTPException(404, "the in-browser page is off on a server that requires a token; "
+                                     "make it with cxr-edge export-web and open it from that folder")
         pool = ready_pool()
-        if "root" not in local:
-            import tempfile
+        async with local_lock:  # written once, by the first visit; the others wait for it
+            if "root" not in local and "error" not in local:
+                import tempfile
 
-            from cxr_edge.webexport import WebExportError, export_web
-            try:
-                local["root"] = await run_in_threadpool(export_web, Path(tempfile.mkdtemp(prefix="cxr-edge-web-")) / "site",
-                                                        pool.first.clf.bundle.root)
-            except WebExportError as exc:
-                raise HTTPException(404, f"no in-browser page for this model: {one_line(exc)}") from None
+                from cxr_edge.webexport import WebExportError, export_web
+                local["tmp"] = tempfile.TemporaryDirectory(prefix="cxr-edge-web-")
+                try:
+                    local["root"] = await run_in_threadpool(export_web, Path(local["tmp"].name) / "site",
+                                                            pool.first.clf.bundle.root)
+                except WebExportError as exc:
+                    log.warning("no in-browser page for this model: %s", one_line(exc))
+                    local["error"] = "no in-browser page for this model (the server's log says why)"
+                    local.pop("tmp").cleanup()
+                except BaseException:  # another failure (a full disk): nothing kept, the next visit tries again
+                    local.pop("tmp").cleanup()
+                    raise
+        if "error" in local:
+            raise HTTPException(404, local["error"])
         root = local["root"].resolve()
         path = (root / (name or "index.html")).resolve()
         if root not in path.parents or not path.is_file():
@@ -228,6 +251,8 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
 
     app.mount("/static", StaticFiles(directory=WEB), name="web")
     app.add_middleware(RequestLimits, max_concurrency=max_concurrency, timeout=request_timeout, state=app.state)
+    if local_only:
+        app.add_middleware(LocalHostOnly)
     app.state.limits = RequestLimits(None, max_concurrency, request_timeout)  # until the middleware is built
     return app
 
@@ -306,7 +331,7 @@ def serve_command(host: str, port: int, model, backend, threads, workers: int, t
 
     app = create_app(lambda: ModelPool.load(model, backend, threads, workers, ood, allow_adults), token=token,
                      max_upload=int(max_upload_mb * 2**20), on_ready=ready, on_error=failed,
-                     max_concurrency=max_concurrency, request_timeout=request_timeout)
+                     max_concurrency=max_concurrency, request_timeout=request_timeout, local_only=is_loopback(host))
     click.echo(f"cxr-edge: loading the model; listening on {url} ({'bearer token required' if token else 'no auth'})",
                err=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))

@@ -5,7 +5,8 @@
   first byte of the request to the end of its classification; one past it is answered at once with 503 and
   ``Retry-After: 1`` instead of waiting in a queue of unbounded length (so memory is bounded too: N uploads of
   at most ``--max-upload-mb`` each). Slots are freed when the work of a request ends, not when its answer is
-  sent.
+  sent: a request answered 503 at the time limit keeps its slot until its classification has finished
+  (``hold``), so requests that time out cannot pile work up behind the limit.
 - ``--request-timeout S`` (default 30 s): a request must be read and answered within S seconds. An upload that
   has not all arrived by then (a client dribbling its bytes) gets 408 and its connection is closed; one whose
   classification is still waiting or running gets 503 with ``Retry-After`` (the classification finishes in the
@@ -15,6 +16,10 @@
   header before its pixels are decoded.
 
 ``GET`` endpoints (the page, ``/healthz``, ``/v1/model``) are not limited.
+
+``LocalHostOnly`` answers 400 to a request whose ``Host`` header is not this machine's (``localhost``, a
+loopback address): a server bound to loopback without a token is then out of reach of a web page that points
+its own domain name at 127.0.0.1 (DNS rebinding).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import json
 
 DEFAULT_MAX_CONCURRENCY = 32
 DEFAULT_REQUEST_TIMEOUT = 30.0
+HOLD = "cxr_edge.hold"  # the ASGI scope key of a request's ``hold(work)`` (``RequestLimits``)
 
 
 def pixel_limit() -> int:
@@ -62,7 +68,17 @@ class RequestLimits:
             return await _answer(send, 503, f"busy: {self.active} requests in progress, the most this server "
                                  f"takes at once (--max-concurrency {self.max}); retry shortly", {"Retry-After": "1"})
         self.active += 1
-        state = {"started": False, "body_done": False, "closed": False}
+        state = {"started": False, "body_done": False, "closed": False, "held": False}
+
+        def hold(work) -> None:
+            """The request's work (a future the app awaits): its slot is freed when that ends, even if the
+            request itself is answered or cancelled before (the time limit)."""
+            state["held"] = True
+            work.add_done_callback(lambda _w: self._release())
+
+        def release_request(_task) -> None:
+            if not state["held"]:
+                self._release()
 
         async def receive_wrap():
             message = await receive()
@@ -77,8 +93,9 @@ class RequestLimits:
                 state["started"] = True
             await send(message)
 
+        scope[HOLD] = hold
         task = asyncio.ensure_future(self.app(scope, receive_wrap, send_wrap))
-        task.add_done_callback(self._release)
+        task.add_done_callback(release_request)
         done, _ = await asyncio.wait({task}, timeout=self.timeout)
         if done:
             return task.result()
@@ -97,3 +114,55 @@ class RequestLimits:
     def to_dict(self) -> dict:
         return {"max_concurrency": self.max, "request_timeout_s": self.timeout, "max_pixels": pixel_limit(),
                 "in_progress": self.active, "refused_busy": self.refused, "timed_out": self.timed_out}
+
+
+async def hold_work(scope: dict, fn, *args):
+    """``fn(*args)`` in the thread pool, its slot (``RequestLimits``) held until it returns: the request may be
+    answered at the time limit and cancelled meanwhile, the work goes on and keeps the slot until it ends."""
+    from starlette.concurrency import run_in_threadpool
+
+    work = asyncio.ensure_future(run_in_threadpool(fn, *args))
+    work.add_done_callback(lambda w: w.cancelled() or w.exception())  # a late failure: nobody to tell, no warning
+    hold = scope.get(HOLD)
+    if hold is not None:
+        hold(work)
+    return await asyncio.shield(work)
+
+
+LOCAL_NAMES = ("localhost", "localhost.")
+
+
+def host_of(header: str) -> str:
+    """The host of a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_local_host(host: str) -> bool:
+    import ipaddress
+
+    if host in LOCAL_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalHostOnly:
+    """ASGI middleware for a server bound to loopback: requests must name this machine in ``Host``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not is_local_host(host_of(raw)):
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 1008})
+                return await _answer(send, 400, "this server answers requests to localhost only (Host header "
+                                     f"{raw[:100]!r}); bind another address with --host and --token", {})
+        return await self.app(scope, receive, send)

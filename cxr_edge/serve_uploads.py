@@ -10,6 +10,7 @@ from typing import Optional
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from cxr_edge.classifier import one_line
 
@@ -88,6 +89,8 @@ async def read_uploads(request: Request, limit: int, name: Optional[str]) -> lis
         raise _too_large(limit) from None
     except MultiPartException as exc:
         raise HTTPException(400, f"malformed multipart request ({one_line(exc.message)})") from None
+    except ClientDisconnect:  # the client went away part-way: nobody reads the answer, no traceback in the log
+        raise HTTPException(400, "the client disconnected before the upload was complete") from None
     if not body:
         raise HTTPException(400, "empty request: send the scan as multipart field 'file' or as the raw body")
     return [Upload(body, clean_name(name, "upload"))]

@@ -353,7 +353,7 @@ def test_a_dribbling_upload_gets_408_and_others_are_served_meanwhile():
     try:
         slow = socket.create_connection((host, int(port)), timeout=10)
         body, ctype = multipart(SCAN.name, SCAN.read_bytes())
-        slow.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        slow.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
         t0 = time.monotonic()
         conn = http.client.HTTPConnection(host, int(port), timeout=10)

@@ -161,7 +161,10 @@ function addFiles(files) {
 }
 
 function csvCell(v) {
-  const s = String(v);
+  // A text cell that a spreadsheet would run as a formula (a file named "=HYPERLINK(...).jpg") gets a
+  // leading apostrophe: the CSV is for opening in a spreadsheet.
+  let s = String(v);
+  if (typeof v === "string" && /^[=+\-@\t\r]/.test(s)) s = "'" + s;
   return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
 }
 

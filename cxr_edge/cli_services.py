@@ -19,7 +19,9 @@ from cxr_edge.cli_common import UsageFailure, allow_adults_option, model_option
 @model_option
 @click.option("--backend", type=click.Choice(["tflite", "onnx"]), default=None,
               help="Inference runtime (default: tflite if installed, else onnx).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for inference.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per model instance (--workers): a request's files are decoded and classified "
+                   "in this many parallel lanes (default: one per CPU, at most 8).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances serving requests in parallel.")
 @click.option("--token", envvar="CXR_EDGE_TOKEN", default=None,

@@ -136,6 +136,8 @@ def test_a_failed_local_export_is_tried_once_and_names_no_server_path(pool, monk
 
 
 def test_a_client_that_disconnects_mid_upload_leaves_no_traceback(tmp_path):
+    from benchmarks.serve_client import stop_server
+
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cxr_edge", "serve", "--host", "127.0.0.1", "--port", "0"],
@@ -173,11 +175,6 @@ def test_a_client_that_disconnects_mid_upload_leaves_no_traceback(tmp_path):
         assert conn.getresponse().status == 200
         time.sleep(0.5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     text = log_path.read_text()
     assert "Traceback" not in text and "ClientDisconnect" not in text, text[-3000:]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import ipaddress
 import logging
 import socket
 import threading
@@ -50,7 +49,7 @@ from cxr_edge import __version__
 from cxr_edge.classifier import one_line
 from cxr_edge.labels import CLASS_NAMES
 from cxr_edge.serve_limits import (DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT, LocalHostOnly, RequestLimits,
-                                  hold_work)
+                                  hold_work, is_loopback)
 # the model pool (cxr_edge/serve_pool.py) and the uploads (cxr_edge/serve_uploads.py), importable from here
 from cxr_edge.serve_pool import HEATMAP_SIDE, ModelPool, Slot, classify_uploads, heatmap_png  # noqa: F401
 from cxr_edge.serve_uploads import (Upload, _bounded, _InMemoryParser, _too_large, _TooLarge,  # noqa: F401
@@ -258,15 +257,6 @@ def create_app(loader: Callable[[], ModelPool], *, token: Optional[str] = None,
 
 
 # ------------------------------------------------------------------------------------------ the command
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -129,9 +129,6 @@ async def hold_work(scope: dict, fn, *args):
     return await asyncio.shield(work)
 
 
-LOCAL_NAMES = ("localhost", "localhost.")
-
-
 def host_of(header: str) -> str:
     """The host of a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
     header = header.strip().lower()
@@ -140,13 +137,15 @@ def host_of(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def is_local_host(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``[::1]`` too): the bind check of ``cxr-edge serve`` and the Host
+    check of ``LocalHostOnly``."""
     import ipaddress
 
-    if host in LOCAL_NAMES:
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -158,11 +157,9 @@ class LocalHostOnly:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] == "http":  # the app has no websocket routes
             raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-            if not is_local_host(host_of(raw)):
-                if scope["type"] == "websocket":
-                    return await send({"type": "websocket.close", "code": 1008})
+            if not is_loopback(host_of(raw)):
                 return await _answer(send, 400, "this server answers requests to localhost only (Host header "
                                      f"{raw[:100]!r}); bind another address with --host and --token", {})
         return await self.app(scope, receive, send)

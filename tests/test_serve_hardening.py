@@ -20,7 +20,7 @@ pytest.importorskip("httpx2", reason="the test client needs httpx2")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from cxr_edge.serve import ModelPool, create_app  # noqa: E402
-from cxr_edge.serve_limits import host_of, is_local_host  # noqa: E402
+from cxr_edge.serve_limits import host_of, is_loopback  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "chest_xray"
 SCAN = DATA / "test" / "PNEUMONIA" / "person100_bacteria_477.jpeg"
@@ -77,7 +77,7 @@ def test_a_timed_out_request_keeps_its_slot_until_its_work_ends(pool):
                                            ("127.0.0.1.attacker.example", False), ("", False),
                                            ("192.168.1.10:8000", False)])
 def test_host_header(header, local):
-    assert is_local_host(host_of(header)) is local
+    assert is_loopback(host_of(header)) is local
 
 
 def test_a_loopback_server_answers_only_requests_naming_this_machine(pool):

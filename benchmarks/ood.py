@@ -12,6 +12,10 @@ X-ray away from the classifier, and lets frontal chest X-rays through.
   body part): per category, the share of lateral chest views and other radiographs refused (target >= 97%)
   and of other hospitals' adult frontal chest X-rays accepted (target >= 97%). Also the shipped gate's own
   decisions on gate_dev (``gate_dev_shipped``; optimistic: it was fitted on these images).
+  ``gate_dev.adult_variants``: the held-out adult films' variants (the fit's own kinds: crops, flips, rotation
+  and exposure; acquisition shifts, annotations, clinic-style frames and text), judged by the same fold's gate
+  with their reasons: how adult films made as other clinics make them fare (optimistic: the fit saw the other
+  adults' variants of the same kinds).
 - ``dicom``: synthetic DICOM objects (CT, MR, ultrasound in PALETTE COLOR, 32-bit RT dose, a DX hand, a DX
   lateral chest, a DX frontal chest from a test scan) through ``Classifier.classify_many``: none may end as
   an error record; each is classified or refused with its reason.
@@ -40,7 +44,7 @@ import numpy as np
 from benchmarks.ood_inputs import (EDGE_KINDS, SKIMAGE_FILES, SYNTH_SEED, _edge, make_dicoms,  # noqa: F401
                                    make_edge_cases, make_inverted, make_non_cxr, skimage_samples)
 from cxr_edge.bundle import load_bundle
-from cxr_edge.ood import Gate, embedder
+from cxr_edge.ood import DEFAULT_MAX_ASPECT, Gate, embedder
 from cxr_edge.preprocess import PreprocessError, load_gray
 
 TARGETS = {"test_false_reject_max": 0.005, "val_false_reject_max": 0.005, "gate_dev_reject_min": 0.97,
@@ -198,7 +202,7 @@ def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adul
                               n_adult_variants=int(fitted.get("adult_variants", 0) if adult_variants is None
                                                    else adult_variants))
     adult = emb.get("adult") or {}
-    return {"data": data, "val_x": val_x, "items": items,
+    return {"data": data, "val_x": val_x, "items": items, "max_aspect": float(card.get("max_aspect", DEFAULT_MAX_ASPECT)),
             "fit": {"c": float(emb.get("C", fit.DEFAULT_C)),
                     "max_val_reject": float(emb.get("max_val_reject", fit.DEFAULT_MAX_VAL_REJECT)), "seed": seed,
                     "density_components": int(emb.get("density_components", 0)), "grid": grid,
@@ -214,6 +218,7 @@ def run_cv(inputs: dict, **changes) -> dict:
     from train import ood as fit
 
     res = fit.cross_validate(inputs["data"], inputs["val_x"], inputs["items"], **{**inputs["fit"], **changes})
+    fit.shape_first(res, inputs["items"], inputs.get("max_aspect", DEFAULT_MAX_ASPECT))
     res["note"] = ("the gate's settings (layout grid and components, C, density components, generated negatives) "
                    "were chosen on this same cross-validation, so its rates are optimistic; gate_dev is a "
                    "development set, not a test set")
@@ -270,6 +275,10 @@ def markdown(g: dict) -> list[str]:
                  if "accepted_allow_adults" in r else "")
         lines.append(f"| {cat} (cross-validated) | {r['expected']} | {r['correct']}/{r['n']} as expected "
                      f"(refusals: {', '.join(f'{k} {v}' for k, v in r['reasons'].items()) or 'none'}){extra} |")
+    for kind, r in ((g.get("gate_dev") or {}).get("adult_variants") or {}).items():
+        lines.append(f"| the held-out adult films' variants: {kind} (cross-validated) | reject as adult | "
+                     f"{r['correct']}/{r['n']} as expected, {r['accepted']} accepted "
+                     f"(refusals: {', '.join(f'{k} {v}' for k, v in r['reasons'].items()) or 'none'}) |")
     n, e, d = g["non_cxr_reject"], g["edge_accept"], g["dicom"]
     lines += [f"| not radiographs (scikit-image photos, generated documents, screenshots, textures) | reject | "
               f"{n['count']}/{n['n']} rejected |",

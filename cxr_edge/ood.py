@@ -11,6 +11,10 @@ Three layers, each saying what it saw:
      ``max(R,G,B) - min(R,G,B)`` exceeds ``CHROMA_LEVEL`` gray levels; above ``max_colour_fraction`` (card)
      the image is refused. RGB files with three equal channels pass.
    - *blank image*: a thumbnail with (almost) no contrast (a solid colour, an empty page).
+   - *a long film*: an image more than ``max_aspect`` (card; default 2.2) times as wide as tall or as tall as
+     wide, which no chest film is (detector and cassette formats run from 3:4 to 4:3; the training scans' widest
+     is 1.74:1) and a whole-spine, long-leg or panoramic dental film is. Its shape is lost in the model's square
+     input, where such a film can look like a chest (a panoramic dental film was taken for an adult's chest).
    - *appearance* (older gates only, ``ood.npz`` with ``mean``/``components``): a 16x16 standardized
      thumbnail scored under a probabilistic PCA model of training scans.
 
@@ -64,17 +68,18 @@ from cxr_edge.gate_features import embedder, feature_maps  # noqa: F401
 from cxr_edge.gate_math import (DEFAULT_THUMB, _box_ones, _pool, density_distance, features,  # noqa: F401
                                 grid_bins, grid_cells, head_logits, head_score, layout_vector, logsumexp,
                                 pooled, pooling_matrix, ppca_score, thumbnail)
-from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour
+from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour, load_with_info  # noqa: F401
 
 DEFAULT_MAX_COLOUR_FRACTION = 0.10  # share of off-tint coloured pixels (annotations stay under it; photos above)
 DEFAULT_MIN_STD = 2.0  # gray levels (0..255) of the thumbnail
+DEFAULT_MAX_ASPECT = 2.2  # long side over short side: chest films are 4:3 at most, long films 2.5:1 and more
 
 EMBED_CLASSES = ("frontal_chest", "lateral_chest", "other_body_part", "not_radiograph")
 ADULT = "adult_chest"  # a frontal chest X-ray of an adult: outside the population the model learnt from
 POPULATION = "the model was trained on children aged 1 to 5"
 REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body part", ADULT: "adult chest X-ray",
            "not_radiograph": "not a radiograph", "colour": "colour photo", "blank": "blank image",
-           "inverted": "inverted image"}
+           "inverted": "inverted image", "long": "a long film, not a chest film"}
 EMBED_ARRAYS = ("emb_mean", "emb_scale", "emb_weights", "emb_bias")
 DENSITY_ARRAYS = ("den_mean", "den_scale", "den_components", "den_var")
 THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
@@ -118,6 +123,7 @@ class Gate:
         self.params = dict(params)
         self.max_colour_fraction = float(params.get("max_colour_fraction", DEFAULT_MAX_COLOUR_FRACTION))
         self.min_std = float(params.get("min_std", DEFAULT_MIN_STD))
+        self.max_aspect = float(params.get("max_aspect", DEFAULT_MAX_ASPECT))
         self.thumb = int(params.get("thumb", DEFAULT_THUMB))
         self.has_appearance = all(k in arrays for k in THUMB_ARRAYS)
         self.has_embedding = all(k in arrays for k in EMBED_ARRAYS)
@@ -221,9 +227,21 @@ class Gate:
             return np.full(len(x), np.nan), sd
         return ppca_score(x, self.mean, self.components, self.eigvals, self.resid_var), sd
 
-    def check_pixels(self, gray: np.ndarray, colour_fraction: float = 0.0) -> Verdict:
-        """Verdict for one ``uint8[S, S]`` image (from ``load_gray_colour``) and its chroma fraction, before
-        the model: colour photo, blank image (and, for older gates, the thumbnail appearance model)."""
+    def check_shape(self, width: int, height: int) -> Verdict:
+        """Verdict on the decoded image's own size (before the squash to the model's square): refused as a long
+        film when one side is more than ``max_aspect`` times the other."""
+        w, h = int(width), int(height)
+        if min(w, h) > 0 and max(w, h) > self.max_aspect * min(w, h):
+            how = "wide as tall" if w > h else "tall as wide"
+            return Verdict(False, f"{REASONS['long']} ({w}x{h} pixels, more than {self.max_aspect:g} times as {how})",
+                           float("inf"))
+        return OK
+
+    def check_pixels(self, gray: np.ndarray, colour_fraction: float = 0.0,
+                     size: Optional[tuple[int, int]] = None) -> Verdict:
+        """Verdict for one ``uint8[S, S]`` image (from ``load_gray_colour``), its chroma fraction and the decoded
+        image's ``(width, height)`` (``Loaded.size``; None: not checked), before the model: colour photo, blank
+        image, long film (and, for older gates, the thumbnail appearance model)."""
         if colour_fraction > self.max_colour_fraction:
             return Verdict(False, f"{REASONS['colour']} ({colour_fraction:.0%} of pixels in colour; X-rays are "
                                   "gray)", float("inf"))
@@ -231,6 +249,10 @@ class Gate:
         score, sd = float(score[0]), float(sd[0])
         if sd < self.min_std:
             return Verdict(False, f"{REASONS['blank']} (no contrast; not an X-ray)", float("inf"))
+        if size is not None:
+            shape = self.check_shape(*size)
+            if not shape.ok:
+                return shape
         if self.has_appearance and not score <= self.threshold:
             return Verdict(False, f"does not look like a chest X-ray (OOD score {score:.1f} > "
                                   f"threshold {self.threshold:.1f})", score)
@@ -361,9 +383,10 @@ class Gate:
 
     # -- both ----------------------------------------------------------------------------------------------
     def check(self, gray: np.ndarray, colour_fraction: float = 0.0,
-              embedding: Optional[np.ndarray] = None, allow_adults: bool = False) -> Verdict:
+              embedding: Optional[np.ndarray] = None, allow_adults: bool = False,
+              size: Optional[tuple[int, int]] = None) -> Verdict:
         """``check_pixels``, then ``check_embedding`` when an embedding is given, then ``check_polarity``."""
-        v = self.check_pixels(gray, colour_fraction)
+        v = self.check_pixels(gray, colour_fraction, size)
         return v if not v.ok else self.check_after_model(embedding, gray, allow_adults)
 
     def check_after_model(self, embedding: Optional[np.ndarray], gray: np.ndarray,
@@ -381,8 +404,9 @@ class Gate:
                      embed: Optional[Callable[[np.ndarray], np.ndarray]] = None, allow_adults: bool = False) -> Verdict:
         """Decode ``source`` (``cxr_edge.preprocess.load_gray_colour``) and check it; ``embed`` (see
         :func:`embedder`, with ``gate=`` this gate) supplies the gate vector for the head."""
-        gray, colour = load_gray_colour(source, size)
-        v = self.check_pixels(gray, colour)
+        loaded = load_with_info(source, size)
+        gray = loaded.gray
+        v = self.check_pixels(gray, loaded.colour, loaded.size)
         if not v.ok:
             return v
         return self.check_after_model(embed(gray[None])[0] if embed is not None and self.has_embedding else None,

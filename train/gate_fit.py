@@ -1,7 +1,7 @@
 """Fitting the input gate (``train.ood``) from embedded rows (``train.gate_data.GateData``): the layout
 projection (``fit_layout``), the head (``fit_head``), the adult check (``fit_adult``), the density check
 (``fit_density``), the thresholds on validation scans (``choose_threshold``), all of them together
-(``fit_gate``), gate_dev cross-validation (``cross_validate``, ``cv_summary``) and the polarity check
+(``fit_gate``), gate_dev cross-validation (``cross_validate``, ``shape_first``, ``cv_summary``) and the polarity check
 (``fit_polarity``). Importable from ``train.ood`` too."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from cxr_edge.ood import (DEFAULT_THUMB, EMBED_CLASSES, REASONS, Gate, density_distance, features, head_logits,
                           head_score, layout_vector)
+from cxr_edge.preprocess import load_with_info
 from train.gate_data import ADULT_LABEL, GATE_DEV_CLASSES, DevItem, GateData
 from train.gate_synth import clinical, variants
 
@@ -248,6 +249,12 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
     return arrays, params
 
 
+# a held-out adult film's variant rows by ``GateData.head``: the head's own (train.gate_synth.variants) or the
+# adult check's (shifted and clinical, which the head is not fitted on)
+ADULT_VARIANT_KINDS = {True: "crops, flips, rotation, exposure (gate_synth.variants)",
+                       False: "acquisition shifts, annotations, clinic-style frames and text"}
+
+
 def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], folds: int = 5,
                    c: float = DEFAULT_C, max_val_reject: float = DEFAULT_MAX_VAL_REJECT, seed: int = 0,
                    density_components: int = None, grid: int = 0,
@@ -266,6 +273,7 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
             fold_of_group[str(g)] = k % folds
     item_fold = np.array([fold_of_group[it.group] for it in items])
     rows: list[dict] = []
+    variant_rows: list[dict] = []
     for k in range(folds):
         held = np.flatnonzero(item_fold == k)
         if held.size == 0:
@@ -280,13 +288,57 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
             rows.append({"file": Path(items[i].path).name, "category": items[i].category, "fold": k,
                          "accepted": v.ok, "score": round(float(v.score), 3), "reason": v.reason,
                          "accepted_allow_adults": va.ok, "reason_allow_adults": va.reason})
+        # the held-out adult films' variants, judged by the same fold's gate (reasons, not only refusals)
+        held_adult = [i for i in held if items[i].cls == "adult_chest"]
+        var = np.flatnonzero(np.isin(data.dev, held_adult))
+        var = var[~np.isin(var, orig)]
+        if var.size:
+            verdicts = gate.embedding_verdicts(gate_vectors(arrays, data.x[var], grid))
+            for j, v in zip(var, verdicts):
+                variant_rows.append({"file": Path(items[data.dev[j]].path).name, "category": items[data.dev[j]].category,
+                                     "fold": k, "kind": ADULT_VARIANT_KINDS[bool(data.head[j])],
+                                     "accepted": v.ok, "score": round(float(v.score), 3), "reason": v.reason})
     out = {"folds": folds, "grouping": "other radiographs by body part, chest views by patient",
            "by_category": {}}
     for category in sorted({r["category"] for r in rows}):
         out["by_category"][category] = cv_summary([r for r in rows if r["category"] == category],
                                                   GATE_DEV_CLASSES[category])
+    if variant_rows:  # by kind: the head's variants, and the adult check's own (shifts, annotations, frames)
+        out["adult_variants"] = {}
+        adult = REASONS["adult_chest"]
+        for kind in ADULT_VARIANT_KINDS.values():
+            kept = [r for r in variant_rows if r["kind"] == kind]
+            if not kept:
+                continue
+            summary = cv_summary(kept, "adult_chest")
+            del summary["wrong"]  # hundreds of lines: which films instead, with how many of their variants
+            wrong: dict[str, int] = {}
+            for r in kept:
+                if r["accepted"] or not r["reason"].startswith(adult):
+                    wrong[r["file"]] = wrong.get(r["file"], 0) + 1
+            summary["wrong_by_film"] = dict(sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0])))
+            out["adult_variants"][kind] = summary
     out["rows"] = rows
     return out
+
+
+def shape_first(res: dict, items: list[DevItem], max_aspect: float) -> None:
+    """``cross_validate``'s result with the pixel check that needs no fit, in the runtime's order: a held-out
+    item whose decoded image is a long film (``Gate.check_shape``) is refused so before the model, whatever its
+    fold's head says; its per-category summaries are counted again (``refused_by_shape`` names the files)."""
+    gate = Gate({}, {"max_aspect": max_aspect})
+    refused = {}
+    for it in items:
+        v = gate.check_shape(*load_with_info(it.path, 16, colour=False).size)
+        if not v.ok:
+            refused[Path(it.path).name] = v.reason
+    for r in res["rows"]:
+        if r["file"] in refused:
+            r.update(accepted=False, reason=refused[r["file"]], accepted_allow_adults=False,
+                     reason_allow_adults=refused[r["file"]])
+    for cat in res["by_category"]:
+        res["by_category"][cat] = cv_summary([r for r in res["rows"] if r["category"] == cat], GATE_DEV_CLASSES[cat])
+    res["refused_by_shape"] = sorted(refused)
 
 
 def expected_outcome(cls: str) -> str:

@@ -11,32 +11,21 @@ Three layers, each saying what it saw:
      ``max(R,G,B) - min(R,G,B)`` exceeds ``CHROMA_LEVEL`` gray levels; above ``max_colour_fraction`` (card)
      the image is refused. RGB files with three equal channels pass.
    - *blank image*: a thumbnail with (almost) no contrast (a solid colour, an empty page).
-   - *a long film*: an image more than ``max_aspect`` (card; default 2.2) times as wide as tall or as tall as
-     wide, which no chest film is (detector and cassette formats run from 3:4 to 4:3; the training scans' widest
-     is 1.74:1) and a whole-spine, long-leg or panoramic dental film is. Its shape is lost in the model's square
-     input, where such a film can look like a chest (a panoramic dental film was taken for an adult's chest).
+   - *a long film*: one side more than ``max_aspect`` (card; default 2.2) times the other, as a whole-spine,
+     long-leg or panoramic dental film is and no chest film (3:4 to 4:3; the widest training scan 1.74:1).
    - *appearance* (older gates only, ``ood.npz`` with ``mean``/``components``): a 16x16 standardized
      thumbnail scored under a probabilistic PCA model of training scans.
 
 3. **Embedding** (:meth:`Gate.check_embedding`, after the model's single pass): a vector ``e`` made from the
-   classifier's own last feature map ``F`` (``float32[h, w, C]``, contract 3) by :meth:`Gate.embedding_of`.
-   Older gates: the global average ``F.mean(axis=(0, 1))`` (``float32[C]``). Gates with a *layout* part
-   (arrays ``lay_mean[C]``, ``lay_proj[C, k]``, card ``embedding.layout.grid`` ``g``): the global average
-   followed by the layout, ``F`` average-pooled on a ``g x g`` grid of (overlapping, adaptive) cells, each
-   cell's ``C``-vector projected onto the first ``k`` principal components of frontal chest X-ray cells,
-   ``(cell - lay_mean) @ lay_proj`` (``C + g*g*k`` numbers: where in the frame the lungs, shoulders, bones
-   are; one ``[g*g, C] x [C, k]`` product: about 0.2 ms with the pooling). ``e`` goes through a linear softmax head
-   over four classes, ``frontal_chest``, ``lateral_chest``,
-   ``other_body_part`` and ``not_radiograph``: ``logits = ((e - emb_mean) / emb_scale) @ emb_weights +
-   emb_bias`` (one ``D x 4`` product: microseconds, no second network). The score is
-   ``logsumexp(logits[1:]) - logits[0]`` (higher = less like a frontal chest X-ray); above the card's
-   ``embedding.threshold`` (chosen on the patient-grouped validation split, never the official test) the
-   image is refused, with the most likely other class as the reason: "lateral view", "another body part"
-   or "not a radiograph". A second score, optional (``den_*`` arrays), catches what none of the head's
-   classes describes: the squared Mahalanobis distance of the standardized embedding in the first ``k``
-   principal components of the frontal chest X-rays the gate was fitted on; above ``embedding.
-   density_threshold`` (also from validation) the image is refused too, with the head's most likely other
-   class as the reason. Fitted by ``python -m train.ood BUNDLE``.
+   model's own feature map ``F`` (``float32[h, w, C]``) by :meth:`Gate.embedding_of`: its global average, and
+   for gates with a *layout* part (``lay_mean[C]``, ``lay_proj[C, k]``, card ``embedding.layout.grid`` ``g``)
+   its ``g x g`` grid cells each projected, ``(cell - lay_mean) @ lay_proj``. A linear softmax head over
+   ``frontal_chest``, ``lateral_chest``, ``other_body_part``, ``not_radiograph``: ``logits = ((e - emb_mean)
+   / emb_scale) @ emb_weights + emb_bias``, score ``logsumexp(logits[1:]) - logits[0]``; above the card's
+   ``embedding.threshold`` (from the validation split) the image is refused with the most likely other class
+   as the reason. Optional: a density check (``den_*``), the adult check (``adult_*``: the intended population)
+   and the polarity check (``pol_*``, on the thumbnail). Fitted by ``python -m train.ood BUNDLE``; the whole
+   story, with numbers: docs/input-gate.md.
 
 The arithmetic (pooling, thumbnails, scores) is in ``cxr_edge/gate_math.py``, the model's feature maps for
 fitting and measuring a gate (:func:`feature_maps`, :func:`embedder`) in ``cxr_edge/gate_features.py``; their
@@ -65,7 +54,7 @@ import numpy as np
 from cxr_edge.bundle import BundleError, verified_file
 # the gate's arithmetic and its feature-map tools, importable from here as before
 from cxr_edge.gate_features import embedder, feature_maps  # noqa: F401
-from cxr_edge.gate_math import (DEFAULT_THUMB, _box_ones, _pool, density_distance, features,  # noqa: F401
+from cxr_edge.gate_math import (DEFAULT_THUMB, _box_ones, _linear, _pool, density_distance, features,  # noqa: F401
                                 grid_bins, grid_cells, head_logits, head_score, layout_vector, logsumexp,
                                 pooled, pooling_matrix, ppca_score, thumbnail)
 from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour, load_with_info  # noqa: F401
@@ -103,17 +92,6 @@ class Verdict:
 OK = Verdict(True, "", 0.0)
 
 
-def _linear(arrays: dict, keys: tuple[str, str], dim: int, threshold: float, error: str) -> tuple[np.ndarray, float]:
-    """The weights ``[dim]`` and bias of one of the gate's linear checks (``keys``: their array names), as float64;
-    ``ValueError(error)`` unless the shape is right and they and ``threshold`` are finite."""
-    weights = np.asarray(arrays[keys[0]], np.float64)
-    bias = float(np.asarray(arrays[keys[1]]))
-    if (weights.shape != (dim,) or not np.all(np.isfinite(weights)) or not np.isfinite(bias)
-            or not np.isfinite(threshold)):
-        raise ValueError(error)
-    return weights, bias
-
-
 class Gate:
     """A fitted input gate. ``Gate.from_bundle(root, card)`` loads and verifies ``ood.npz``;
     ``check_pixels(gray, colour_fraction)`` before the model, ``check_embedding(embedding)`` after it;
@@ -124,6 +102,8 @@ class Gate:
         self.max_colour_fraction = float(params.get("max_colour_fraction", DEFAULT_MAX_COLOUR_FRACTION))
         self.min_std = float(params.get("min_std", DEFAULT_MIN_STD))
         self.max_aspect = float(params.get("max_aspect", DEFAULT_MAX_ASPECT))
+        if not self.max_aspect >= 1.0 or not np.isfinite(self.max_aspect):  # NaN too: it would refuse nothing
+            raise ValueError(f"max_aspect must be a number >= 1, got {params.get('max_aspect')!r}")
         self.thumb = int(params.get("thumb", DEFAULT_THUMB))
         self.has_appearance = all(k in arrays for k in THUMB_ARRAYS)
         self.has_embedding = all(k in arrays for k in EMBED_ARRAYS)
@@ -402,7 +382,7 @@ class Gate:
 
     def check_source(self, source: Source, size: int = 224,
                      embed: Optional[Callable[[np.ndarray], np.ndarray]] = None, allow_adults: bool = False) -> Verdict:
-        """Decode ``source`` (``cxr_edge.preprocess.load_gray_colour``) and check it; ``embed`` (see
+        """Decode ``source`` (``cxr_edge.preprocess.load_with_info``) and check it; ``embed`` (see
         :func:`embedder`, with ``gate=`` this gate) supplies the gate vector for the head."""
         loaded = load_with_info(source, size)
         gray = loaded.gray

@@ -1,4 +1,4 @@
-"""The gate's cross-validation (train.gate_fit.cross_validate) on small synthetic embeddings: held-out adult
+"""The gate's cross-validation (train.gate_cv.cross_validate) on small synthetic embeddings: held-out adult
 films' variants are judged by the fold that held the film out, by kind, with their reasons."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 
 from cxr_edge.ood import EMBED_CLASSES
 from train.gate_data import ADULT_LABEL, DevItem, GateData
-from train.gate_fit import ADULT_VARIANT_KINDS, cross_validate
+from train.gate_cv import ADULT_VARIANT_KINDS, cross_validate
 
 D = 6
 FRONTAL, LATERAL, OTHER, NOT_RAD = (EMBED_CLASSES.index(c) for c in

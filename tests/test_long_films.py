@@ -73,6 +73,9 @@ def test_long_dicom_is_refused_by_shape(clf, tmp_path):
 def test_card_sets_the_limit():
     assert not Gate({}, {"max_aspect": 1.5}).check_shape(1600, 1000).ok
     assert Gate({}, {}).check_shape(1600, 1000).ok and Gate({}, {}).check_shape(0, 10).ok
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_aspect"):
+            Gate({}, {"max_aspect": bad})
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="no node (apt-get install nodejs) for the JavaScript test")

@@ -50,8 +50,8 @@ gate_dev: this only fits the gate. Writes ``ood.npz`` into BUNDLE_DIR and an ``"
 into its ``card.json``; every other field of the card is kept.
 
 The gate's pieces live in ``train.gate_synth`` (variants of scans, generated non-radiographs),
-``train.gate_data`` (gate_dev, the embedded rows of a fit) and ``train.gate_fit`` (the head, the checks, their
-thresholds, cross-validation); their names are importable from here too. This module writes the gate
+``train.gate_data`` (gate_dev, the embedded rows of a fit), ``train.gate_fit`` (the head, the checks, their
+thresholds) and ``train.gate_cv`` (cross-validation); their names are importable from here too. This module writes the gate
 (``write_gate``, ``card_entry``) and is the command (``main``).
 """
 from __future__ import annotations
@@ -72,9 +72,9 @@ from train.gate_data import (ADULT_LABEL, DEFAULT_ADULT_DEV, DEFAULT_GATE_DEV, D
                              gate_dev_items, patient_of, shifted)  # noqa: F401
 from train.gate_fit import (ABSENT_LOGIT, ADULT_CHECK, ADULT_VAL_SHARE, CHEST_CHECK, DEFAULT_C,
                             DEFAULT_DENSITY_COMPONENTS, DEFAULT_GRID_COMPONENTS, DEFAULT_MAX_VAL_REJECT, HALF_ARRAYS,
-                            POLARITY, _f16, _f32, _principal, choose_threshold, cross_validate, cv_summary, shape_first,
-                            expected_outcome, fit_adult, fit_density, fit_gate, fit_head, fit_layout, fit_polarity,
-                            gate_vectors, scores_of)  # noqa: F401
+                            POLARITY, _f16, _f32, _principal, choose_threshold, fit_adult, fit_density, fit_gate,
+                            fit_head, fit_layout, fit_polarity, gate_vectors, scores_of)  # noqa: F401
+from train.gate_cv import cross_validate, cv_summary, expected_outcome, shape_first  # noqa: F401
 from train.gate_synth import (AUGMENTATIONS, CLINICAL, DEFAULT_SYNTH, MARKER_WORDS, STRETCH, TEXTURES, WORDS,
                               _aspect_crop, _burn_text, _collimate, _document, _letterbox, _marker_text, _photo_like,
                               _screenshot, _text_line, _texture, augment, clinical, stretched, synth_non_radiographs,

@@ -44,7 +44,7 @@ import numpy as np
 from benchmarks.ood_inputs import (EDGE_KINDS, SKIMAGE_FILES, SYNTH_SEED, _edge, make_dicoms,  # noqa: F401
                                    make_edge_cases, make_inverted, make_non_cxr, skimage_samples)
 from cxr_edge.bundle import load_bundle
-from cxr_edge.ood import DEFAULT_MAX_ASPECT, Gate, embedder
+from cxr_edge.ood import Gate, embedder
 from cxr_edge.preprocess import PreprocessError, load_gray
 
 TARGETS = {"test_false_reject_max": 0.005, "val_false_reject_max": 0.005, "gate_dev_reject_min": 0.97,
@@ -202,7 +202,7 @@ def cv_inputs(bundle, data_root, dev_root: Path, embed=None, seed: int = 0, adul
                               n_adult_variants=int(fitted.get("adult_variants", 0) if adult_variants is None
                                                    else adult_variants))
     adult = emb.get("adult") or {}
-    return {"data": data, "val_x": val_x, "items": items, "max_aspect": float(card.get("max_aspect", DEFAULT_MAX_ASPECT)),
+    return {"data": data, "val_x": val_x, "items": items,
             "fit": {"c": float(emb.get("C", fit.DEFAULT_C)),
                     "max_val_reject": float(emb.get("max_val_reject", fit.DEFAULT_MAX_VAL_REJECT)), "seed": seed,
                     "density_components": int(emb.get("density_components", 0)), "grid": grid,
@@ -218,7 +218,6 @@ def run_cv(inputs: dict, **changes) -> dict:
     from train import ood as fit
 
     res = fit.cross_validate(inputs["data"], inputs["val_x"], inputs["items"], **{**inputs["fit"], **changes})
-    fit.shape_first(res, inputs["items"], inputs.get("max_aspect", DEFAULT_MAX_ASPECT))
     res["note"] = ("the gate's settings (layout grid and components, C, density components, generated negatives) "
                    "were chosen on this same cross-validation, so its rates are optimistic; gate_dev is a "
                    "development set, not a test set")

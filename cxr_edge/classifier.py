@@ -195,7 +195,7 @@ class Classifier(ModelPass):
                 return RejectedResult(str(source), what, float("inf"), self.model)
             warning = f"{what}: the label is less reliable"
         if self.gate is not None:
-            verdict = self.gate.check_pixels(loaded.gray, loaded.colour, loaded.size)
+            verdict = self.gate.check_pixels(loaded.gray, loaded.colour)
             if not verdict.ok:
                 return RejectedResult(str(source), verdict.reason, verdict.score, self.model)
         return _Decoded(loaded.gray, warning)

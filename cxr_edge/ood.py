@@ -11,21 +11,28 @@ Three layers, each saying what it saw:
      ``max(R,G,B) - min(R,G,B)`` exceeds ``CHROMA_LEVEL`` gray levels; above ``max_colour_fraction`` (card)
      the image is refused. RGB files with three equal channels pass.
    - *blank image*: a thumbnail with (almost) no contrast (a solid colour, an empty page).
-   - *a long film*: one side more than ``max_aspect`` (card; default 2.2) times the other, as a whole-spine,
-     long-leg or panoramic dental film is and no chest film (3:4 to 4:3; the widest training scan 1.74:1).
    - *appearance* (older gates only, ``ood.npz`` with ``mean``/``components``): a 16x16 standardized
      thumbnail scored under a probabilistic PCA model of training scans.
 
 3. **Embedding** (:meth:`Gate.check_embedding`, after the model's single pass): a vector ``e`` made from the
-   model's own feature map ``F`` (``float32[h, w, C]``) by :meth:`Gate.embedding_of`: its global average, and
-   for gates with a *layout* part (``lay_mean[C]``, ``lay_proj[C, k]``, card ``embedding.layout.grid`` ``g``)
-   its ``g x g`` grid cells each projected, ``(cell - lay_mean) @ lay_proj``. A linear softmax head over
-   ``frontal_chest``, ``lateral_chest``, ``other_body_part``, ``not_radiograph``: ``logits = ((e - emb_mean)
-   / emb_scale) @ emb_weights + emb_bias``, score ``logsumexp(logits[1:]) - logits[0]``; above the card's
-   ``embedding.threshold`` (from the validation split) the image is refused with the most likely other class
-   as the reason. Optional: a density check (``den_*``), the adult check (``adult_*``: the intended population)
-   and the polarity check (``pol_*``, on the thumbnail). Fitted by ``python -m train.ood BUNDLE``; the whole
-   story, with numbers: docs/input-gate.md.
+   classifier's own last feature map ``F`` (``float32[h, w, C]``, contract 3) by :meth:`Gate.embedding_of`.
+   Older gates: the global average ``F.mean(axis=(0, 1))`` (``float32[C]``). Gates with a *layout* part
+   (arrays ``lay_mean[C]``, ``lay_proj[C, k]``, card ``embedding.layout.grid`` ``g``): the global average
+   followed by the layout, ``F`` average-pooled on a ``g x g`` grid of (overlapping, adaptive) cells, each
+   cell's ``C``-vector projected onto the first ``k`` principal components of frontal chest X-ray cells,
+   ``(cell - lay_mean) @ lay_proj`` (``C + g*g*k`` numbers: where in the frame the lungs, shoulders, bones
+   are; one ``[g*g, C] x [C, k]`` product: about 0.2 ms with the pooling). ``e`` goes through a linear softmax head
+   over four classes, ``frontal_chest``, ``lateral_chest``,
+   ``other_body_part`` and ``not_radiograph``: ``logits = ((e - emb_mean) / emb_scale) @ emb_weights +
+   emb_bias`` (one ``D x 4`` product: microseconds, no second network). The score is
+   ``logsumexp(logits[1:]) - logits[0]`` (higher = less like a frontal chest X-ray); above the card's
+   ``embedding.threshold`` (chosen on the patient-grouped validation split, never the official test) the
+   image is refused, with the most likely other class as the reason: "lateral view", "another body part"
+   or "not a radiograph". A second score, optional (``den_*`` arrays), catches what none of the head's
+   classes describes: the squared Mahalanobis distance of the standardized embedding in the first ``k``
+   principal components of the frontal chest X-rays the gate was fitted on; above ``embedding.
+   density_threshold`` (also from validation) the image is refused too, with the head's most likely other
+   class as the reason. Fitted by ``python -m train.ood BUNDLE``.
 
 The arithmetic (pooling, thumbnails, scores) is in ``cxr_edge/gate_math.py``, the model's feature maps for
 fitting and measuring a gate (:func:`feature_maps`, :func:`embedder`) in ``cxr_edge/gate_features.py``; their
@@ -54,21 +61,20 @@ import numpy as np
 from cxr_edge.bundle import BundleError, verified_file
 # the gate's arithmetic and its feature-map tools, importable from here as before
 from cxr_edge.gate_features import embedder, feature_maps  # noqa: F401
-from cxr_edge.gate_math import (DEFAULT_THUMB, _box_ones, _linear, _pool, density_distance, features,  # noqa: F401
+from cxr_edge.gate_math import (DEFAULT_THUMB, _box_ones, _pool, density_distance, features,  # noqa: F401
                                 grid_bins, grid_cells, head_logits, head_score, layout_vector, logsumexp,
                                 pooled, pooling_matrix, ppca_score, thumbnail)
-from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour, load_with_info  # noqa: F401
+from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour
 
 DEFAULT_MAX_COLOUR_FRACTION = 0.10  # share of off-tint coloured pixels (annotations stay under it; photos above)
 DEFAULT_MIN_STD = 2.0  # gray levels (0..255) of the thumbnail
-DEFAULT_MAX_ASPECT = 2.2  # long side over short side: chest films are 4:3 at most, long films 2.5:1 and more
 
 EMBED_CLASSES = ("frontal_chest", "lateral_chest", "other_body_part", "not_radiograph")
 ADULT = "adult_chest"  # a frontal chest X-ray of an adult: outside the population the model learnt from
 POPULATION = "the model was trained on children aged 1 to 5"
 REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body part", ADULT: "adult chest X-ray",
            "not_radiograph": "not a radiograph", "colour": "colour photo", "blank": "blank image",
-           "inverted": "inverted image", "long": "a long film, not a chest film"}
+           "inverted": "inverted image"}
 EMBED_ARRAYS = ("emb_mean", "emb_scale", "emb_weights", "emb_bias")
 DENSITY_ARRAYS = ("den_mean", "den_scale", "den_components", "den_var")
 THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
@@ -92,6 +98,17 @@ class Verdict:
 OK = Verdict(True, "", 0.0)
 
 
+def _linear(arrays: dict, keys: tuple[str, str], dim: int, threshold: float, error: str) -> tuple[np.ndarray, float]:
+    """The weights ``[dim]`` and bias of one of the gate's linear checks (``keys``: their array names), as float64;
+    ``ValueError(error)`` unless the shape is right and they and ``threshold`` are finite."""
+    weights = np.asarray(arrays[keys[0]], np.float64)
+    bias = float(np.asarray(arrays[keys[1]]))
+    if (weights.shape != (dim,) or not np.all(np.isfinite(weights)) or not np.isfinite(bias)
+            or not np.isfinite(threshold)):
+        raise ValueError(error)
+    return weights, bias
+
+
 class Gate:
     """A fitted input gate. ``Gate.from_bundle(root, card)`` loads and verifies ``ood.npz``;
     ``check_pixels(gray, colour_fraction)`` before the model, ``check_embedding(embedding)`` after it;
@@ -101,9 +118,6 @@ class Gate:
         self.params = dict(params)
         self.max_colour_fraction = float(params.get("max_colour_fraction", DEFAULT_MAX_COLOUR_FRACTION))
         self.min_std = float(params.get("min_std", DEFAULT_MIN_STD))
-        self.max_aspect = float(params.get("max_aspect", DEFAULT_MAX_ASPECT))
-        if not self.max_aspect >= 1.0 or not np.isfinite(self.max_aspect):  # NaN too: it would refuse nothing
-            raise ValueError(f"max_aspect must be a number >= 1, got {params.get('max_aspect')!r}")
         self.thumb = int(params.get("thumb", DEFAULT_THUMB))
         self.has_appearance = all(k in arrays for k in THUMB_ARRAYS)
         self.has_embedding = all(k in arrays for k in EMBED_ARRAYS)
@@ -207,21 +221,9 @@ class Gate:
             return np.full(len(x), np.nan), sd
         return ppca_score(x, self.mean, self.components, self.eigvals, self.resid_var), sd
 
-    def check_shape(self, width: int, height: int) -> Verdict:
-        """Verdict on the decoded image's own size (before the squash to the model's square): refused as a long
-        film when one side is more than ``max_aspect`` times the other."""
-        w, h = int(width), int(height)
-        if min(w, h) > 0 and max(w, h) > self.max_aspect * min(w, h):
-            how = "wide as tall" if w > h else "tall as wide"
-            return Verdict(False, f"{REASONS['long']} ({w}x{h} pixels, more than {self.max_aspect:g} times as {how})",
-                           float("inf"))
-        return OK
-
-    def check_pixels(self, gray: np.ndarray, colour_fraction: float = 0.0,
-                     size: Optional[tuple[int, int]] = None) -> Verdict:
-        """Verdict for one ``uint8[S, S]`` image (from ``load_gray_colour``), its chroma fraction and the decoded
-        image's ``(width, height)`` (``Loaded.size``; None: not checked), before the model: colour photo, blank
-        image, long film (and, for older gates, the thumbnail appearance model)."""
+    def check_pixels(self, gray: np.ndarray, colour_fraction: float = 0.0) -> Verdict:
+        """Verdict for one ``uint8[S, S]`` image (from ``load_gray_colour``) and its chroma fraction, before
+        the model: colour photo, blank image (and, for older gates, the thumbnail appearance model)."""
         if colour_fraction > self.max_colour_fraction:
             return Verdict(False, f"{REASONS['colour']} ({colour_fraction:.0%} of pixels in colour; X-rays are "
                                   "gray)", float("inf"))
@@ -229,10 +231,6 @@ class Gate:
         score, sd = float(score[0]), float(sd[0])
         if sd < self.min_std:
             return Verdict(False, f"{REASONS['blank']} (no contrast; not an X-ray)", float("inf"))
-        if size is not None:
-            shape = self.check_shape(*size)
-            if not shape.ok:
-                return shape
         if self.has_appearance and not score <= self.threshold:
             return Verdict(False, f"does not look like a chest X-ray (OOD score {score:.1f} > "
                                   f"threshold {self.threshold:.1f})", score)
@@ -363,10 +361,9 @@ class Gate:
 
     # -- both ----------------------------------------------------------------------------------------------
     def check(self, gray: np.ndarray, colour_fraction: float = 0.0,
-              embedding: Optional[np.ndarray] = None, allow_adults: bool = False,
-              size: Optional[tuple[int, int]] = None) -> Verdict:
+              embedding: Optional[np.ndarray] = None, allow_adults: bool = False) -> Verdict:
         """``check_pixels``, then ``check_embedding`` when an embedding is given, then ``check_polarity``."""
-        v = self.check_pixels(gray, colour_fraction, size)
+        v = self.check_pixels(gray, colour_fraction)
         return v if not v.ok else self.check_after_model(embedding, gray, allow_adults)
 
     def check_after_model(self, embedding: Optional[np.ndarray], gray: np.ndarray,
@@ -382,11 +379,10 @@ class Gate:
 
     def check_source(self, source: Source, size: int = 224,
                      embed: Optional[Callable[[np.ndarray], np.ndarray]] = None, allow_adults: bool = False) -> Verdict:
-        """Decode ``source`` (``cxr_edge.preprocess.load_with_info``) and check it; ``embed`` (see
+        """Decode ``source`` (``cxr_edge.preprocess.load_gray_colour``) and check it; ``embed`` (see
         :func:`embedder`, with ``gate=`` this gate) supplies the gate vector for the head."""
-        loaded = load_with_info(source, size)
-        gray = loaded.gray
-        v = self.check_pixels(gray, loaded.colour, loaded.size)
+        gray, colour = load_gray_colour(source, size)
+        v = self.check_pixels(gray, colour)
         if not v.ok:
             return v
         return self.check_after_model(embed(gray[None])[0] if embed is not None and self.has_embedding else None,

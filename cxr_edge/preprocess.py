@@ -302,14 +302,12 @@ def reduction_factor(width: int, height: int, size: int, keep: int = KEEP) -> in
 
 @dataclass(frozen=True)
 class Loaded:
-    """What ``load_with_info`` reads: the model's gray image, the chroma fraction (``load_gray_colour``), the
-    patient's age where the file says it (DICOM: ``(years, the tags it came from)``, else ``None``) and the
-    decoded image's ``(width, height)`` before the squash (EXIF orientation applied)."""
+    """What ``load_with_info`` reads: the model's gray image, the chroma fraction (``load_gray_colour``) and the
+    patient's age where the file says it (DICOM: ``(years, the tags it came from)``, else ``None``)."""
 
     gray: np.ndarray
     colour: float
     patient_age: Optional[tuple[float, str]] = None
-    size: Optional[tuple[int, int]] = None
 
 
 def _load(source: Source, size: int, colour: bool) -> Loaded:
@@ -341,7 +339,7 @@ def _load(source: Source, size: int, colour: bool) -> Loaded:
             gray = gray.reduce(factor)
         if gray.size != (size, size):
             gray = gray.resize((size, size), Image.Resampling.LANCZOS)
-        return Loaded(np.asarray(gray, dtype=np.uint8), chroma, age, img.size)
+        return Loaded(np.asarray(gray, dtype=np.uint8), chroma, age)
     except PreprocessError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

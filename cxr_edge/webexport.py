@@ -40,8 +40,7 @@ def _gate_params(bundle: Bundle, add) -> Optional[dict]:
     if gate.has_appearance:
         raise WebExportError(f"bundle {bundle.root}: its gate is an older thumbnail model; the browser runs "
                              "only gates with an embedding head (python -m train.ood BUNDLE)")
-    out = {"max_colour_fraction": gate.max_colour_fraction, "min_std": gate.min_std, "max_aspect": gate.max_aspect,
-           "thumb": gate.thumb,
+    out = {"max_colour_fraction": gate.max_colour_fraction, "min_std": gate.min_std, "thumb": gate.thumb,
            "reasons": dict(ood.REASONS), "adult_class": getattr(ood, "ADULT", None),
            "population": getattr(ood, "POPULATION", ""), "grid": 0}
     if gate.has_embedding:

@@ -1,7 +1,7 @@
 """The input gate's gate_dev cross-validation (``train.ood``, ``python -m benchmarks``): each fold refits the whole
 gate (``train.gate_fit.fit_gate``) without the fold's gate_dev items and their variants and judges them
-(``cross_validate``), the held-out adult films' variants too; the shape check that needs no fit, in the
-runtime's order (``shape_first``); per-category counts (``cv_summary``). Importable from ``train.ood`` too."""
+(``cross_validate``), the held-out adult films' variants too; per-category counts (``cv_summary``).
+Importable from ``train.ood`` too."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from cxr_edge.ood import REASONS, Gate
-from cxr_edge.preprocess import load_with_info
 from train.gate_data import GATE_DEV_CLASSES, DevItem, GateData
 from train.gate_fit import (DEFAULT_C, DEFAULT_DENSITY_COMPONENTS, DEFAULT_GRID_COMPONENTS, DEFAULT_MAX_VAL_REJECT,
                             fit_gate, gate_vectors)
@@ -86,25 +85,6 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
             out["adult_variants"][kind] = summary
     out["rows"] = rows
     return out
-
-
-def shape_first(res: dict, items: list[DevItem], max_aspect: float) -> None:
-    """``cross_validate``'s result with the pixel check that needs no fit, in the runtime's order: a held-out
-    item whose decoded image is a long film (``Gate.check_shape``) is refused so before the model, whatever its
-    fold's head says; its per-category summaries are counted again (``refused_by_shape`` names the files)."""
-    gate = Gate({}, {"max_aspect": max_aspect})
-    refused = {}
-    for it in items:
-        v = gate.check_shape(*load_with_info(it.path, 16, colour=False).size)
-        if not v.ok:
-            refused[Path(it.path).name] = v.reason
-    for r in res["rows"]:
-        if r["file"] in refused:
-            r.update(accepted=False, reason=refused[r["file"]], accepted_allow_adults=False,
-                     reason_allow_adults=refused[r["file"]])
-    for cat in res["by_category"]:
-        res["by_category"][cat] = cv_summary([r for r in res["rows"] if r["category"] == cat], GATE_DEV_CLASSES[cat])
-    res["refused_by_shape"] = sorted(refused)
 
 
 def expected_outcome(cls: str) -> str:

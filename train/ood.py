@@ -51,8 +51,8 @@ into its ``card.json``; every other field of the card is kept.
 
 The gate's pieces live in ``train.gate_synth`` (variants of scans, generated non-radiographs),
 ``train.gate_data`` (gate_dev, the embedded rows of a fit), ``train.gate_fit`` (the head, the checks, their
-thresholds) and ``train.gate_cv`` (cross-validation); their names are importable from here too. This module writes the gate
-(``write_gate``, ``card_entry``) and is the command (``main``).
+thresholds) and ``train.gate_cv`` (cross-validation); their names are importable from here too. This module
+writes the gate (``write_gate``, ``card_entry``) and is the command (``main``).
 """
 from __future__ import annotations
 
@@ -65,8 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_edge.bundle import CARD_NAME, load_bundle, sha256_file
-from cxr_edge.ood import (CHROMA_LEVEL, DEFAULT_MAX_ASPECT, DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, EMBED_CLASSES,
-                          Gate, embedder)
+from cxr_edge.ood import CHROMA_LEVEL, DEFAULT_MAX_COLOUR_FRACTION, DEFAULT_MIN_STD, EMBED_CLASSES, Gate, embedder
 from train.gate_data import (ADULT_LABEL, DEFAULT_ADULT_DEV, DEFAULT_GATE_DEV, DEFAULT_VARIANTS, EMBED_BATCH,
                              GATE_DEV_CLASSES, DevItem, GateData, adult_dev_items, body_part, collect, embed_images,
                              gate_dev_items, patient_of, shifted)  # noqa: F401
@@ -74,7 +73,7 @@ from train.gate_fit import (ABSENT_LOGIT, ADULT_CHECK, ADULT_VAL_SHARE, CHEST_CH
                             DEFAULT_DENSITY_COMPONENTS, DEFAULT_GRID_COMPONENTS, DEFAULT_MAX_VAL_REJECT, HALF_ARRAYS,
                             POLARITY, _f16, _f32, _principal, choose_threshold, fit_adult, fit_density, fit_gate,
                             fit_head, fit_layout, fit_polarity, gate_vectors, scores_of)  # noqa: F401
-from train.gate_cv import cross_validate, cv_summary, expected_outcome, shape_first  # noqa: F401
+from train.gate_cv import cross_validate, cv_summary, expected_outcome  # noqa: F401
 from train.gate_synth import (AUGMENTATIONS, CLINICAL, DEFAULT_SYNTH, MARKER_WORDS, STRETCH, TEXTURES, WORDS,
                               _aspect_crop, _burn_text, _collimate, _document, _letterbox, _marker_text, _photo_like,
                               _screenshot, _text_line, _texture, augment, clinical, stretched, synth_non_radiographs,
@@ -134,13 +133,11 @@ def card_entry(emb_params: dict, fitted_on: dict, cv: dict | None) -> dict:
     """The card's ``"ood"`` parameters (without path/sha256/bytes)."""
     return {
         "max_colour_fraction": DEFAULT_MAX_COLOUR_FRACTION, "chroma_level": CHROMA_LEVEL, "min_std": DEFAULT_MIN_STD,
-        "max_aspect": DEFAULT_MAX_ASPECT,
         "threshold": emb_params.get("threshold"),  # the embedding head's, as `cxr-edge info` shows it
         "embedding": emb_params,
         "features": ("before the model: colour photo (share of pixels with max(R,G,B)-min(R,G,B) > "
-                     f"{CHROMA_LEVEL} above {DEFAULT_MAX_COLOUR_FRACTION}), blank image (16x16 thumbnail std < "
-                     f"{DEFAULT_MIN_STD} gray levels) and long film (one side more than {DEFAULT_MAX_ASPECT:g} "
-                     "times the other); after it: a linear softmax head and a density check on the "
+                     f"{CHROMA_LEVEL} above {DEFAULT_MAX_COLOUR_FRACTION}) and blank image (16x16 thumbnail std < "
+                     f"{DEFAULT_MIN_STD} gray levels); after it: a linear softmax head and a density check on the "
                      "model's penultimate global-average-pooled embedding"
                      + (" and the layout of its last feature map ({0}x{0} grid cells, {1} principal components "
                         "each)".format(emb_params["layout"]["grid"], emb_params["layout"]["components"])
@@ -239,7 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.folds:
         cv = cross_validate(data, val_x, items, args.folds, args.C, args.max_val_reject, args.seed,
                             args.density_components, args.grid, args.grid_components)
-        shape_first(cv, items, DEFAULT_MAX_ASPECT)  # the gate's shape check comes before the model
         for cat, r in cv["by_category"].items():
             log(f"gate_dev CV {cat}: {r['correct']}/{r['n']} right (expected: {r['expected']}; reasons "
                 f"{r['reasons']}); wrong: {r['wrong']}")

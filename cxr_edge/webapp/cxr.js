@@ -217,14 +217,6 @@ export function cam(f, h, w, c, weights, label) {  // heatmap.cam_maps: relu(fea
   return peak > 0 ? m.map((v) => v / peak) : m;
 }
 
-export function shapeVerdict(w, h, gate) {  // ood.Gate.check_shape: a long film by the decoded image's own size
-  const max = gate.max_aspect ?? 2.2;
-  if (Math.min(w, h) > 0 && Math.max(w, h) > max * Math.min(w, h)) {
-    return { ok: false, reason: `${gate.reasons.long} (${w}x${h} pixels, more than ${max} times as ${w > h ? "wide as tall" : "tall as wide"})` };
-  }
-  return { ok: true, reason: "" };
-}
-
 // ---- one scan, start to end --------------------------------------------------------------------------
 export async function classify(run, P, rgba, w, h) {
   const spec = P.input, gate = P.gate, n = w * h;
@@ -237,8 +229,6 @@ export async function classify(run, P, rgba, w, h) {
       return refuse(`${gate.reasons.colour} (${Math.round(colour * 100)}% of pixels in colour; X-rays are gray)`);
     }
     if (th.sd < gate.min_std) return refuse(`${gate.reasons.blank} (no contrast; not an X-ray)`);
-    const shape = shapeVerdict(w, h, gate);
-    if (!shape.ok) return refuse(shape.reason);
   }
   const x = new Float32Array(spec.size * spec.size);
   for (let i = 0; i < x.length; i++) x[i] = Math.fround(Math.fround(gray[i] * spec.scale) + spec.offset);

@@ -151,7 +151,9 @@ def is_loopback(host: str) -> bool:
 
 
 class LocalHostOnly:
-    """ASGI middleware for a server bound to loopback: requests must name this machine in ``Host``."""
+    """ASGI middleware for a server bound to loopback: requests must name this machine in ``Host``. Not
+    Starlette's ``TrustedHostMiddleware``: it matches a list of names, while loopback is an address range
+    (127.0.0.0/8, ``[::1]``) that ``is_loopback`` tests, as the bind check does."""
 
     def __init__(self, app):
         self.app = app

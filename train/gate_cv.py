@@ -70,7 +70,6 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
                                                   GATE_DEV_CLASSES[category])
     if variant_rows:  # by kind: the head's variants, and the adult check's own (shifts, annotations, frames)
         out["adult_variants"] = {}
-        adult = REASONS["adult_chest"]
         for kind in ADULT_VARIANT_KINDS.values():
             kept = [r for r in variant_rows if r["kind"] == kind]
             if not kept:
@@ -79,7 +78,7 @@ def cross_validate(data: GateData, val_x: np.ndarray, items: list[DevItem], fold
             del summary["wrong"]  # hundreds of lines: which films instead, with how many of their variants
             wrong: dict[str, int] = {}
             for r in kept:
-                if r["accepted"] or not r["reason"].startswith(adult):
+                if not is_right(r, summary["expected"]):
                     wrong[r["file"]] = wrong.get(r["file"], 0) + 1
             summary["wrong_by_film"] = dict(sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0])))
             out["adult_variants"][kind] = summary
@@ -93,19 +92,23 @@ def expected_outcome(cls: str) -> str:
     return {"frontal_chest": "accept", "adult_chest": "reject as adult"}.get(cls, "reject")
 
 
+def is_right(row: dict, want: str) -> bool:
+    """Whether the gate's verdict on a row (``accepted``, ``reason``) is ``want`` (``expected_outcome``): accepted;
+    refused as adult; or refused with another reason than adult."""
+    if want == "accept":
+        return row["accepted"]
+    adult = row["reason"].startswith(REASONS["adult_chest"])
+    return not row["accepted"] and (adult if want == "reject as adult" else not adult)
+
+
 def cv_summary(rows: list[dict], cls: str) -> dict:
     """Counts for one category's cross-validated rows (``accepted``, ``reason``; ``accepted_allow_adults``):
     how many the gate got right by ``expected_outcome``, the refusal reasons, and for adult films how many
     ``allow_adults`` would classify (with a warning)."""
     want = expected_outcome(cls)
-    adult = REASONS["adult_chest"]
 
     def right(r):
-        if want == "accept":
-            return r["accepted"]
-        if want == "reject as adult":
-            return not r["accepted"] and r["reason"].startswith(adult)
-        return not r["accepted"] and not r["reason"].startswith(adult)
+        return is_right(r, want)
 
     reasons: dict[str, int] = {}
     for r in rows:

@@ -11,8 +11,10 @@ Two steps, kept apart so that training can cache the expensive one:
 The reduction is the same whatever the container, so that a scan gives the same answer as a JPEG, PNG
 (8/16-bit, RGBA), TIFF or DICOM: the decoded 8-bit gray image is first reduced by an integer factor ``f``
 with ``Image.reduce`` (a box filter; ``f`` is the largest power of two that keeps both sides at least
-``KEEP * size``, ``reduction_factor``), then squashed to ``size x size`` by one Lanczos resize. The same
-pixels in any container therefore give the same array, bit for bit.
+``KEEP * size``, ``reduction_factor``), stripped of flat borders (``cxr_edge.pixels.flat_border_box``: rows and
+columns of one dark or bright level, as collimation, letterboxing or a scanner's edge leave, which would otherwise
+shrink the chest in the squash), then squashed to ``size x size`` by one Lanczos resize. The same pixels in any
+container therefore give the same array, bit for bit.
 
 Why not libjpeg's DCT scaling (``draft()``), which would skip part of a JPEG's decode: it equals the box
 filter of the *unrounded* inverse DCT, while every other container holds rounded pixels, so the two differ
@@ -39,7 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # the errors and bit-depth helpers live in cxr_edge.pixels (shared with cxr_edge.dicom); importable from here too
 from cxr_edge.pixels import (CONTENT_BITS, InputRejected, PreprocessError, _reason,  # noqa: F401
-                             content_bits, high_bits)
+                             content_bits, flat_border_box, high_bits)
 
 Source = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -54,7 +56,8 @@ MAX_TIFF_IN_MEMORY = 512 * 2 ** 20  # a TIFF stored on its side is read into mem
 MIN_SIDE = 32  # smaller images are not a chest X-ray a model can read
 
 
-RESIZE_NOTE = "box-reduce by the largest 2^k keeping >= size a side (Image.reduce), then squash, Pillow LANCZOS"
+RESIZE_NOTE = ("box-reduce by the largest 2^k keeping >= size a side (Image.reduce), trim flat borders "
+               "(pixels.flat_border_box), then squash, Pillow LANCZOS")
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,9 @@ def _load(source: Source, size: int, colour: bool) -> Loaded:
         gray = _to_gray8(img)
         if factor > 1:
             gray = gray.reduce(factor)
+        top, bottom, left, right = flat_border_box(np.asarray(gray))  # collimation, letterboxing: not the chest
+        if top or bottom or left or right:
+            gray = gray.crop((left, top, gray.width - right, gray.height - bottom))
         if gray.size != (size, size):
             gray = gray.resize((size, size), Image.Resampling.LANCZOS)
         return Loaded(np.asarray(gray, dtype=np.uint8), chroma, age)

@@ -57,8 +57,9 @@ def _photo(path: Path) -> Path:
 @needs_node
 def test_js_preprocessing_is_pillows_bit_for_bit(tmp_path):
     """Real scans (reduced by 4 or 8, then squashed), random images whose sizes exercise partial reduction
-    boxes, both orders of Pillow's two Lanczos passes, upscaling and no resize at all, a random colour image
-    and a colour photo: the same 144 px image, the same chroma fraction and thumbnail spread."""
+    boxes, both orders of Pillow's two Lanczos passes, upscaling and no resize at all, a random colour image,
+    a colour photo, a scan with flat borders to trim and a mostly flat image (trimmed to its limit): the same 144 px
+    image, the same chroma fraction and thumbnail spread."""
     from cxr_edge.ood import features
     from cxr_edge.preprocess import load_gray_colour
 
@@ -67,6 +68,11 @@ def test_js_preprocessing_is_pillows_bit_for_bit(tmp_path):
     imgs += [Image.fromarray(rng.integers(0, 256, (h, w), np.uint8)).convert("RGB")
              for w, h in [(301, 517), (151, 259), (517, 301), (1000, 77), (SIZE, SIZE), (2049, 1531), (50, 40)]]
     imgs += [Image.fromarray(rng.integers(0, 256, (333, 411, 3), np.uint8)), Image.open(_photo(tmp_path / "p.png"))]
+    framed = np.asarray(imgs[0].convert("L")).copy()  # flat borders to trim: dark, bright, a whole flat image
+    framed[:, :20], framed[:, -9:], framed[:7] = 3, 250, 240
+    small = np.full((300, 200), 7, np.uint8)  # flat well past the 25% a side that may go
+    small[130:170, 80:120] = rng.integers(0, 256, (40, 40), np.uint8)
+    imgs += [Image.fromarray(framed).convert("RGB"), Image.fromarray(small).convert("RGB")]
     cases, want = [], []
     for i, im in enumerate(imgs):
         im.save(tmp_path / f"{i}.png")
@@ -82,7 +88,7 @@ def test_js_preprocessing_is_pillows_bit_for_bit(tmp_path):
         js = np.frombuffer(base64.b64decode(g["gray"]), np.uint8).reshape(SIZE, SIZE)
         assert np.array_equal(js, gray), (im.size, int((js != gray).sum()))
         assert g["chroma"] == pytest.approx(colour, abs=1e-12) and g["sd"] == pytest.approx(sd, rel=1e-6)
-    assert want[-1][1] > 0.5 and want[-2][1] > 0.02  # the colour images are seen as colour
+    assert want[-3][1] > 0.5 and want[-4][1] > 0.02  # the colour images are seen as colour
 
 
 @needs_node

@@ -88,11 +88,36 @@ export function toGray(rgba, n) {  // Pillow's RGB -> L: (19595 R + 38470 G + 74
   return g;
 }
 
-export function grayInput(gray, w, h, size, minSide = 32) {  // preprocess._load: reduce, then squash
+// pixels.flat_border_box: [top, bottom, left, right] rows and columns of flat dark or bright border
+export function flatBorderBox(g, w, h, range = 10, dark = 24, bright = 232, maxTrim = 0.25) {
+  const flat = (x0, y0, dx, dy, n) => {  // the n pixels from (x0, y0) in steps (dx, dy)
+    let lo = 255, hi = 0, sum = 0;
+    for (let i = 0, k = y0 * w + x0; i < n; i++, k += dy * w + dx) { const v = g[k]; lo = Math.min(lo, v); hi = Math.max(hi, v); sum += v; }
+    return hi - lo <= range && (sum / n <= dark || sum / n >= bright);
+  };
+  const limH = Math.floor(h * maxTrim), limW = Math.floor(w * maxTrim);
+  let top = 0, bottom = 0, left = 0, right = 0;
+  while (top < limH && flat(0, top, 1, 0, w)) top++;
+  while (bottom < limH && flat(0, h - 1 - bottom, 1, 0, w)) bottom++;
+  const rows = h - top - bottom;
+  while (left < limW && flat(left, top, 0, 1, rows)) left++;
+  while (right < limW && flat(w - 1 - right, top, 0, 1, rows)) right++;
+  return [top, bottom, left, right];
+}
+
+export function crop(g, w, top, bottom, left, right, h) {  // Image.crop((left, top, w - right, h - bottom))
+  const ow = w - left - right, oh = h - top - bottom, out = new Uint8Array(ow * oh);
+  for (let y = 0; y < oh; y++) out.set(g.subarray((y + top) * w + left, (y + top) * w + left + ow), y * ow);
+  return { data: out, w: ow, h: oh };
+}
+
+export function grayInput(gray, w, h, size, minSide = 32) {  // preprocess._load: reduce, trim flat borders, squash
   if (Math.min(w, h) < minSide) throw new Error(`image is ${w}x${h} pixels, smaller than ${minSide} a side`);
   const f = reductionFactor(w, h, size);
   let g = gray;
   if (f > 1) ({ data: g, w, h } = reduce(gray, w, h, f));
+  const [top, bottom, left, right] = flatBorderBox(g, w, h);
+  if (top || bottom || left || right) ({ data: g, w, h } = crop(g, w, top, bottom, left, right, h));
   return w === size && h === size ? g : resizeLanczos(g, w, h, size);
 }
 

@@ -231,6 +231,12 @@ def main(argv=None) -> int:
         print(f"{split}: shifted mean accuracy {rep['shifted_mean_accuracy']:.4f}, worst {rep['worst_shift']}; "
               f"wrote {args.out / stem}.json/.md")
         reports.append(rep)
+    if len(reports) == 1:  # the plot keeps the other split's panel when its report is there (same tag)
+        other = "test" if args.split == "val" else "val"
+        saved = args.out / (("robustness-val" if other == "val" else "robustness") + (f"-{args.tag}" if args.tag else "")
+                            + ".json")
+        if saved.exists():
+            reports.insert(0 if other == "val" else 1, json.loads(saved.read_text()))
     plot(reports, args.out / ("robustness" + (f"-{args.tag}" if args.tag else "") + ".png"))
     return 0
 

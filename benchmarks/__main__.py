@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rep = robustness.run("test", bundles[0] if args.bundle else None, data=args.data)
         robustness.write_report(rep, out)
-        val_json = out / "robustness-val.json"  # the validation split's report, when measured (--split val)
+        val_json = out / f"{robustness.report_stem('val')}.json"  # the validation split's report (--split val)
         val = [json.loads(val_json.read_text())] if val_json.exists() else []
         robustness.plot(val + [rep], out / "robustness.png")
         results["robustness"] = robustness.summary(rep)

@@ -177,9 +177,14 @@ def run(split: str, model=None, backend=None, shifts=None, limit: int = 0, data=
     return report
 
 
+def report_stem(split: str, tag: str = "") -> str:
+    """The file name, without suffix, of one split's report: ``robustness[-val][-TAG]``."""
+    return "robustness" + ("-val" if split == "val" else "") + (f"-{tag}" if tag else "")
+
+
 def write_report(rep: dict, out: Path, tag: str = "") -> str:
     """``robustness[-val][-TAG].json`` and ``.md`` of one split's report into ``out``; returns the stem."""
-    stem = "robustness" + ("-val" if rep["split"] == "val" else "") + (f"-{tag}" if tag else "")
+    stem = report_stem(rep["split"], tag)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(rep, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(rep))
@@ -233,8 +238,7 @@ def main(argv=None) -> int:
         reports.append(rep)
     if len(reports) == 1:  # the plot keeps the other split's panel when its report is there (same tag)
         other = "test" if args.split == "val" else "val"
-        saved = args.out / (("robustness-val" if other == "val" else "robustness") + (f"-{args.tag}" if args.tag else "")
-                            + ".json")
+        saved = args.out / f"{report_stem(other, args.tag)}.json"
         if saved.exists():
             reports.insert(0 if other == "val" else 1, json.loads(saved.read_text()))
     plot(reports, args.out / ("robustness" + (f"-{args.tag}" if args.tag else "") + ".png"))

@@ -105,7 +105,7 @@ export function flatBorderBox(g, w, h, range = 10, dark = 24, bright = 232, maxT
   return [top, bottom, left, right];
 }
 
-export function crop(g, w, top, bottom, left, right, h) {  // Image.crop((left, top, w - right, h - bottom))
+export function crop(g, w, h, [top, bottom, left, right]) {  // Image.crop((left, top, w - right, h - bottom))
   const ow = w - left - right, oh = h - top - bottom, out = new Uint8Array(ow * oh);
   for (let y = 0; y < oh; y++) out.set(g.subarray((y + top) * w + left, (y + top) * w + left + ow), y * ow);
   return { data: out, w: ow, h: oh };
@@ -116,8 +116,8 @@ export function grayInput(gray, w, h, size, minSide = 32) {  // preprocess._load
   const f = reductionFactor(w, h, size);
   let g = gray;
   if (f > 1) ({ data: g, w, h } = reduce(gray, w, h, f));
-  const [top, bottom, left, right] = flatBorderBox(g, w, h);
-  if (top || bottom || left || right) ({ data: g, w, h } = crop(g, w, top, bottom, left, right, h));
+  const box = flatBorderBox(g, w, h);
+  if (box.some((n) => n > 0)) ({ data: g, w, h } = crop(g, w, h, box));
   return w === size && h === size ? g : resizeLanczos(g, w, h, size);
 }
 

@@ -8,7 +8,8 @@ What it measures (full run):
 - latency: end to end vs bare decode, inference alone (1/2 threads, batch 1 and 32), Keras float predict
   of the shipped network and of DenseNet201 (architecture only: no trained DenseNet201 exists here),
   CLI cold start and peak RSS, installed sizes;
-- the official test under acquisition shifts (``benchmarks.robustness``: ``robustness.json``/``.md``).
+- the official test under acquisition shifts (``benchmarks.robustness``: ``robustness.json``/``.md``);
+- the input gate (``benchmarks.ood``), and turned and inverted chest films (``benchmarks.orientation``).
 
 ``--quick`` (used by the tests) takes a few test images and few repeats and skips the Keras references and
 the installed sizes.
@@ -198,6 +199,10 @@ def _targets(results: dict, shipped: str | None) -> list[dict]:
         from benchmarks import ood as ood_bench  # the input gate's targets (issue 11), from its own results
 
         out += ood_bench.targets(g)
+    if results.get("orientation"):
+        from benchmarks import orientation
+
+        out += orientation.targets(results["orientation"])
     return out
 
 
@@ -336,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import ood
 
         results["ood"] = ood.measure(bundles[0], root)
+        print("input gate: turned and inverted chest films (benchmarks.orientation)", flush=True)
+        from benchmarks import orientation
+
+        results["orientation"] = orientation.measure(bundles[0] if args.bundle else None, args.data)
     if not quick:
         print("robustness: the official test under acquisition shifts (benchmarks.robustness)", flush=True)
         from benchmarks import robustness

@@ -206,6 +206,11 @@ def markdown(r: dict) -> str:
         lines += ["## Input gate (shipped in the bundle)", "", *ood_bench.markdown(r["ood"]), "",
                   "The gate's settings were chosen on gate_dev cross-validation and on generated non-radiographs, "
                   "so its rates there are optimistic; the official test row is the one set it never saw.", ""]
+    if r.get("orientation"):
+        from benchmarks import orientation
+
+        lines += ["### Turned and inverted chest films (`benchmarks.orientation`)", "",
+                  *orientation.markdown(r["orientation"]), ""]
     fast = (r.get("latency") or {}).get("fast_path") or {}
     if fast:
         lines += ["## Fast path (issue 10)", "", "```json", json.dumps(fast, indent=1)[:6000], "```", ""]

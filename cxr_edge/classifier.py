@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
+from cxr_edge import reorient
 from cxr_edge.bundle import BundleError, load_bundle
 from cxr_edge.engines import EngineError, open_engine
 from cxr_edge.heatmap import LegacyFeatures, cam_maps, load_cam_weights
@@ -237,9 +238,24 @@ class Classifier(ModelPass):
         return Result(str(source), CLASS_NAMES[int(np.argmax(probs))], MappingProxyType(p), self.model,
                       gated=self.gate is not None, heatmap=heatmap, warning=warning)
 
-    def _results(self, items: list, probs, embeddings, maps) -> list:
-        return [self._result(src, d, probs[i], None if embeddings is None else embeddings[i],
-                             None if maps is None else maps[i]) for i, (src, d) in enumerate(items)]
+    def _results(self, items: list, probs, embeddings, maps, engine=None) -> list:
+        out = [self._result(src, d, probs[i], None if embeddings is None else embeddings[i],
+                            None if maps is None else maps[i]) for i, (src, d) in enumerate(items)]
+        # a turned or inverted chest film: refused with its true reason (cxr_edge.reorient)
+        if self._gate_needs_embedding and embeddings is not None:
+            ask = [i for i, r in enumerate(out) if isinstance(r, RejectedResult) and reorient.worth_asking(r.reason)]
+            ok = [i for i, r in enumerate(out) if isinstance(r, Result)]
+            scores = self.gate.embedding_scores(embeddings)[0]  # the head's, per input
+            try:
+                why, turned = reorient.explain(
+                    self.gate, [items[i][1].gray for i in ask], [items[i][1].gray for i in ok], [scores[i] for i in ok],
+                    lambda g: self.gate.embedding_of(self.predict_full(g, engine)[2]))
+            except EngineError:  # the results stand as the first pass gave them
+                why, turned = [], []
+            for i, what in [*zip(ask, why), *zip(ok, turned)]:
+                if what:
+                    out[i] = RejectedResult(out[i].path, what, float(scores[i]), self.model)
+        return out
 
     def classify(self, path: PathLike) -> Union[Result, RejectedResult]:
         """Classify one file. Raises :class:`PreprocessError` when it is not a readable image; returns a
@@ -255,12 +271,12 @@ class Classifier(ModelPass):
         out: list = []
         if loaded:
             try:
-                out = self._results(loaded, *self._infer(np.stack([d.gray for _, d in loaded]), engine))
+                out = self._results(loaded, *self._infer(np.stack([d.gray for _, d in loaded]), engine), engine)
             except EngineError:
                 # The runtime failed on this batch: one by one, so that only the input it fails on fails.
                 for src, d in loaded:
                     try:
-                        out.append(self._results([(src, d)], *self._infer(d.gray[None], engine))[0])
+                        out.append(self._results([(src, d)], *self._infer(d.gray[None], engine), engine)[0])
                     except EngineError as exc:
                         out.append(ErrorResult(str(src), f"inference failed: {one_line(exc)}"))
         done = iter(out)

@@ -129,3 +129,14 @@ def head_score(logits: np.ndarray) -> np.ndarray:
     """``logsumexp(logits[..., 1:]) - logits[..., 0]``: how much more likely anything but a frontal chest
     X-ray is (log odds; higher = less like one)."""
     return logsumexp(logits[..., 1:]) - logits[..., 0]
+
+
+def linear_check(arrays: dict, keys: tuple[str, str], dim: int, threshold: float, error: str) -> tuple[np.ndarray, float]:
+    """The weights ``[dim]`` and bias of one of the gate's linear checks (``keys``: their array names), as float64;
+    ``ValueError(error)`` unless the shape is right and they and ``threshold`` are finite."""
+    weights = np.asarray(arrays[keys[0]], np.float64)
+    bias = float(np.asarray(arrays[keys[1]]))
+    if (weights.shape != (dim,) or not np.all(np.isfinite(weights)) or not np.isfinite(bias)
+            or not np.isfinite(threshold)):
+        raise ValueError(error)
+    return weights, bias

@@ -64,6 +64,7 @@ from cxr_edge.gate_features import embedder, feature_maps  # noqa: F401
 from cxr_edge.gate_math import (DEFAULT_THUMB, _box_ones, _pool, density_distance, features,  # noqa: F401
                                 grid_bins, grid_cells, head_logits, head_score, layout_vector, logsumexp,
                                 pooled, pooling_matrix, ppca_score, thumbnail)
+from cxr_edge.gate_math import linear_check as _linear
 from cxr_edge.preprocess import CHROMA_LEVEL, Source, load_gray_colour
 
 DEFAULT_MAX_COLOUR_FRACTION = 0.10  # share of off-tint coloured pixels (annotations stay under it; photos above)
@@ -74,7 +75,7 @@ ADULT = "adult_chest"  # a frontal chest X-ray of an adult: outside the populati
 POPULATION = "the model was trained on children aged 1 to 5"
 REASONS = {"lateral_chest": "lateral view", "other_body_part": "another body part", ADULT: "adult chest X-ray",
            "not_radiograph": "not a radiograph", "colour": "colour photo", "blank": "blank image",
-           "inverted": "inverted image"}
+           "inverted": "inverted image", "turned": "turned film"}  # turned: cxr_edge.reorient
 EMBED_ARRAYS = ("emb_mean", "emb_scale", "emb_weights", "emb_bias")
 DENSITY_ARRAYS = ("den_mean", "den_scale", "den_components", "den_var")
 THUMB_ARRAYS = ("mean", "components", "eigvals", "resid_var")
@@ -82,6 +83,10 @@ LAYOUT_ARRAYS = ("lay_mean", "lay_proj")
 POLARITY_ARRAYS = ("pol_weights", "pol_bias")
 ADULT_ARRAYS = ("adult_weights", "adult_bias")
 ADULT_OTHER_ARRAYS = ("adult_other_weights", "adult_other_bias")  # the adult check's chest-or-not question
+UPDOWN_ARRAYS = ("ud_weights", "ud_bias")  # the upside-down question (cxr_edge.reorient)
+SIDEWAYS_ARRAYS = ("side_weights", "side_bias")  # the on-its-side question (cxr_edge.reorient)
+# linear questions on the standardized thumbnail, by their card key (higher = a negative, upside down, on its side)
+THUMB_QUESTIONS = {"polarity": POLARITY_ARRAYS, "updown": UPDOWN_ARRAYS, "sideways": SIDEWAYS_ARRAYS}
 
 
 @dataclass(frozen=True)
@@ -96,17 +101,6 @@ class Verdict:
 
 
 OK = Verdict(True, "", 0.0)
-
-
-def _linear(arrays: dict, keys: tuple[str, str], dim: int, threshold: float, error: str) -> tuple[np.ndarray, float]:
-    """The weights ``[dim]`` and bias of one of the gate's linear checks (``keys``: their array names), as float64;
-    ``ValueError(error)`` unless the shape is right and they and ``threshold`` are finite."""
-    weights = np.asarray(arrays[keys[0]], np.float64)
-    bias = float(np.asarray(arrays[keys[1]]))
-    if (weights.shape != (dim,) or not np.all(np.isfinite(weights)) or not np.isfinite(bias)
-            or not np.isfinite(threshold)):
-        raise ValueError(error)
-    return weights, bias
 
 
 class Gate:
@@ -174,13 +168,15 @@ class Gate:
             self.adult_other_weights, self.adult_other_bias = _linear(
                 arrays, ADULT_OTHER_ARRAYS, self.emb_dim, 0.0,
                 "inconsistent OOD gate arrays (adult check: adult_other_weights[D], adult_other_bias)")
-        self.has_polarity = all(k in arrays for k in POLARITY_ARRAYS)
+        self.questions = {}  # card key -> (weights, bias, threshold)
+        for key, names in THUMB_QUESTIONS.items():
+            if all(k in arrays for k in names):
+                t = float((params.get(key) or {}).get("threshold", float("nan")))
+                self.questions[key] = (*_linear(arrays, names, self.thumb * self.thumb, t, "inconsistent OOD gate arrays/"
+                                                f"parameters ({key}: {names[0]}[thumb*thumb], {names[1]} and {key}.threshold)"), t)
+        self.has_polarity = "polarity" in self.questions
         if self.has_polarity:
-            self.pol_threshold = float((params.get("polarity") or {}).get("threshold", float("nan")))
-            self.pol_weights, self.pol_bias = _linear(
-                arrays, POLARITY_ARRAYS, self.thumb * self.thumb, self.pol_threshold,
-                "inconsistent OOD gate arrays/parameters (polarity: pol_weights[thumb*thumb], pol_bias and "
-                "polarity.threshold)")
+            self.pol_weights, self.pol_bias, self.pol_threshold = self.questions["polarity"]
         self.has_density = self.has_embedding and all(k in arrays for k in DENSITY_ARRAYS)
         if self.has_density:
             self.den_mean = np.asarray(arrays["den_mean"], np.float64)
@@ -236,13 +232,22 @@ class Gate:
                                   f"threshold {self.threshold:.1f})", score)
         return Verdict(True, "", 0.0 if np.isnan(score) else score)
 
-    def polarity_scores(self, gray: np.ndarray) -> np.ndarray:
-        """Polarity scores ``[N]`` of ``uint8[N, S, S]`` (higher = more like a negative image; NaN without a
-        polarity part): a linear function of the standardized thumbnail."""
+    def question_scores(self, key: str, gray: np.ndarray) -> np.ndarray:
+        """Scores ``[N]`` of ``uint8[N, S, S]`` on one of the thumbnail questions (``THUMB_QUESTIONS``; NaN without
+        it): a linear function of the standardized thumbnail, above its threshold when the image is a negative
+        ("polarity"), upside down ("updown") or on its side ("sideways")."""
         x, _ = features(gray, self.thumb)
-        if not self.has_polarity:
+        if key not in self.questions:
             return np.full(len(x), np.nan)
-        return x @ self.pol_weights + self.pol_bias
+        return x @ self.questions[key][0] + self.questions[key][1]
+
+    def asks(self, key: str, gray: np.ndarray) -> bool:
+        """True when thumbnail question ``key`` flags one ``uint8[S, S]`` image (False without that question)."""
+        return key in self.questions and bool(self.question_scores(key, np.asarray(gray)[None])[0] > self.questions[key][2])
+
+    def polarity_scores(self, gray: np.ndarray) -> np.ndarray:
+        """Polarity scores ``[N]`` (higher = more like a negative image): ``question_scores("polarity", gray)``."""
+        return self.question_scores("polarity", gray)
 
     def check_polarity(self, gray: np.ndarray) -> Verdict:
         """Verdict for one ``uint8[S, S]`` image on its polarity: a negative (bones dark, air bright, as a

@@ -58,10 +58,11 @@ def _gate_params(bundle: Bundle, add) -> Optional[dict]:
         if gate.has_adult_other:
             add("gate.adult_other_weights", gate.adult_other_weights)
             add("gate.adult_other_bias", np.atleast_1d(gate.adult_other_bias))
-    if gate.has_polarity:
-        out["pol_threshold"] = gate.pol_threshold
-        add("gate.pol_weights", gate.pol_weights)
-        add("gate.pol_bias", np.atleast_1d(gate.pol_bias))
+    for key, (weights, bias, threshold) in gate.questions.items():  # polarity, upside down, on its side
+        names = ood.THUMB_QUESTIONS[key]  # ("pol_weights", "pol_bias"): "pol_threshold" in the parameters
+        out[names[0].replace("_weights", "_threshold")] = threshold
+        add(f"gate.{names[0]}", weights)
+        add(f"gate.{names[1]}", np.atleast_1d(bias))
     if gate.has_density:
         out["density_threshold"] = gate.den_threshold
         for name in ood.DENSITY_ARRAYS:
@@ -93,6 +94,13 @@ def web_params(bundle: Bundle) -> tuple[dict, bytes]:
     if isinstance(bundle.card.get("cam"), dict):
         add("cam_weights", load_cam_weights(bundle))
     params["gate"] = _gate_params(bundle, add)
+    if params["gate"] and params["gate"].get("classes"):  # the true reasons of turned and inverted chest films
+        from cxr_edge import reorient
+        from cxr_edge.ood import THUMB_QUESTIONS
+
+        prefix = {k: names[0].replace("_weights", "") for k, names in THUMB_QUESTIONS.items()}  # as cxr.js names them
+        params["reorient"] = {"views": [[k, what, prefix[key]] for k, what, key in reorient.VIEWS],
+                              "upside_down": reorient.UPSIDE_DOWN}
     params["arrays"] = arrays
     return params, b"".join(blobs)
 

@@ -100,6 +100,13 @@ def test_fit_writes_a_gate_and_keeps_the_card(fitted):
     assert gate.has_layout and emb["layout"]["grid"] == fit.DEFAULT_GRID  # the default fit reads the layout
     assert gate.emb_dim == gate.feature_channels + fit.DEFAULT_GRID ** 2 * emb["layout"]["components"]
     assert ood["fitted_on"]["stretched_per_gate_dev"] == fit.DEFAULT_STRETCHED_DEV  # "--stretched 0" above
+    # cxr_edge.reorient's thumbnail questions come with every fit, their thresholds from validation
+    assert set(gate.questions) == {"polarity", "updown", "sideways"}
+    for key in ("updown", "sideways"):
+        q = ood[key]
+        assert gate.questions[key][2] == q["threshold"] >= 0 and q["val_images"] > 0
+        assert q["val_turned"] == q["val_images"] * (2 if key == "sideways" else 1)
+        assert q["val_turned_flagged"] >= q["val_turned"] // 2  # even this tiny fit tells most turned scans
 
 
 def test_fit_threshold_comes_from_validation_only(fitted):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from _runtime_fixtures import image_files
 from benchmarks import browser as browser_bench
@@ -233,7 +233,11 @@ def test_page_in_chromium_matches_the_cli(site, tmp_path):
     pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
     broken = tmp_path / "truncated-scan.jpeg"
     broken.write_bytes(image_files("test")[0].read_bytes()[:5000])
-    files = image_files("train")[:3] + image_files("test") + [_photo(tmp_path / "holiday-photo.jpg"), broken]
+    turned, negative = tmp_path / "turned-scan.png", tmp_path / "negative-scan.png"
+    Image.open(image_files("train")[0]).convert("L").transpose(Image.Transpose.ROTATE_270).save(turned)
+    ImageOps.invert(Image.open(image_files("train")[1]).convert("L")).save(negative)
+    files = (image_files("train")[:3] + image_files("test") + [turned, negative, _photo(tmp_path / "holiday-photo.jpg"),
+                                                                broken])
     cli = subprocess.run([sys.executable, "-m", "cxr_edge", "classify", "--json", "--backend", "onnx", *map(str, files)],
                          capture_output=True, text=True, cwd=ROOT)
     want = [json.loads(line) for line in cli.stdout.splitlines()]
@@ -249,6 +253,9 @@ def test_page_in_chromium_matches_the_cli(site, tmp_path):
             assert g["status"] == "ok" and g["label"] == w["label"] and g["heatmap"], (g, w)
             assert max(abs(g["probabilities"][k] - v) for k, v in w["probabilities"].items()) <= 0.02, (g, w)
     assert [g["status"] for g in got[-2:]] == ["rejected", "error"] and got[-2]["reason"].startswith("colour photo")
+    assert got[-4]["reason"] == want[-4]["reason"] and want[-4]["reason"].startswith("turned film (a frontal chest X-ray "
+                                                                                       "turned 90 degrees clockwise")
+    assert got[-3]["reason"] == want[-3]["reason"] and want[-3]["reason"].startswith("inverted image (")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium) for the browser test")
@@ -269,3 +276,78 @@ def test_serve_offers_classify_in_this_browser(tmp_path):
             urllib.request.urlopen(url + "local/../card.json".replace("../", "%2e%2e/"))
     finally:
         stop_server(proc)
+
+
+@needs_node
+def test_js_reorient_matches_python(tmp_path):
+    """``cxr.js``'s ``classify`` against ``Classifier`` on a turned scan, a negative, an upright scan, and (the
+    upside-down question's threshold moved below every score) an upright scan whose half turn the gate refuses
+    and a half-turned scan whose half turn it accepts (the head's threshold moved above every score). Node has
+    no runtime: the model's outputs for every input Python's classifier ran are looked up by the input's exact
+    float32 bytes, so the page must build the same views, bit for bit."""
+    import copy
+
+    from cxr_edge import Classifier
+    from cxr_edge.labels import CLASS_NAMES
+    from cxr_edge.webexport import web_params
+
+    bundle = load_bundle()
+    params, blob = web_params(bundle)
+    arrays = {k: np.frombuffer(blob, "<f4", v["length"], v["offset"]).tolist() for k, v in params["arrays"].items()}
+    clf = Classifier(backend="onnx", threads=1)
+    if not {"updown", "sideways"} <= set(clf.gate.questions) or "reorient" not in params:
+        pytest.skip("the shipped gate has no turn questions")
+    seen = {}
+    real = clf.engine.run_full
+
+    def recording(x):  # every model input the classifier runs, and its outputs
+        raw, feats = real(x)
+        for xi, pi, fi in zip(x, raw, feats):
+            seen[base64.b64encode(np.ascontiguousarray(xi, "<f4").tobytes()).decode()] = (pi.tolist(), fi)
+        return raw, feats
+
+    clf.engine.run_full = recording
+    scan = Image.open(image_files("train")[0]).convert("L")
+    # (image, Python's moved thresholds, the same in the page's parameters)
+    cases = [(scan.transpose(Image.Transpose.ROTATE_270), {}, {}), (ImageOps.invert(scan), {}, {}), (scan, {}, {}),
+             (scan, {"updown": -1e9}, {"ud_threshold": -1e9}),
+             (scan.transpose(Image.Transpose.ROTATE_180), {"updown": -1e9, "emb_threshold": 1e9, "adult_threshold": 1e9},
+              {"ud_threshold": -1e9, "threshold": 1e9, "adult_threshold": 1e9})]
+    want, jobs = [], []
+    shipped = clf.gate
+    for img, moved, moved_js in cases:
+        clf.gate = copy.copy(shipped)
+        clf.gate.questions = dict(shipped.questions)
+        for k, v in moved.items():
+            if k in clf.gate.questions:
+                clf.gate.questions[k] = (*clf.gate.questions[k][:2], v)
+            else:
+                setattr(clf.gate, k, v)
+        path = tmp_path / f"case{len(jobs)}.png"
+        img.save(path)
+        r = clf.classify(path)
+        want.append(r.to_dict().get("reason") or r.label)
+        rgba = np.asarray(img.convert("RGBA"))
+        jobs.append({"rgba": base64.b64encode(rgba.tobytes()).decode(), "w": img.width, "h": img.height,
+                     "moved": moved_js})
+    outputs = {k: {"probs": p, "features": base64.b64encode(f.astype("<f4").tobytes()).decode(), "shape": list(f.shape)}
+               for k, (p, f) in seen.items()}
+    got = _node("""const P0 = job.params, A = job.arrays, G0 = { ...P0.gate };
+      for (const k of Object.keys(A)) if (k.startsWith('gate.')) G0[k.slice(5)] = A[k];
+      const run = async (x) => {
+        const o = job.outputs[b64(new Uint8Array(x.buffer, x.byteOffset, x.byteLength))];
+        if (!o) throw new Error('an input Python never ran');
+        const f = bytes(o.features);
+        return { probs: o.probs, features: new Float32Array(f.buffer.slice(f.byteOffset, f.byteOffset + f.length)), fshape: o.shape };
+      };
+      const out = [];
+      for (const c of job.cases) {
+        const P = { ...P0, gate: { ...G0, ...c.moved } };
+        const r = await m.classify(run, P, new Uint8Array(bytes(c.rgba)), c.w, c.h);
+        out.push(r.reason || r.label);
+      }
+      console.log(JSON.stringify(out));""", {"params": params, "arrays": arrays, "outputs": outputs, "cases": jobs}, tmp_path)
+    assert got == want
+    assert want[0].startswith("turned film (a frontal chest X-ray turned 90 degrees clockwise")
+    assert want[1].startswith("inverted image (") and want[2] == want[3] and want[2] in CLASS_NAMES
+    assert want[4] == "turned film (a frontal chest X-ray upside down; rotate it upright)"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_edge.ood import (DEFAULT_THUMB, EMBED_CLASSES, Gate, density_distance, features, head_logits,
-                          head_score, layout_vector)
+from cxr_edge.ood import (DEFAULT_THUMB, EMBED_CLASSES, THUMB_QUESTIONS, Gate, density_distance, features,
+                          head_logits, head_score, layout_vector)
 from train.gate_data import ADULT_LABEL, GateData
 from train.gate_synth import clinical, variants
 
@@ -249,6 +249,39 @@ def fit_gate(data: GateData, val_x: np.ndarray, c: float = DEFAULT_C,
 POLARITY = ("a logistic regression (scikit-learn defaults, C 1) on the standardized 16x16 thumbnail: train "
             "scans and one train.ood.variants variant each, against the same images inverted (255 - x); "
             "threshold from the validation scans")
+UPDOWN = ("a logistic regression (scikit-learn defaults, C 1) on the standardized 16x16 thumbnail: train scans, "
+          "one train.ood.variants variant and the clinic-style variants each, as they are and mirrored left to right, "
+          "against the same images turned a half turn and flipped top to bottom; threshold from the validation scans")
+SIDEWAYS = UPDOWN.replace("turned a half turn and flipped top to bottom", "turned a quarter turn either way")
+
+
+def _thumb_question(train_gray: np.ndarray, val_gray: np.ndarray, upright, turned, key: str, seed: int,
+                    max_val_reject: float, thumb: int, n_clinical: int):
+    """A linear function of the standardized thumbnail that tells ``upright(imgs)`` from ``turned(imgs)`` (each a
+    list of image stacks), from train scans, one ``variants`` copy and ``n_clinical`` ``clinical`` copies each;
+    its threshold: ``choose_threshold`` on the validation scans. ``key``: its card key (``THUMB_QUESTIONS``).
+    Returns (its arrays, the runtime's scoring of it as a function of ``uint8[N, S, S]``, card parameters without
+    the model's description)."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = np.asarray(train_gray, np.uint8)
+    imgs = np.concatenate([g, variants(g, 1, seed + 41)] + [clinical(g, seed + 43 + k) for k in range(n_clinical)])
+    up, down = np.concatenate(upright(imgs)), np.concatenate(turned(imgs))
+    x = np.concatenate([features(up, thumb)[0], features(down, thumb)[0]])
+    y = np.r_[np.zeros(len(up)), np.ones(len(down))]
+    model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+    w, b = model.coef_[0].astype(np.float64), float(model.intercept_[0])
+    names = THUMB_QUESTIONS[key]
+    arrays = {names[0]: w, names[1]: np.float64(b)}
+    gate = Gate(arrays, {"thumb": thumb, key: {"threshold": 0.0}})
+    score = lambda gray: gate.question_scores(key, gray)  # noqa: E731
+    val_scores = score(np.asarray(val_gray, np.uint8))
+    threshold = choose_threshold(val_scores, max_val_reject)
+    params = {"threshold": round(threshold, 6),
+              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
+              "train_images": int(len(imgs)), "clinical_variants": int(n_clinical), "val_images": int(len(val_scores)),
+              "val_rejected": int((val_scores > threshold).sum())}
+    return arrays, score, params
 
 
 def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
@@ -261,24 +294,43 @@ def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
     them such films were refused as negatives), every one against its negative. Threshold:
     ``choose_threshold`` on the validation scans. Returns (arrays ``pol_weights``, ``pol_bias``; card
     parameters)."""
-    from sklearn.linear_model import LogisticRegression
-
-    g = np.asarray(train_gray, np.uint8)
-    imgs = np.concatenate([g, variants(g, 1, seed + 41)] + [clinical(g, seed + 43 + k) for k in range(n_clinical)])
-    x = np.concatenate([features(imgs, thumb)[0], features(255 - imgs, thumb)[0]])
-    y = np.r_[np.zeros(len(imgs)), np.ones(len(imgs))]
-    model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
-    w, b = model.coef_[0].astype(np.float64), float(model.intercept_[0])
-    arrays = {"pol_weights": w, "pol_bias": np.float64(b)}
-    gate = Gate(arrays, {"thumb": thumb, "polarity": {"threshold": 0.0}})  # the runtime's own scoring
     val = np.asarray(val_gray, np.uint8)
-    val_scores = gate.polarity_scores(val)
-    threshold = choose_threshold(val_scores, max_val_reject)
-    inverted_scores = gate.polarity_scores(255 - val)
-    params = {"threshold": round(threshold, 6), "model": POLARITY,
-              "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
-              "train_images": int(len(imgs)), "clinical_variants": int(n_clinical), "val_images": int(len(val)),
-              "val_rejected": int((val_scores > threshold).sum()),
-              "val_inverted_refused": int((inverted_scores > threshold).sum()),
+    arrays, score, params = _thumb_question(train_gray, val, lambda i: [i], lambda i: [255 - i], "polarity", seed,
+                                            max_val_reject, thumb, n_clinical)
+    val_scores, inverted_scores = score(val), score(255 - val)
+    params = {"threshold": params["threshold"], "model": POLARITY, **{k: v for k, v in params.items() if k != "threshold"},
+              "val_inverted_refused": int((inverted_scores > params["threshold"]).sum()),
               "val_margin": round(float(inverted_scores.min() - val_scores.max()), 3)}
+    return arrays, params
+
+
+def fit_updown(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
+               max_val_reject: float = DEFAULT_MAX_VAL_REJECT, thumb: int = DEFAULT_THUMB,
+               n_clinical: int = 0) -> tuple[dict, dict]:
+    """The upside-down question (``Gate.question_scores("updown", ...)``, asked by ``cxr_edge.reorient``):
+    ``UPDOWN``, from train scans only, as ``fit_polarity``. Returns (arrays ``ud_weights``, ``ud_bias``; card
+    parameters, with how many validation scans turned a half turn it flags)."""
+    return _turn_question(train_gray, val_gray, "updown", UPDOWN, lambda i: [i[:, ::-1, ::-1], i[:, ::-1, :]],
+                          lambda v: [v[:, ::-1, ::-1]], seed, max_val_reject, thumb, n_clinical)
+
+
+def fit_sideways(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
+                 max_val_reject: float = DEFAULT_MAX_VAL_REJECT, thumb: int = DEFAULT_THUMB,
+                 n_clinical: int = 0) -> tuple[dict, dict]:
+    """The on-its-side question (``Gate.question_scores("sideways", ...)``, asked by ``cxr_edge.reorient``):
+    ``SIDEWAYS``, as ``fit_updown``, against the scans turned a quarter turn either way. Returns (arrays
+    ``side_weights``, ``side_bias``; card parameters, with how many validation scans so turned it flags)."""
+    turns = lambda i: [np.rot90(i, 1, axes=(1, 2)), np.rot90(i, 3, axes=(1, 2))]  # noqa: E731
+    return _turn_question(train_gray, val_gray, "sideways", SIDEWAYS, turns, turns, seed, max_val_reject, thumb,
+                          n_clinical)
+
+
+def _turn_question(train_gray, val_gray, key: str, about: str, turned, val_turned, seed: int, max_val_reject: float,
+                   thumb: int, n_clinical: int) -> tuple[dict, dict]:
+    val = np.asarray(val_gray, np.uint8)
+    arrays, score, params = _thumb_question(train_gray, val, lambda i: [i, i[:, :, ::-1]], turned, key, seed,
+                                            max_val_reject, thumb, n_clinical)
+    flagged = sum(int((score(np.ascontiguousarray(v)) > params["threshold"]).sum()) for v in val_turned(val))
+    params = {"threshold": params["threshold"], "model": about, **{k: v for k, v in params.items() if k != "threshold"},
+              "val_turned": int(sum(len(v) for v in val_turned(val))), "val_turned_flagged": flagged}
     return arrays, params

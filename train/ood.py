@@ -72,7 +72,8 @@ from train.gate_data import (ADULT_LABEL, DEFAULT_ADULT_DEV, DEFAULT_GATE_DEV, D
 from train.gate_fit import (ABSENT_LOGIT, ADULT_CHECK, ADULT_VAL_SHARE, CHEST_CHECK, DEFAULT_C,
                             DEFAULT_DENSITY_COMPONENTS, DEFAULT_GRID_COMPONENTS, DEFAULT_MAX_VAL_REJECT, HALF_ARRAYS,
                             POLARITY, _f16, _f32, _principal, choose_threshold, fit_adult, fit_density, fit_gate,
-                            fit_head, fit_layout, fit_polarity, gate_vectors, scores_of)  # noqa: F401
+                            fit_head, fit_layout, fit_polarity, fit_sideways, fit_updown, gate_vectors,
+                            scores_of)  # noqa: F401
 from train.gate_cv import cross_validate, cv_summary, expected_outcome  # noqa: F401
 from train.gate_synth import (AUGMENTATIONS, CLINICAL, DEFAULT_SYNTH, MARKER_WORDS, STRETCH, TEXTURES, WORDS,
                               _aspect_crop, _burn_text, _collimate, _document, _letterbox, _marker_text, _photo_like,
@@ -280,7 +281,15 @@ def main(argv: list[str] | None = None) -> None:
     log(f"polarity check: threshold {pol_params['threshold']}, validation scans refused "
         f"{pol_params['val_rejected']}/{pol_params['val_images']}, their negatives refused "
         f"{pol_params['val_inverted_refused']}/{pol_params['val_images']}")
-    entry = write_gate(args.bundle, arrays, {**card_entry(params, fitted_on, cv), "polarity": pol_params})
+    questions = {}  # cxr_edge.reorient's: a film upside down, on its side
+    for key, fit_question in (("updown", fit_updown), ("sideways", fit_sideways)):
+        q_arrays, questions[key] = fit_question(train_gray, val_gray, args.seed, args.max_val_reject,
+                                                n_clinical=args.clinical_variants)
+        arrays.update(q_arrays)
+        q = questions[key]
+        log(f"{key} question: threshold {q['threshold']}, validation scans flagged {q['val_rejected']}/"
+            f"{q['val_images']}, so turned {q['val_turned_flagged']}/{q['val_turned']}")
+    entry = write_gate(args.bundle, arrays, {**card_entry(params, fitted_on, cv), "polarity": pol_params, **questions})
     log(f"wrote {args.bundle / GATE_FILE}: threshold {params['threshold']}, "
         f"validation scans refused {params['val_rejected']}/{params['val_images']}")
     print(json.dumps({k: v for k, v in entry.items() if k != "fitted_on"}, indent=2))

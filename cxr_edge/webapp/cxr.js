@@ -242,6 +242,53 @@ export function cam(f, h, w, c, weights, label) {  // heatmap.cam_maps: relu(fea
   return peak > 0 ? m.map((v) => v / peak) : m;
 }
 
+// ---- cxr_edge.reorient: a turned or inverted chest film gets its true reason --------------------------------
+export function turnView(gray, s, k) {  // np.rot90(gray, k): k quarter turns counterclockwise of an s x s image
+  let g = gray;
+  for (let t = 0; t < k; t++) {
+    const o = new Uint8Array(s * s);
+    for (let i = 0; i < s; i++) for (let j = 0; j < s; j++) o[i * s + j] = g[j * s + (s - 1 - i)];
+    g = o;
+  }
+  return g;
+}
+
+const reorientView = (gray, s, k) => (k === null ? gray.map((v) => 255 - v) : turnView(gray, s, k));
+// Gate.asks: a thumbnail question ("pol", "ud", "side": its arrays' prefix) flags the standardized thumbnail z
+const asks = (z, gate, p) => Boolean(gate[`${p}_weights`]) &&
+  z.reduce((a, v, i) => a + v * gate[`${p}_weights`][i], gate[`${p}_bias`][0]) > gate[`${p}_threshold`];
+
+async function viewVerdict(run, P, g) {  // the gate's checks after the model, on one view: { ok, score }
+  const spec = P.input, gate = P.gate, th = thumbnail(g, spec.size, gate.thumb);
+  const { features, fshape } = await run(modelInput(g, spec));
+  return gateAfterModel(embedding(features, ...fshape, gate), th.z, gate);
+}
+
+export async function reorientReason(run, P, gray, z) {  // reorient.reason over the views whose question agrees
+  let best = null;
+  for (const [k, what, p] of P.reorient.views) {
+    if (!asks(z, P.gate, p)) continue;
+    const v = await viewVerdict(run, P, reorientView(gray, P.input.size, k));
+    if (v.ok && (best === null || v.score < best.score)) best = { score: v.score, k, what };
+  }
+  return best && `${best.k === null ? P.gate.reasons.inverted : P.gate.reasons.turned} (${best.what})`;
+}
+
+export async function upsideDown(run, P, gray, z, score) {  // reorient.explain, for an accepted input
+  const [k, what, p] = P.reorient.views[P.reorient.upside_down];
+  if (!asks(z, P.gate, p)) return null;
+  const v = await viewVerdict(run, P, turnView(gray, P.input.size, k));
+  return v.ok && v.score < score ? `${P.gate.reasons.turned} (${what})` : null;
+}
+
+const worthAsking = (reason, gate) => !reason.startsWith(gate.reasons.inverted);
+
+function modelInput(gray, spec) {
+  const x = new Float32Array(spec.size * spec.size);
+  for (let i = 0; i < x.length; i++) x[i] = Math.fround(Math.fround(gray[i] * spec.scale) + spec.offset);
+  return x;
+}
+
 // ---- one scan, start to end --------------------------------------------------------------------------
 export async function classify(run, P, rgba, w, h) {
   const spec = P.input, gate = P.gate, n = w * h;
@@ -255,13 +302,13 @@ export async function classify(run, P, rgba, w, h) {
     }
     if (th.sd < gate.min_std) return refuse(`${gate.reasons.blank} (no contrast; not an X-ray)`);
   }
-  const x = new Float32Array(spec.size * spec.size);
-  for (let i = 0; i < x.length; i++) x[i] = Math.fround(Math.fround(gray[i] * spec.scale) + spec.offset);
-  const { probs, features, fshape } = await run(x);
+  const { probs, features, fshape } = await run(modelInput(gray, spec));
   const [fh, fw, fc] = fshape;
   if (gate && gate.emb_weights) {
     const v = gateAfterModel(embedding(features, fh, fw, fc, gate), th.z, gate);
-    if (!v.ok) return refuse(v.reason);
+    if (!v.ok) return refuse((P.reorient && worthAsking(v.reason, gate) && await reorientReason(run, P, gray, th.z)) || v.reason);
+    const turned = P.reorient && await upsideDown(run, P, gray, th.z, v.score);
+    if (turned) return refuse(turned);
   }
   const p = calibrate(probs, P.temperature), label = p.indexOf(Math.max(...p));
   const out = { status: "ok", label: P.classes[label], probabilities: Object.fromEntries(P.classes.map((k, i) => [k, p[i]])) };

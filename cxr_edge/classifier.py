@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
-from cxr_edge import reorient
+import cxr_edge.reorient as reorient
 from cxr_edge.bundle import BundleError, load_bundle
 from cxr_edge.engines import EngineError, open_engine
 from cxr_edge.heatmap import LegacyFeatures, cam_maps, load_cam_weights

@@ -327,6 +327,8 @@ def fit_sideways(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
 
 def _turn_question(train_gray, val_gray, key: str, about: str, turned, val_turned, seed: int, max_val_reject: float,
                    thumb: int, n_clinical: int) -> tuple[dict, dict]:
+    """A question that tells upright films (as they are and mirrored) from ``turned(imgs)``; its card parameters
+    say how many of the validation scans turned by ``val_turned`` it flags."""
     val = np.asarray(val_gray, np.uint8)
     arrays, score, params = _thumb_question(train_gray, val, lambda i: [i, i[:, :, ::-1]], turned, key, seed,
                                             max_val_reject, thumb, n_clinical)

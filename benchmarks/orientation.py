@@ -65,9 +65,9 @@ def measure(model=None, data_root=None, n: int = 120, seed: int = 0, split: str 
     from train.data import data_dir
 
     clf = Classifier(model=model)
-    test = [r.path for r in split_records(split, data_dir(data_root))]
-    pick = sorted(np.random.default_rng(seed).choice(len(test), min(n, len(test)), replace=False))
-    grays = [Image.open(test[i]).convert("L") for i in pick]
+    paths = [r.path for r in split_records(split, data_dir(data_root))]
+    pick = sorted(np.random.default_rng(seed).choice(len(paths), min(n, len(paths)), replace=False))
+    grays = [Image.open(paths[i]).convert("L") for i in pick]
     t0 = time.perf_counter()
     kinds = {}
     for name, make, want in KINDS:

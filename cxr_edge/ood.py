@@ -237,13 +237,13 @@ class Gate:
         it): a linear function of the standardized thumbnail, above its threshold when the image is a negative
         ("polarity"), upside down ("updown") or on its side ("sideways")."""
         x, _ = features(gray, self.thumb)
-        if key not in self.questions:
-            return np.full(len(x), np.nan)
-        return x @ self.questions[key][0] + self.questions[key][1]
+        w, b, _ = self.questions.get(key, (np.full(x.shape[1], np.nan), np.nan, None))
+        return x @ w + b
 
-    def asks(self, key: str, gray: np.ndarray) -> bool:
-        """True when thumbnail question ``key`` flags one ``uint8[S, S]`` image (False without that question)."""
-        return key in self.questions and bool(self.question_scores(key, np.asarray(gray)[None])[0] > self.questions[key][2])
+    def flags(self, gray: np.ndarray) -> set:
+        """The thumbnail questions (card keys) that flag one ``uint8[S, S]`` image, from one thumbnail."""
+        return {key for x in features(np.asarray(gray)[None], self.thumb)[0]
+                for key, (w, b, t) in self.questions.items() if x @ w + b > t}
 
     def polarity_scores(self, gray: np.ndarray) -> np.ndarray:
         """Polarity scores ``[N]`` (higher = more like a negative image): ``question_scores("polarity", gray)``."""

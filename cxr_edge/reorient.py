@@ -64,7 +64,8 @@ def view(gray: np.ndarray, k: Optional[int]) -> np.ndarray:
 
 def candidates(gate: Gate, gray: np.ndarray) -> list:
     """The indices into ``VIEWS`` whose thumbnail question flags the refused input ``gray``."""
-    return [i for i, (_, _, key) in enumerate(VIEWS) if gate.asks(key, gray)]
+    flagged = gate.flags(gray)
+    return [i for i, (_, _, key) in enumerate(VIEWS) if key in flagged]
 
 
 def reason(gate: Gate, picks: list, view_grays: list, embeddings) -> Optional[str]:
@@ -87,7 +88,7 @@ def explain(gate: Gate, refused: list, accepted: list, accepted_scores: list,
     each of ``accepted``, whose head scores are ``accepted_scores``), all inputs ``uint8[S, S]``; one call of
     ``embed`` (``uint8[N, S, S]`` -> gate vectors ``[N, D]``) for every view asked about, none when none is."""
     picks = [candidates(gate, g) for g in refused]
-    flagged = [i for i, g in enumerate(accepted) if gate.asks("updown", g)]
+    flagged = [i for i, g in enumerate(accepted) if "updown" in gate.flags(g)]
     grays = [view(g, VIEWS[i][0]) for g, p in zip(refused, picks) for i in p]
     grays += [view(accepted[i], VIEWS[UPSIDE_DOWN][0]) for i in flagged]
     if not grays:

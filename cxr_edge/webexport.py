@@ -31,6 +31,14 @@ class WebExportError(RuntimeError):
     """The folder cannot be written (a bundle without an ONNX feature output, a non-empty folder, ...)."""
 
 
+def _prefix(question: str) -> str:
+    """A thumbnail question's name in the page's parameters: its arrays' prefix ("polarity": "pol", so
+    ``pol_weights``, ``pol_bias``, ``pol_threshold``)."""
+    from cxr_edge import ood
+
+    return ood.THUMB_QUESTIONS[question][0].removesuffix("_weights")
+
+
 def _gate_params(bundle: Bundle, add) -> Optional[dict]:
     from cxr_edge import ood
 
@@ -59,10 +67,9 @@ def _gate_params(bundle: Bundle, add) -> Optional[dict]:
             add("gate.adult_other_weights", gate.adult_other_weights)
             add("gate.adult_other_bias", np.atleast_1d(gate.adult_other_bias))
     for key, (weights, bias, threshold) in gate.questions.items():  # polarity, upside down, on its side
-        names = ood.THUMB_QUESTIONS[key]  # ("pol_weights", "pol_bias"): "pol_threshold" in the parameters
-        out[names[0].replace("_weights", "_threshold")] = threshold
-        add(f"gate.{names[0]}", weights)
-        add(f"gate.{names[1]}", np.atleast_1d(bias))
+        out[f"{_prefix(key)}_threshold"] = threshold
+        add(f"gate.{_prefix(key)}_weights", weights)
+        add(f"gate.{_prefix(key)}_bias", np.atleast_1d(bias))
     if gate.has_density:
         out["density_threshold"] = gate.den_threshold
         for name in ood.DENSITY_ARRAYS:
@@ -96,10 +103,8 @@ def web_params(bundle: Bundle) -> tuple[dict, bytes]:
     params["gate"] = _gate_params(bundle, add)
     if params["gate"] and params["gate"].get("classes"):  # the true reasons of turned and inverted chest films
         from cxr_edge import reorient
-        from cxr_edge.ood import THUMB_QUESTIONS
 
-        prefix = {k: names[0].replace("_weights", "") for k, names in THUMB_QUESTIONS.items()}  # as cxr.js names them
-        params["reorient"] = {"views": [[k, what, prefix[key]] for k, what, key in reorient.VIEWS],
+        params["reorient"] = {"views": [[k, what, _prefix(key)] for k, what, key in reorient.VIEWS],
                               "upside_down": reorient.UPSIDE_DOWN}
     params["arrays"] = arrays
     return params, b"".join(blobs)

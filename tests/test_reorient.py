@@ -135,7 +135,7 @@ def test_the_upside_down_question_needs_the_half_turn_better(clf, scans):
     down = [np.rot90(g, 2) for g in up]
     embed = lambda g: gate.embedding_of(clf.predict_full(g)[2])  # noqa: E731
     score = lambda gs: list(gate.embedding_scores(embed(np.stack(gs)))[0])  # noqa: E731
-    assert not any(gate.asks("updown", g) for g in up) and sum(gate.asks("updown", g) for g in down) >= len(down) - 1
+    assert not any("updown" in gate.flags(g) for g in up) and sum("updown" in gate.flags(g) for g in down) >= len(down) - 1
     flag_all = _moved(gate, updown=-1e9)
     assert reorient.explain(flag_all, [], up, score(up), embed)[1] == [None] * len(up)
     loose = _moved(flag_all, emb_threshold=1e9, adult_threshold=1e9)

@@ -255,13 +255,13 @@ UPDOWN = ("a logistic regression (scikit-learn defaults, C 1) on the standardize
 SIDEWAYS = UPDOWN.replace("turned a half turn and flipped top to bottom", "turned a quarter turn either way")
 
 
-def _thumb_question(train_gray: np.ndarray, val_gray: np.ndarray, upright, turned, key: str, seed: int,
+def _thumb_question(train_gray: np.ndarray, val_gray: np.ndarray, upright, turned, key: str, about: str, seed: int,
                     max_val_reject: float, thumb: int, n_clinical: int):
     """A linear function of the standardized thumbnail that tells ``upright(imgs)`` from ``turned(imgs)`` (each a
     list of image stacks), from train scans, one ``variants`` copy and ``n_clinical`` ``clinical`` copies each;
-    its threshold: ``choose_threshold`` on the validation scans. ``key``: its card key (``THUMB_QUESTIONS``).
-    Returns (its arrays, the runtime's scoring of it as a function of ``uint8[N, S, S]``, card parameters without
-    the model's description)."""
+    its threshold: ``choose_threshold`` on the validation scans. ``key``: its card key (``THUMB_QUESTIONS``);
+    ``about``: the card's description of it. Returns (its arrays, the runtime's scoring of it as a function of
+    ``uint8[N, S, S]``, card parameters)."""
     from sklearn.linear_model import LogisticRegression
 
     g = np.asarray(train_gray, np.uint8)
@@ -277,7 +277,7 @@ def _thumb_question(train_gray: np.ndarray, val_gray: np.ndarray, upright, turne
     score = lambda gray: gate.question_scores(key, gray)  # noqa: E731
     val_scores = score(np.asarray(val_gray, np.uint8))
     threshold = choose_threshold(val_scores, max_val_reject)
-    params = {"threshold": round(threshold, 6),
+    params = {"threshold": round(threshold, 6), "model": about,
               "threshold_rule": f"max(0, {1 - max_val_reject:.4f} quantile of the validation scans' scores)",
               "train_images": int(len(imgs)), "clinical_variants": int(n_clinical), "val_images": int(len(val_scores)),
               "val_rejected": int((val_scores > threshold).sum())}
@@ -295,11 +295,10 @@ def fit_polarity(train_gray: np.ndarray, val_gray: np.ndarray, seed: int = 0,
     ``choose_threshold`` on the validation scans. Returns (arrays ``pol_weights``, ``pol_bias``; card
     parameters)."""
     val = np.asarray(val_gray, np.uint8)
-    arrays, score, params = _thumb_question(train_gray, val, lambda i: [i], lambda i: [255 - i], "polarity", seed,
-                                            max_val_reject, thumb, n_clinical)
+    arrays, score, params = _thumb_question(train_gray, val, lambda i: [i], lambda i: [255 - i], "polarity", POLARITY,
+                                            seed, max_val_reject, thumb, n_clinical)
     val_scores, inverted_scores = score(val), score(255 - val)
-    params = {"threshold": params["threshold"], "model": POLARITY, **{k: v for k, v in params.items() if k != "threshold"},
-              "val_inverted_refused": int((inverted_scores > params["threshold"]).sum()),
+    params = {**params, "val_inverted_refused": int((inverted_scores > params["threshold"]).sum()),
               "val_margin": round(float(inverted_scores.min() - val_scores.max()), 3)}
     return arrays, params
 
@@ -330,9 +329,8 @@ def _turn_question(train_gray, val_gray, key: str, about: str, turned, val_turne
     """A question that tells upright films (as they are and mirrored) from ``turned(imgs)``; its card parameters
     say how many of the validation scans turned by ``val_turned`` it flags."""
     val = np.asarray(val_gray, np.uint8)
-    arrays, score, params = _thumb_question(train_gray, val, lambda i: [i, i[:, :, ::-1]], turned, key, seed,
+    arrays, score, params = _thumb_question(train_gray, val, lambda i: [i, i[:, :, ::-1]], turned, key, about, seed,
                                             max_val_reject, thumb, n_clinical)
     flagged = sum(int((score(np.ascontiguousarray(v)) > params["threshold"]).sum()) for v in val_turned(val))
-    params = {"threshold": params["threshold"], "model": about, **{k: v for k, v in params.items() if k != "threshold"},
-              "val_turned": int(sum(len(v) for v in val_turned(val))), "val_turned_flagged": flagged}
+    params = {**params, "val_turned": int(sum(len(v) for v in val_turned(val))), "val_turned_flagged": flagged}
     return arrays, params

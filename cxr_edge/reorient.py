@@ -13,7 +13,9 @@ Two independent signals must agree before a refusal says "turned film" or "inver
    and "sideways" for one on its side, fitted by ``python -m train.ood`` on training scans (as they are and
    mirrored) against the same scans so turned, their thresholds from the validation scans.
 2. The model, run on the view that undoes it (the model input turned back, or inverted), gives a vector that
-   every check after the model accepts (``Gate.check_after_model``: a child's frontal chest film).
+   every check after the model accepts (``Gate.check_after_model``: a child's frontal chest film), and no
+   thumbnail question flags the view itself (a quarter turn the wrong way leaves the film upside down: the head
+   sometimes accepts it, the updown question does not; ``train/plans/orient.json`` row 3).
 
 When the gate refuses an input after the model's pass (except as "inverted image", already true), each view
 whose question agrees goes through the model (one more pass, for refused inputs only, of at most four
@@ -46,6 +48,7 @@ VIEWS = ((1, "a frontal chest X-ray turned 90 degrees clockwise; rotate it uprig
          (3, "a frontal chest X-ray turned 90 degrees counterclockwise; rotate it upright", "sideways"),
          (None, "a negative: bones dark, air bright; inverted, it reads as a frontal chest X-ray", "polarity"))
 UPSIDE_DOWN = 1  # the index in VIEWS of the half turn
+QUESTIONS = frozenset(key for _, _, key in VIEWS)
 
 
 def worth_asking(reason: str) -> bool:
@@ -70,9 +73,13 @@ def candidates(gate: Gate, gray: np.ndarray) -> list:
 
 def reason(gate: Gate, picks: list, view_grays: list, embeddings) -> Optional[str]:
     """The true reason from the views ``VIEWS[i]`` for ``i`` in ``picks`` (their model inputs and gate
-    vectors): the accepted one the head finds most like a frontal chest film, else None."""
+    vectors): among the views that no thumbnail question flags (a quarter turn the wrong way leaves the film
+    upside down, and the updown question sees it) and that the gate accepts, the one the head finds most like a
+    frontal chest film; else None."""
     best = None
     for i, g, e in zip(picks, view_grays, embeddings):
+        if gate.flags(g) & QUESTIONS:  # the view itself still reads as turned or inverted
+            continue
         v = gate.check_after_model(e, g)
         if v.ok and (best is None or v.score < best[0]):
             best = (v.score, i)

@@ -122,6 +122,26 @@ def test_a_reason_needs_its_question_to_agree(clf, scans):
     assert why == [None] * len(scans)
 
 
+def test_a_view_that_still_reads_as_turned_gives_no_reason(clf, scans):
+    """The wrong quarter turn of a film on its side leaves it upside down, and the updown question flags that
+    view; a view any question flags gives no reason, however well the head scores it (here every view is
+    flagged, so no turned film gets a reason, while the shipped gate gives each its own turn)."""
+    from cxr_edge.preprocess import load_gray
+
+    gate = clf.gate
+    if not {"updown", "sideways"} <= set(gate.questions):
+        pytest.skip("the shipped gate has no turn questions")
+    turned = [np.rot90(load_gray(_png(s), clf.spec.size), 1) for s in scans]  # a quarter turn counterclockwise
+    wrong = [reorient.view(g, 1) for g in turned]  # turned on the same way: upside down
+    assert sum("updown" in gate.flags(g) for g in wrong) >= len(scans) - 1
+    embed = lambda g: gate.embedding_of(clf.predict_full(g)[2])  # noqa: E731
+    loose = _moved(gate, emb_threshold=1e9, adult_threshold=1e9)  # every view passes after the model
+    why, _ = reorient.explain(loose, turned, [], [], embed)
+    assert all(w is not None and "counterclockwise" in w for w in why), why
+    why, _ = reorient.explain(_moved(loose, updown=-1e9), turned, [], [], embed)  # every view flagged upside down
+    assert why == [None] * len(scans), why
+
+
 def test_the_upside_down_question_needs_the_half_turn_better(clf, scans):
     """For accepted inputs: an upright film flagged by the question (its threshold moved below every score)
     stays accepted, its half turn scoring worse; a film upside down that the head accepts (its threshold moved

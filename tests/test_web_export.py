@@ -281,8 +281,9 @@ def test_serve_offers_classify_in_this_browser(tmp_path):
 @needs_node
 def test_js_reorient_matches_python(tmp_path):
     """``cxr.js``'s ``classify`` against ``Classifier`` on a turned scan, a negative, an upright scan, and (the
-    upside-down question's threshold moved below every score) an upright scan whose half turn the gate refuses
-    and a half-turned scan whose half turn it accepts (the head's threshold moved above every score). Node has
+    upside-down question's threshold moved below every score) an upright scan whose half turn the gate refuses,
+    a half-turned scan whose half turn it accepts (the head's threshold moved above every score) and a turned
+    scan whose every view the question flags (it keeps the head's reason). Node has
     no runtime: the model's outputs for every input Python's classifier ran are looked up by the input's exact
     float32 bytes, so the page must build the same views, bit for bit."""
     import copy
@@ -312,7 +313,8 @@ def test_js_reorient_matches_python(tmp_path):
     cases = [(scan.transpose(Image.Transpose.ROTATE_270), {}, {}), (ImageOps.invert(scan), {}, {}), (scan, {}, {}),
              (scan, {"updown": -1e9}, {"ud_threshold": -1e9}),
              (scan.transpose(Image.Transpose.ROTATE_180), {"updown": -1e9, "emb_threshold": 1e9, "adult_threshold": 1e9},
-              {"ud_threshold": -1e9, "threshold": 1e9, "adult_threshold": 1e9})]
+              {"ud_threshold": -1e9, "threshold": 1e9, "adult_threshold": 1e9}),
+             (scan.transpose(Image.Transpose.ROTATE_270), {"updown": -1e9}, {"ud_threshold": -1e9})]
     want, jobs = [], []
     shipped = clf.gate
     for img, moved, moved_js in cases:
@@ -351,3 +353,4 @@ def test_js_reorient_matches_python(tmp_path):
     assert want[0].startswith("turned film (a frontal chest X-ray turned 90 degrees clockwise")
     assert want[1].startswith("inverted image (") and want[2] == want[3] and want[2] in CLASS_NAMES
     assert want[4] == "turned film (a frontal chest X-ray upside down; rotate it upright)"
+    assert not want[5].startswith("turned film") and want[5] not in CLASS_NAMES  # every view flagged: the head's reason

@@ -266,9 +266,12 @@ async function viewVerdict(run, P, g) {  // the gate's checks after the model, o
 
 export async function reorientReason(run, P, gray, z) {  // reorient.reason over the views whose question agrees
   let best = null;
+  const questions = P.reorient.views.map((v) => v[2]);
   for (const [k, what, p] of P.reorient.views) {
     if (!asks(z, P.gate, p)) continue;
-    const v = await viewVerdict(run, P, reorientView(gray, P.input.size, k));
+    const g = reorientView(gray, P.input.size, k), vz = thumbnail(g, P.input.size, P.gate.thumb).z;
+    if (questions.some((q) => asks(vz, P.gate, q))) continue;  // the view itself still reads as turned or inverted
+    const v = await viewVerdict(run, P, g);
     if (v.ok && (best === null || v.score < best.score)) best = { score: v.score, k, what };
   }
   return best && `${best.k === null ? P.gate.reasons.inverted : P.gate.reasons.turned} (${best.what})`;

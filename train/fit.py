@@ -185,6 +185,8 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         from train.shifts import AcquisitionShift
 
         acquire = AcquisitionShift(cfg.acquisition)
+    if acquire is None and cfg.monitor.startswith(("val_shifted", "val_robust")):
+        raise ValueError(f"monitor {cfg.monitor} needs acquisition shifts (acquisition: 0.5)")
     if resample is None and framer is None and cfg.monitor.startswith("val_neutral"):
         raise ValueError(f"monitor {cfg.monitor} needs aspect resampling or framing (aspect: true, "
                          "framing: 0.65)")
@@ -209,14 +211,18 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
         print(f"run {run_dir.name}: {cfg.model} on {len(x_tr)} train / {len(x_va)} val images, "
               f"pretrained={built.pretrained}, {core.count_params():,} parameters, "
               f"backend {keras.backend.backend()}", flush=True)
-        neutral = None
+        neutral = shifted = None
         source = x_va if framer is None else stored_va
         if resample is not None:
             neutral = neutral_copies(resample, source, y_va, val_aspects, seed=cfg.split_seed)
         if framer is not None:
             xn, yn = neutral or (np.concatenate([source] * 2), np.tile(y_va, 2))
             neutral = (framed_copies(framer, xn, seed=cfg.split_seed), yn)
-        best, callbacks = _callbacks(cfg, run_dir, core, x_va, y_va, neutral)
+            if acquire is not None:  # the same draws, each given one seeded acquisition shift first
+                from train.shifts import shifted_copies
+
+                shifted = (framed_copies(framer, shifted_copies(xn, cfg.split_seed), seed=cfg.split_seed), yn)
+        best, callbacks = _callbacks(cfg, run_dir, core, x_va, y_va, neutral, shifted)
         t0 = time.monotonic()
         model.fit(data, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
         train_s = time.monotonic() - t0
@@ -240,6 +246,8 @@ def fit(cfg: FitConfig, root: Path | None = None, arrays: dict | None = None) ->
     }
     if neutral_metrics is not None:
         metrics["val_neutral"] = neutral_metrics
+    if shifted is not None:
+        metrics["val_shifted"] = _val_metrics(core, *shifted, cfg.batch)[1]
     if seed_test is not None:
         metrics["seed_test"] = seed_test
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -39,7 +39,8 @@ class FitConfig:
     distill_alpha: float = 0.3  # weight of the hard label against the teachers' soft targets
     monitor: str = "val_loss"  # early stopping and best epoch: val_loss, val_accuracy or val_macro_f1; under
     #                            ``aspect`` or ``framing`` also val_neutral_loss / _accuracy / _macro_f1
-    #                            (train.aspect, train.framing)
+    #                            (train.aspect, train.framing); under ``acquisition`` also val_shifted_* (the
+    #                            neutral copies, each shifted) and val_robust_loss (mean of the two losses)
     precision: str = "float32"  # float32 or bf16 (mixed, GPU)
     protocol: str = "grouped"  # grouped (patient-grouped val from train/) or seed (report, leaky)
     val_fraction: float = 0.15

@@ -236,6 +236,13 @@ class AcquisitionShift:
         return out
 
 
+def shifted_copies(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each image of ``x`` (``uint8[N, H, W]``, stored resolution) given one ``random_shift``, seeded: the fixed
+    shifted validation set a run under ``acquisition`` validates on (``val_shifted_*``, ``val_robust_loss``)."""
+    rng = np.random.default_rng(seed + 104729)
+    return np.stack([random_shift(g, rng) for g in np.asarray(x, np.uint8)])
+
+
 def annotate(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Annotations a reader or a viewer burns into a film, as they read once a colour annotation is turned to
     gray: 1-4 arrows, lines, circles or boxes at a random gray level (mid gray to white, sometimes black) and

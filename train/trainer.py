@@ -55,7 +55,8 @@ def _val_metrics(core, x: np.ndarray, y: np.ndarray, batch: int, prefix: str = "
             f"{prefix}_macro_f1": m["macro_f1"]}, m
 
 
-def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.ndarray, neutral=None):
+def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.ndarray, neutral=None,
+               shifted=None):
     import keras
 
     class Validate(keras.callbacks.Callback):
@@ -77,6 +78,9 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
             logs.update(scores)
             if neutral is not None:
                 logs.update(_val_metrics(core, *neutral, cfg.batch, "val_neutral")[0])
+            if shifted is not None:  # under acquisition shifts: the neutral copies shifted, and both together
+                logs.update(_val_metrics(core, *shifted, cfg.batch, "val_shifted")[0])
+                logs["val_robust_loss"] = (logs["val_neutral_loss"] + logs["val_shifted_loss"]) / 2
             logs["seconds"] = round(time.monotonic() - self.start, 1)
             score = -logs[cfg.monitor] if cfg.monitor.endswith("_loss") else logs[cfg.monitor]
             if score > self.best:
@@ -89,6 +93,8 @@ def _callbacks(cfg: FitConfig, run_dir: Path, core, x_va: np.ndarray, y_va: np.n
                   f"{logs['val_loss']:.4f} val_acc {m['accuracy']:.4f} val_f1 {m['macro_f1']:.4f} "
                   + (f"neutral loss {logs['val_neutral_loss']:.4f} acc {logs['val_neutral_accuracy']:.4f} "
                      if neutral is not None else "")
+                  + (f"shifted loss {logs['val_shifted_loss']:.4f} acc {logs['val_shifted_accuracy']:.4f} "
+                     if shifted is not None else "")
                   + f"({logs['seconds']:.0f} s)", flush=True)
             if self.wait >= cfg.patience:
                 self.model.stop_training = True

@@ -18,9 +18,9 @@ Two independent signals must agree before a refusal says "turned film" or "inver
    sometimes accepts it, the updown question does not; ``train/plans/orient.json`` row 3).
 
 When the gate refuses an input after the model's pass (except as "inverted image", already true), each view
-whose question agrees goes through the model (one more pass, for refused inputs only, of at most four
-images, usually one); an accepted one gives the refusal its reason (the one most like a chest film, when
-several are). The refusal stands: a corrected view is not labelled; the user turns or inverts the file and
+whose question agrees and that no question flags itself goes through the model (one more pass, for refused
+inputs only, of at most four images, usually one); an accepted one gives the refusal its reason (the one most
+like a chest film, when several are). The refusal stands: a corrected view is not labelled; the user turns or inverts the file and
 sends it again. When no view qualifies, nothing changes. The adult check is part of 2 on purpose: an image
 that, turned, reads only as an adult's chest film is as likely something else that the head mistakes for
 one (a silhouette of a horse, upside down, scored so).
@@ -48,7 +48,6 @@ VIEWS = ((1, "a frontal chest X-ray turned 90 degrees clockwise; rotate it uprig
          (3, "a frontal chest X-ray turned 90 degrees counterclockwise; rotate it upright", "sideways"),
          (None, "a negative: bones dark, air bright; inverted, it reads as a frontal chest X-ray", "polarity"))
 UPSIDE_DOWN = 1  # the index in VIEWS of the half turn
-QUESTIONS = frozenset(key for _, _, key in VIEWS)
 
 
 def worth_asking(reason: str) -> bool:
@@ -66,20 +65,19 @@ def view(gray: np.ndarray, k: Optional[int]) -> np.ndarray:
 
 
 def candidates(gate: Gate, gray: np.ndarray) -> list:
-    """The indices into ``VIEWS`` whose thumbnail question flags the refused input ``gray``."""
+    """``(i, view)`` for each ``VIEWS[i]`` whose thumbnail question flags the refused input ``gray`` and whose
+    view no question flags (a quarter turn the wrong way leaves the film upside down, and the updown question
+    sees it): the views worth a model pass."""
     flagged = gate.flags(gray)
-    return [i for i, (_, _, key) in enumerate(VIEWS) if key in flagged]
+    views = [(i, view(gray, k)) for i, (k, _, key) in enumerate(VIEWS) if key in flagged]
+    return [(i, g) for i, g in views if not gate.flags(g)]
 
 
 def reason(gate: Gate, picks: list, view_grays: list, embeddings) -> Optional[str]:
     """The true reason from the views ``VIEWS[i]`` for ``i`` in ``picks`` (their model inputs and gate
-    vectors): among the views that no thumbnail question flags (a quarter turn the wrong way leaves the film
-    upside down, and the updown question sees it) and that the gate accepts, the one the head finds most like a
-    frontal chest film; else None."""
+    vectors): the accepted one the head finds most like a frontal chest film, else None."""
     best = None
     for i, g, e in zip(picks, view_grays, embeddings):
-        if gate.flags(g) & QUESTIONS:  # the view itself still reads as turned or inverted
-            continue
         v = gate.check_after_model(e, g)
         if v.ok and (best is None or v.score < best[0]):
             best = (v.score, i)
@@ -96,14 +94,14 @@ def explain(gate: Gate, refused: list, accepted: list, accepted_scores: list,
     ``embed`` (``uint8[N, S, S]`` -> gate vectors ``[N, D]``) for every view asked about, none when none is."""
     picks = [candidates(gate, g) for g in refused]
     flagged = [i for i, g in enumerate(accepted) if "updown" in gate.flags(g)]
-    grays = [view(g, VIEWS[i][0]) for g, p in zip(refused, picks) for i in p]
+    grays = [g for p in picks for _, g in p]
     grays += [view(accepted[i], VIEWS[UPSIDE_DOWN][0]) for i in flagged]
     if not grays:
         return [None] * len(refused), [None] * len(accepted)
     emb = embed(np.stack(grays))
     why, at = [], 0
     for p in picks:
-        why.append(reason(gate, p, grays[at:at + len(p)], emb[at:at + len(p)]))
+        why.append(reason(gate, [i for i, _ in p], grays[at:at + len(p)], emb[at:at + len(p)]))
         at += len(p)
     turned = [None] * len(accepted)
     for j, i in enumerate(flagged):

@@ -331,6 +331,7 @@ def _turn_question(train_gray, val_gray, key: str, about: str, turned, val_turne
     val = np.asarray(val_gray, np.uint8)
     arrays, score, params = _thumb_question(train_gray, val, lambda i: [i, i[:, :, ::-1]], turned, key, about, seed,
                                             max_val_reject, thumb, n_clinical)
-    flagged = sum(int((score(np.ascontiguousarray(v)) > params["threshold"]).sum()) for v in val_turned(val))
-    params = {**params, "val_turned": int(sum(len(v) for v in val_turned(val))), "val_turned_flagged": flagged}
+    turned_val = val_turned(val)
+    flagged = sum(int((score(np.ascontiguousarray(v)) > params["threshold"]).sum()) for v in turned_val)
+    params = {**params, "val_turned": int(sum(len(v) for v in turned_val)), "val_turned_flagged": flagged}
     return arrays, params

@@ -20,10 +20,10 @@ Two independent signals must agree before a refusal says "turned film" or "inver
 When the gate refuses an input after the model's pass (except as "inverted image", already true), each view
 whose question agrees and that no question flags itself goes through the model (one more pass, for refused
 inputs only, of at most four images, usually one); an accepted one gives the refusal its reason (the one most
-like a chest film, when several are). The refusal stands: a corrected view is not labelled; the user turns or inverts the file and
-sends it again. When no view qualifies, nothing changes. The adult check is part of 2 on purpose: an image
-that, turned, reads only as an adult's chest film is as likely something else that the head mistakes for
-one (a silhouette of a horse, upside down, scored so).
+like a chest film, when several are). The refusal stands: a corrected view is not labelled; the user turns or
+inverts the file and sends it again. When no view qualifies, nothing changes. The adult check is part of 2 on
+purpose: an image that, turned, reads only as an adult's chest film is as likely something else that the head
+mistakes for one (a silhouette of a horse, upside down, scored so).
 
 A film upside down is not always refused by the head (its lungs are still two dark fields side by side).
 So an accepted input that the upside-down question flags has its half turn run through the model too, and is

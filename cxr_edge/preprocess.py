@@ -5,7 +5,7 @@ Two steps, kept apart so that training can cache the expensive one:
 1. ``load_gray(source, size)``: decode any Pillow-readable image (8/16-bit, L/RGB/RGBA/CMYK/palette,
    EXIF orientation applied) or DICOM, convert to 8-bit grayscale and squash it (aspect ratio not kept) to
    ``size x size``. Returns ``uint8[size, size]``.
-2. ``to_input(gray, spec)``: scale to the model's input as its model card says,
+2. ``to_input(gray, spec)``: the card's intensity normalisation (``cxr_edge.intensity``, none by default), then
    ``x * spec.scale + spec.offset``. Returns ``float32[N, size, size, 1]``.
 
 The reduction is the same whatever the container, so that a scan gives the same answer as a JPEG, PNG
@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # the errors and bit-depth helpers live in cxr_edge.pixels (shared with cxr_edge.dicom); importable from here too
+from cxr_edge.intensity import check, normalise
 from cxr_edge.pixels import (CONTENT_BITS, InputRejected, PreprocessError, _reason,  # noqa: F401
                              content_bits, flat_border_box, high_bits)
 
@@ -62,20 +63,23 @@ RESIZE_NOTE = ("box-reduce by the largest 2^k keeping >= size a side (Image.redu
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How a model wants its input: square side in pixels, and ``x * scale + offset`` on 0..255."""
+    """How a model wants its input: square side in pixels, ``cxr_edge.intensity``'s normalisation, then
+    ``x * scale + offset`` on 0..255."""
 
     size: int = DEFAULT_SIZE
     scale: float = 1.0 / 255.0
     offset: float = 0.0
+    intensity: str = "none"
 
     @classmethod
     def from_card(cls, card_input: dict) -> "InputSpec":
         return cls(size=int(card_input["size"]), scale=float(card_input["scale"]),
-                   offset=float(card_input["offset"]))
+                   offset=float(card_input["offset"]), intensity=check(card_input.get("intensity", "none")))
 
     def to_card(self) -> dict:
+        extra = {} if self.intensity == "none" else {"intensity": self.intensity}  # older cards stay as they were
         return {"size": self.size, "channels": 1, "layout": "NHWC", "color": "grayscale",
-                "resize": RESIZE_NOTE, "scale": self.scale, "offset": self.offset,
+                "resize": RESIZE_NOTE, **extra, "scale": self.scale, "offset": self.offset,
                 "formula": "x = gray_uint8 * scale + offset"}
 
 
@@ -381,8 +385,8 @@ def load_with_info(source: Source, size: int = DEFAULT_SIZE, colour: bool = True
 
 
 def to_input(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """``uint8[H, W]`` or ``uint8[N, H, W]`` to the model's ``float32[N, H, W, 1]``."""
-    arr = np.asarray(gray)
+    """``uint8[H, W]`` or ``uint8[N, H, W]`` to the model's ``float32[N, H, W, 1]`` (``spec.intensity`` first)."""
+    arr = np.asarray(gray) if spec.intensity == "none" else normalise(gray, spec.intensity)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.shape[1:] != (spec.size, spec.size):

@@ -57,7 +57,7 @@ def teacher_probs(run_ids: list[str], images_at, batch: int = 64) -> np.ndarray:
             continue
         tcfg = json.loads((run / "config.json").read_text())
         t = build(tcfg["model"], input_size=tcfg["input_size"], weights=None, dropout=tcfg["dropout"],
-                  batchnorm=tcfg.get("batchnorm", False))
+                  batchnorm=tcfg.get("batchnorm", False), intensity=tcfg.get("intensity", "none"))
         assign(t.model, load_named(run / "weights.npz"))
         out.append(predict_fixed(t.model, to_input(images_at(t.spec.size), t.spec), batch))
     return np.mean(out, axis=0)

@@ -6,11 +6,13 @@ Pretrained backbones end in global average pooling + dropout + dense, so the las
 class-activation map source (layer ``features``)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cxr_edge.intensity import check
 from cxr_edge.preprocess import InputSpec
 from train import lite
 from train.graph import GRAY_REPEAT, batch_norm_after  # noqa: F401  (batch_norm_after: importable here too)
@@ -119,10 +121,12 @@ REGISTRY: dict[str, Callable[..., Built]] = {
 }
 
 
-def build(name: str, **kwargs) -> Built:
+def build(name: str, intensity: str = "none", **kwargs) -> Built:
+    """``name``'s model; ``intensity``: the input's normalisation (``cxr_edge.intensity``), recorded in its spec."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; one of {', '.join(REGISTRY)}")
-    return REGISTRY[name](**kwargs)
+    built = REGISTRY[name](**kwargs)
+    return dataclasses.replace(built, spec=dataclasses.replace(built.spec, intensity=check(intensity)))
 
 
 # ---- weights by variable path, portable across backends ---------------------------------------------

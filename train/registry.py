@@ -60,6 +60,6 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
     built = build(cfg["model"], input_size=cfg["input_size"], dropout=cfg.get("dropout", 0.0),
-                  batchnorm=cfg.get("batchnorm", False))
+                  batchnorm=cfg.get("batchnorm", False), intensity=cfg.get("intensity", "none"))
     assign(built.model, load_named(run_dir / "weights.npz"))
     return built.model, built.spec, cfg

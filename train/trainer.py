@@ -117,7 +117,7 @@ def build_trainer(cfg: FitConfig, steps_per_epoch: int):
     from train.augment import RandomAffine, RandomPhotometric
 
     built = build(cfg.model, input_size=cfg.input_size, weights=cfg.weights, dropout=cfg.dropout,
-                  batchnorm=cfg.batchnorm)
+                  batchnorm=cfg.batchnorm, intensity=cfg.intensity)
     core = built.model
     if cfg.freeze_bn and cfg.weights:
         for layer in _all_layers(core):

@@ -92,7 +92,7 @@ def web_params(bundle: Bundle) -> tuple[dict, bytes]:
 
     spec = bundle.spec
     if spec.intensity != "none":  # cxr.js scales the gray image only: it would feed this model the wrong input
-        raise ValueError(f"{bundle.name}: the web page does not implement input intensity {spec.intensity!r}")
+        raise WebExportError(f"{bundle.name}: the web page does not implement input intensity {spec.intensity!r}")
     params = {"format": 1, "model": {"name": bundle.name, "version": bundle.version},
               "classes": list(CLASS_NAMES), "temperature": float(bundle.card.get("temperature") or 1.0),
               "input": {"size": spec.size, "scale": spec.scale, "offset": spec.offset, "keep": pre.KEEP,

@@ -40,6 +40,24 @@ def test_equalize_undoes_exposure_changes(films):
         assert raw > 8 and eq < raw / 4
 
 
+def test_clipped_equalisation_stretches_a_noisy_flat_region_far_less(films):
+    """Half of each image a dark background with faint noise (levels 20..24): plain equalisation spreads those
+    five levels over about half of 0..255, the clipped one over a few times their width at most."""
+    rng = np.random.default_rng(0)
+    img = films.copy()
+    img[:, :, :48] = rng.integers(20, 25, img[:, :, :48].shape)
+    img[:, :, 48:] = np.maximum(img[:, :, 48:], 40)
+    for how, low, high in (("equalize", 80, 255), ("equalize_clip", 1, 5 * 2.5 * 2)):
+        out = normalise(img, how)
+        spread = out[:, :, :48].max(axis=(1, 2)).astype(int) - out[:, :, :48].min(axis=(1, 2))
+        assert np.all((spread >= low) & (spread <= high)), (how, spread)
+        assert np.all(out.max(axis=(1, 2)) == 255) and np.all(out.min(axis=(1, 2)) == 0)
+    plain = normalise(films, "equalize_clip")
+    for src, eq in zip(films, plain):  # still monotone
+        order = np.argsort(src, axis=None, kind="stable")
+        assert np.all(np.diff(eq.ravel()[order].astype(int)) >= 0)
+
+
 def test_one_level_image_and_float_input():
     flat = np.full((2, 8, 8), 77, np.uint8)
     np.testing.assert_array_equal(equalize(flat), flat)

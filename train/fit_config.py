@@ -21,8 +21,8 @@ class FitConfig:
     #                       whatever its class (train.framing: normal films otherwise show more of the
     #                       child); 0 = off
     framing_full: float = 0.0  # under framing, the share of training images left whole (drawn at random)
-    intensity: str = "none"  # the input's intensity normalisation (cxr_edge.intensity: none or equalize), in
-    #                          training, export and the runtime alike (the model card carries it)
+    intensity: str = "none"  # the input's intensity normalisation (cxr_edge.intensity: none, equalize or
+    #                          equalize_clip), in training, export and the runtime alike (the card carries it)
     acquisition: float = 0.0  # under framing, the share of training images given one random acquisition shift
     #                           (train.shifts: exposure, noise, blur, JPEG, low resolution, rotation, framing,
     #                           collimation, burned-in text, the portable-film look); 0 = off

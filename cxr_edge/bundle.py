@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_edge.intensity import INTENSITIES
+from cxr_edge.intensity import check
 from cxr_edge.labels import CLASS_NAMES
 from cxr_edge.preprocess import InputSpec
 
@@ -107,10 +107,10 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         raise BundleError(f"{card_path}: model card lacks {', '.join(missing)}")
     if tuple(card["classes"]) != CLASS_NAMES:
         raise BundleError(f"{card_path}: classes {card['classes']} are not {list(CLASS_NAMES)}")
-    intensity = card["input"].get("intensity", "none") if isinstance(card["input"], dict) else None
-    if intensity not in INTENSITIES:  # a newer model's input this runtime cannot make: refuse, never guess
-        raise BundleError(f"{card_path}: input intensity {intensity!r} is not one this runtime knows "
-                          f"({', '.join(INTENSITIES)}); upgrade cxr-edge")
+    try:  # a newer model's input this runtime cannot make: refuse, never guess
+        check(card["input"].get("intensity", "none"))
+    except (AttributeError, ValueError) as exc:
+        raise BundleError(f"{card_path}: {exc}; upgrade cxr-edge") from None
     return Bundle(root, card)
 
 

@@ -24,7 +24,7 @@ CLIP = 2.5  # at most 2.5 times the even share per level (1% of the pixels over 
 
 def check(how: str) -> str:
     if how not in INTENSITIES:
-        raise ValueError(f"unknown intensity normalisation {how!r}: this runtime knows {', '.join(INTENSITIES)}")
+        raise ValueError(f"unknown intensity {how!r} in the model's input: this runtime knows {', '.join(INTENSITIES)}")
     return how
 
 

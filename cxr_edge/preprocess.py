@@ -386,7 +386,7 @@ def load_with_info(source: Source, size: int = DEFAULT_SIZE, colour: bool = True
 
 def to_input(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
     """``uint8[H, W]`` or ``uint8[N, H, W]`` to the model's ``float32[N, H, W, 1]`` (``spec.intensity`` first)."""
-    arr = np.asarray(gray) if spec.intensity == "none" else normalise(gray, spec.intensity)
+    arr = normalise(np.asarray(gray), spec.intensity)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.shape[1:] != (spec.size, spec.size):
